@@ -1,0 +1,211 @@
+"""The ``ltxbot`` command: run the bot, manage the database, inspect jobs, render locally."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.config import ConfigError, Settings, ensure_config_file, load_settings
+
+if TYPE_CHECKING:
+    from bot.db.models import Job
+    from bot.db.store import JobStore
+
+DEFAULT_CONFIG = Path("config.yaml")
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltxbot", description="Animate still images with LTX-2 on your own GPU.")
+    parser.add_argument("--config", type=Path, default=None, help="config file (default: ./config.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the Discord bot (applies migrations first)")
+    db = sub.add_parser("db", help="database maintenance")
+    db.add_argument("action", choices=["upgrade"])
+    jobs = sub.add_parser("jobs", help="job history, newest first")
+    jobs.add_argument("--user", default=None, help="only this user's jobs (Discord id, or 'local')")
+    jobs.add_argument("--page", type=int, default=1)
+    job = sub.add_parser("job", help="one job in detail")
+    job.add_argument("job_id", type=int)
+    cfg = sub.add_parser("config", help="configuration")
+    cfg.add_argument("action", choices=["check"])
+    cfg.add_argument("path", nargs="?", type=Path, default=None)
+    intake = sub.add_parser("intake", help="normalise one image as the bot would; prints JSON")
+    intake.add_argument("image", type=Path)
+    intake.add_argument("--width", type=int)
+    intake.add_argument("--height", type=int)
+    intake.add_argument("--out", type=Path, default=None, help="folder for the result (default: <data>/uploads)")
+    animate = sub.add_parser("animate", help="render one clip locally, through the same queue and generator")
+    animate.add_argument("image", type=Path)
+    animate.add_argument("prompt")
+    animate.add_argument("--frames", type=int)
+    animate.add_argument("--seconds", type=float)
+    animate.add_argument("--width", type=int)
+    animate.add_argument("--height", type=int)
+    animate.add_argument("--seed", type=int)
+    animate.add_argument("--pipeline", choices=["two_stage", "distilled", "one_stage"])
+    animate.add_argument("--no-audio", action="store_true")
+    animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
+    models = sub.add_parser("models", help="model files")
+    models.add_argument("action", choices=["tiny"])
+    models.add_argument("dir", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings(args: argparse.Namespace, *, create: bool = False) -> Settings:
+    path: Path = args.config or DEFAULT_CONFIG
+    if create and args.config is None and ensure_config_file(path):
+        print(f"Created {path} from config.example.yaml; edit it to point at your model files.", file=sys.stderr)
+    return load_settings(path if path.exists() or args.config else None)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "config":
+        settings = load_settings(args.path or args.config or DEFAULT_CONFIG)
+        print(f"OK: configuration is valid (data dir: {settings.data_path}).")
+        return 0
+    if command == "models":
+        from generator.tiny import write_tiny_models
+
+        tiny = write_tiny_models(args.dir.resolve())
+        print("# Tiny random-weight models for smoke tests; they render noise. Put these lines in config.yaml:")
+        print(tiny.config_lines())
+        print("generator:\n  device: cpu\n  fp8_cast: false")
+        return 0
+    if command == "run":
+        from bot.app import run_bot
+
+        return run_bot(_settings(args, create=True))
+    settings = _settings(args)
+    if command == "intake":
+        return _intake(settings, args)
+    return asyncio.run(_with_store(settings, args))
+
+
+async def _open_store(settings: Settings) -> JobStore:
+    from bot.db.migrate import upgrade
+    from bot.db.store import JobStore
+
+    store = JobStore.from_url(settings.db_url)
+    await upgrade(store.engine)
+    return store
+
+
+async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
+    store = await _open_store(settings)
+    try:
+        if args.command == "db":
+            print(f"Database is at the newest schema ({settings.db_url.split('///')[-1]}).")
+            return 0
+        if args.command == "jobs":
+            _print_jobs(await store.history(args.user, args.page, page_size=20))
+            return 0
+        if args.command == "job":
+            job = await store.get(args.job_id)
+            if job is None:
+                print(f"No job {args.job_id}.", file=sys.stderr)
+                return 1
+            print(json.dumps(job_details(job), indent=2, default=str))
+            return 0
+        if args.command == "animate":
+            from bot.local import animate
+
+            return await animate(settings, store, args)
+    finally:
+        await store.close()
+    return EXIT_USAGE
+
+
+def _print_jobs(jobs: list[Job]) -> None:
+    if not jobs:
+        print("No jobs yet.")
+        return
+    print(f"{'id':>5}  {'status':<10} {'user':<20} {'created':<19} {'secs':>6}  prompt")
+    for job in jobs:
+        duration = job.duration_seconds
+        secs = f"{duration:6.1f}" if duration is not None else "     -"
+        prompt = job.prompt if len(job.prompt) <= 40 else job.prompt[:39] + "…"
+        created = job.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{job.id:>5}  {job.status:<10} {job.user_id:<20} {created:<19} {secs}  {prompt}")
+
+
+def job_details(job: Job) -> dict[str, Any]:
+    keys = (
+        "id", "user_id", "guild_id", "channel_id", "status", "attempts", "prompt", "negative_prompt", "params",
+        "input_sha256", "created_at", "started_at", "finished_at", "error_code", "error_message", "output_path",
+        "output_bytes", "posted_message_url", "progress", "phases", "history",
+    )
+    return {key: getattr(job, key) for key in keys}
+
+
+def _intake(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.intake import IntakeError
+    from bot.intake.image import normalise_image
+    from bot.intake.request import size_for_aspect
+    from generator.protocol import size_multiple
+
+    def answer(payload: dict[str, Any], code: int) -> int:
+        print(json.dumps(payload))
+        return code
+
+    try:
+        data = _read_local_image(args.image, settings.limits.max_upload_bytes)
+        multiple = size_multiple(settings.generation.pipeline)
+        width, height = args.width, args.height
+
+        def target(w: int, h: int) -> tuple[int, int]:
+            if width and height:
+                return width, height
+            return size_for_aspect(w, h, settings.generation.pixel_budget, multiple)
+
+        if (width is None) != (height is None):
+            raise IntakeError("invalid_request", "Give both --width and --height, or neither.")
+        result = normalise_image(
+            data, target, (args.out or settings.uploads_dir),
+            max_pixels=settings.limits.max_image_pixels, min_side=settings.limits.min_image_side,
+        )
+    except IntakeError as exc:
+        return answer({"ok": False, "code": exc.code, "error": exc.message}, EXIT_USAGE)
+    except MemoryError:
+        return answer({"ok": False, "code": "too_large", "error": "That image needs too much memory."}, EXIT_USAGE)
+    return answer(
+        {"ok": True, "path": str(result.path), "width": result.width, "height": result.height,
+         "sha256": result.sha256, "notes": result.notes},
+        0,
+    )
+
+
+def _read_local_image(path: Path, max_bytes: int) -> bytes:
+    from bot.intake import IntakeError
+
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise IntakeError("too_many_bytes", f"That file is larger than {max_bytes / 2**20:.0f} MiB.")
+        with path.open("rb") as handle:
+            return handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise IntakeError("download_failed", f"That file could not be read ({exc.strerror}).") from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""ltxbot configuration: one YAML file plus ``LTXBOT_...`` environment overrides.
+
+The Discord token is deliberately not a setting: it comes from ``DISCORD_TOKEN``
+or from the file named by ``token_file``, so it never sits in the YAML.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from generator.protocol import MAX_FRAMES, MIN_FRAMES, PipelineKind
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.yaml"
+
+TOKEN_HELP = (
+    "No Discord token: set DISCORD_TOKEN (or token_file in config.yaml). Create one at "
+    "https://discord.com/developers/applications > your app > Bot > Reset Token; invite the bot with the "
+    "'bot' and 'applications.commands' scopes and the Send Messages, Attach Files, Embed Links and "
+    "Read Message History permissions (enable the Message Content intent only if you set "
+    "discord.message_content_intent: true)."
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person running the bot."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelPaths(_Section):
+    checkpoint: Path | None = None
+    distilled_checkpoint: Path | None = None
+    distilled_lora: Path | None = None
+    spatial_upsampler: Path | None = None
+    gemma_root: Path | None = None
+
+
+class SizePreset(_Section):
+    width: int = Field(ge=64, le=4096)
+    height: int = Field(ge=64, le=4096)
+
+
+def _default_presets() -> dict[str, SizePreset]:
+    return {
+        "landscape": SizePreset(width=1024, height=768),
+        "portrait": SizePreset(width=768, height=1024),
+        "square": SizePreset(width=896, height=896),
+        "landscape-small": SizePreset(width=768, height=512),
+        "portrait-small": SizePreset(width=512, height=768),
+        "square-small": SizePreset(width=640, height=640),
+        "landscape-wide": SizePreset(width=1280, height=768),
+        "landscape-hd": SizePreset(width=1536, height=1152),
+    }
+
+
+class GenerationDefaults(_Section):
+    pipeline: PipelineKind = "two_stage"
+    frames: int = Field(default=97, ge=MIN_FRAMES, le=MAX_FRAMES)
+    fps: int = Field(default=24, ge=1, le=60)
+    steps: int | None = Field(default=None, ge=1, le=100)
+    seed_policy: Literal["random", "fixed"] = "random"
+    fixed_seed: int = Field(default=10, ge=0, le=2**32 - 1)
+    pixel_budget: int = Field(default=1024 * 768, ge=64 * 64)
+    negative_prompt: str | None = None
+    audio: bool = True
+    image_strength: float = Field(default=1.0, ge=0.0, le=1.0)
+    crf: int = Field(default=23, ge=0, le=51)
+    presets: dict[str, SizePreset] = Field(default_factory=_default_presets)
+
+    @model_validator(mode="after")
+    def _frames_on_grid(self) -> GenerationDefaults:
+        if (self.frames - 1) % 8:
+            raise ValueError(f"frames must be 8k+1 (9, 17, ..., 97, ...); got {self.frames}")
+        return self
+
+
+class Limits(_Section):
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=64 * 64)
+    min_image_side: int = Field(default=64, ge=1)
+    max_frames: int = Field(default=257, ge=MIN_FRAMES, le=MAX_FRAMES)
+    max_queued_per_user: int = Field(default=3, ge=1)
+    daily_quota: int = Field(default=20, ge=0)
+    cooldown_seconds: float = Field(default=30.0, ge=0)
+    max_prompt_chars: int = Field(default=1000, ge=1, le=4000)
+    intake_threads: int = Field(default=2, ge=1, le=32)
+    download_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class VaeTiling(_Section):
+    spatial_px: int = Field(default=512, ge=64)
+    spatial_overlap_px: int = Field(default=64, ge=0)
+    temporal_frames: int = Field(default=64, ge=16)
+    temporal_overlap_frames: int = Field(default=24, ge=0)
+
+    @model_validator(mode="after")
+    def _multiples(self) -> VaeTiling:
+        # ltx-core's tiling asserts these (ltx_core/model/video_vae/tiling.py:84-112).
+        if self.spatial_px % 32 or self.spatial_overlap_px % 32 or self.spatial_overlap_px >= self.spatial_px:
+            raise ValueError("spatial_px and spatial_overlap_px must be multiples of 32, overlap < tile")
+        if self.temporal_frames % 8 or self.temporal_overlap_frames % 8:
+            raise ValueError("temporal_frames and temporal_overlap_frames must be multiples of 8")
+        if self.temporal_overlap_frames >= self.temporal_frames:
+            raise ValueError("temporal_overlap_frames must be smaller than temporal_frames")
+        return self
+
+
+class GeneratorSettings(_Section):
+    python: Path | None = None
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    fp8_cast: bool = True
+    timeout_base_seconds: float = Field(default=300.0, gt=0)
+    # Extra seconds per million output pixels x frames (1024x768x97 is about 76).
+    timeout_seconds_per_mpx_frame: float = Field(default=6.0, ge=0)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    kill_grace_seconds: float = Field(default=10.0, ge=0)
+    log_max_bytes: int = Field(default=1_000_000, ge=4096)
+    expandable_segments: bool = True
+
+
+class DiscordSettings(_Section):
+    guilds: list[int] = Field(default_factory=list)
+    required_role: str | None = None
+    admin_role: str | None = None
+    admin_user_ids: list[int] = Field(default_factory=list)
+    allow_dms: bool = False
+    message_content_intent: bool = False
+    progress_interval_seconds: float = Field(default=2.0, ge=0.5)
+    cdn_hosts: list[str] = Field(default_factory=lambda: ["cdn.discordapp.com", "media.discordapp.net"])
+    # Only for tests against the loopback fake Discord: also allow http:// URLs.
+    allow_insecure_cdn: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LTXBOT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+    _yaml_path: ClassVar[Path | None] = None
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    token_file: Path | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    models: ModelPaths = ModelPaths()
+    generation: GenerationDefaults = GenerationDefaults()
+    limits: Limits = Limits()
+    vae_tiling: VaeTiling = VaeTiling()
+    generator: GeneratorSettings = GeneratorSettings()
+    discord: DiscordSettings = DiscordSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_path))
+        return tuple(sources)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://...")
+        return value
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> Settings:
+        if self.generation.frames > self.limits.max_frames:
+            raise ValueError(
+                f"generation.frames ({self.generation.frames}) is above limits.max_frames ({self.limits.max_frames})"
+            )
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_path / 'ltxbot.db'}"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_path / "uploads"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_path / "jobs"
+
+    def discord_token(self) -> str:
+        """The bot token, from the environment or the token file; never from the YAML."""
+        token = os.environ.get("DISCORD_TOKEN", "").strip()
+        if not token and self.token_file is not None:
+            try:
+                token = self.token_file.expanduser().read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"token_file could not be read ({exc.strerror}).") from None
+        if not token:
+            raise ConfigError(TOKEN_HELP)
+        return token
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        reason = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {reason}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings; any problem raises ConfigError naming the key and the reason."""
+    yaml_path = path.expanduser() if path is not None else None
+    if yaml_path is not None and not yaml_path.is_file():
+        raise ConfigError(f"{yaml_path}: no such config file (copy config.example.yaml to start).")
+
+    class _FromFile(Settings):
+        _yaml_path: ClassVar[Path | None] = yaml_path
+
+    try:
+        settings: Settings = _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(yaml_path or "environment"))) from None
+    except Exception as exc:  # YAML syntax errors come from PyYAML with their own line numbers.
+        raise ConfigError(f"{yaml_path}: could not be read: {exc}") from None
+    return settings
+
+
+def ensure_config_file(path: Path) -> bool:
+    """Create ``path`` from the example when it is absent; True when it was created."""
+    if path.exists():
+        return False
+    shutil.copyfile(EXAMPLE_CONFIG, path)
+    return True

@@ -1,0 +1,1 @@
+"""Durable job state: SQLAlchemy models, the engine recipe, the store and migrations."""

@@ -1,0 +1,413 @@
+"""JobStore: the only writer of job state. Each method is one transaction.
+
+Attempt fencing: ``attempts`` goes up when a job is claimed, and every write of a
+result names the attempt it belongs to (``WHERE id = ? AND attempts = ?``), so a
+late write from an attempt that lost its claim changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from bot.db.engine import create_engine, session_factory
+from bot.db.models import ACTIVE_STATUSES, Job, JobStatus, Setting
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+PAUSED_KEY = "queue_paused"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    user_id: str
+    prompt: str
+    params: dict[str, Any]
+    input_path: str
+    input_sha256: str
+    negative_prompt: str | None = None
+    guild_id: str | None = None
+    channel_id: str | None = None
+    interaction_id: str | None = None
+    request_message_id: str | None = None
+    max_bytes: int | None = None
+
+
+class CancelOutcome(enum.StrEnum):
+    CANCELLED = "cancelled"  # it was queued and will never run
+    STOPPING = "stopping"  # it is running; the worker stops it
+    FINISHED = "finished"  # too late: it already ended
+    NOT_FOUND = "not_found"  # no such job for this user
+
+
+class DuplicateJobError(Exception):
+    """The interaction that asked for this job already created one."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"job {job.id} already exists for this interaction")
+        self.job = job
+
+
+class JobStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(create_engine(url))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # --- creating and reading -------------------------------------------------
+
+    async def create(self, new: NewJob) -> Job:
+        """Insert a queued job; it is committed before this returns."""
+        job = Job(
+            user_id=new.user_id,
+            guild_id=new.guild_id,
+            channel_id=new.channel_id,
+            interaction_id=new.interaction_id,
+            request_message_id=new.request_message_id,
+            prompt=new.prompt,
+            negative_prompt=new.negative_prompt,
+            params=new.params,
+            input_path=new.input_path,
+            input_sha256=new.input_sha256,
+            status=JobStatus.QUEUED,
+            attempts=0,
+            max_bytes=new.max_bytes,
+            created_at=utcnow(),
+            history=[],
+        )
+        try:
+            async with self._sessions.begin() as session:
+                session.add(job)
+        except IntegrityError:
+            if new.interaction_id is None:
+                raise
+            existing = await self._by_interaction(new.interaction_id)
+            if existing is None:
+                raise
+            raise DuplicateJobError(existing) from None
+        return job
+
+    async def _by_interaction(self, interaction_id: str) -> Job | None:
+        async with self._sessions() as session:
+            result = await session.scalars(select(Job).where(Job.interaction_id == interaction_id))
+            return result.first()
+
+    async def get(self, job_id: int, user_id: str | None = None, *, is_admin: bool = False) -> Job | None:
+        """The job, if ``user_id`` owns it (or the caller is an admin, or no user is given)."""
+        async with self._sessions() as session:
+            job = await session.get(Job, job_id)
+        if job is None or (user_id is not None and not is_admin and job.user_id != user_id):
+            return None
+        return job
+
+    async def history(self, user_id: str | None, page: int = 1, page_size: int = 10) -> list[Job]:
+        """Newest first; ``user_id=None`` lists everyone's (admin and local CLI)."""
+        query = select(Job).order_by(Job.id.desc()).offset((max(page, 1) - 1) * page_size).limit(page_size)
+        if user_id is not None:
+            query = query.where(Job.user_id == user_id)
+        async with self._sessions() as session:
+            return list(await session.scalars(query))
+
+    async def count_jobs(self, user_id: str) -> int:
+        async with self._sessions() as session:
+            return int(await session.scalar(select(func.count(Job.id)).where(Job.user_id == user_id)) or 0)
+
+    async def queue_position(self, job_id: int) -> int | None:
+        """1 for the next job to run; None when the job is not queued."""
+        async with self._sessions() as session:
+            job = await session.get(Job, job_id)
+            if job is None or job.status != JobStatus.QUEUED:
+                return None
+            ahead = await session.scalar(
+                select(func.count(Job.id)).where(Job.status == JobStatus.QUEUED, Job.id < job_id)
+            )
+        return int(ahead or 0) + 1
+
+    async def queued_ids(self) -> list[int]:
+        async with self._sessions() as session:
+            result = await session.scalars(
+                select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
+            )
+            return list(result)
+
+    async def running(self) -> list[Job]:
+        async with self._sessions() as session:
+            return list(await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
+
+    async def active_count(self, user_id: str) -> int:
+        async with self._sessions() as session:
+            count = await session.scalar(
+                select(func.count(Job.id)).where(Job.user_id == user_id, Job.status.in_(ACTIVE_STATUSES))
+            )
+        return int(count or 0)
+
+    async def created_since(self, user_id: str, since: datetime) -> int:
+        async with self._sessions() as session:
+            count = await session.scalar(
+                select(func.count(Job.id)).where(Job.user_id == user_id, Job.created_at >= since)
+            )
+        return int(count or 0)
+
+    async def last_created_at(self, user_id: str) -> datetime | None:
+        async with self._sessions() as session:
+            value = await session.scalar(select(func.max(Job.created_at)).where(Job.user_id == user_id))
+        return _aware(value)
+
+    async def recent_durations(self, limit: int = 20) -> list[float]:
+        """Seconds of the latest successful runs, for ETAs."""
+        async with self._sessions() as session:
+            jobs = await session.scalars(
+                select(Job)
+                .where(Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None))
+                .order_by(Job.id.desc())
+                .limit(limit)
+            )
+            return [d for j in jobs if (d := _duration(j)) is not None]
+
+    # --- the worker's transitions ---------------------------------------------
+
+    async def claim_next(self, only_id: int | None = None) -> Job | None:
+        """Atomically move the oldest queued job to running and count the attempt.
+
+        One statement, so two claimers can never take the same job: the second one's
+        subquery no longer sees it as queued once the first has committed.
+        """
+        candidates = select(Job.id).where(Job.status == JobStatus.QUEUED)
+        if only_id is not None:
+            candidates = candidates.where(Job.id == only_id)
+        oldest = candidates.order_by(Job.id).limit(1).scalar_subquery()
+        statement = (
+            update(Job)
+            .where(Job.id == oldest, Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=Job.attempts + 1,
+                started_at=utcnow(),
+                generator_pid=None,
+                generator_start_ticks=None,
+                progress=None,
+            )
+            .returning(Job)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._sessions.begin() as session:
+            return (await session.scalars(statement)).first()
+
+    async def record_process(self, job_id: int, attempt: int, pid: int, start_ticks: int | None) -> bool:
+        return await self._fenced(job_id, attempt, generator_pid=pid, generator_start_ticks=start_ticks)
+
+    async def update_progress(self, job_id: int, attempt: int, progress: dict[str, Any]) -> bool:
+        return await self._fenced(job_id, attempt, progress=progress)
+
+    async def record_phases(self, job_id: int, attempt: int, phases: list[dict[str, Any]]) -> bool:
+        return await self._fenced(job_id, attempt, phases=phases)
+
+    async def finish(
+        self, job_id: int, attempt: int, *, output_path: str, output_bytes: int, phases: list[dict[str, Any]]
+    ) -> bool:
+        return await self._fenced(
+            job_id,
+            attempt,
+            status=JobStatus.SUCCEEDED,
+            finished_at=utcnow(),
+            output_path=output_path,
+            output_bytes=output_bytes,
+            phases=phases,
+            error_code=None,
+            error_message=None,
+            progress={"stage": "done", "step": 1, "total": 1},
+        )
+
+    async def fail(
+        self, job_id: int, attempt: int, *, code: str, message: str, retry: bool, max_attempts: int
+    ) -> JobStatus | None:
+        """End an attempt that did not succeed; requeue it when ``retry`` and attempts remain.
+
+        Returns the job's new status, or None when the attempt no longer owns the job.
+        """
+        async with self._sessions.begin() as session:
+            job = await session.get(Job, job_id)
+            if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
+                return None
+            cancelled = job.cancel_requested
+            requeue = retry and not cancelled and job.attempts < max_attempts
+            if cancelled:
+                status = JobStatus.CANCELLED
+            else:
+                status = JobStatus.QUEUED if requeue else JobStatus.FAILED
+            job.history = [*(job.history or []), _history_entry(attempt, code, message)]
+            job.status = status
+            job.error_code = "cancelled" if cancelled else code
+            job.error_message = "Cancelled." if cancelled else message
+            job.generator_pid = None
+            job.generator_start_ticks = None
+            job.finished_at = None if requeue else utcnow()
+            return status
+
+    async def mark_cancelled(self, job_id: int, attempt: int) -> bool:
+        async with self._sessions.begin() as session:
+            job = await session.get(Job, job_id)
+            if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
+                return False
+            job.history = [*(job.history or []), _history_entry(attempt, "cancelled", "Cancelled while running.")]
+            job.status = JobStatus.CANCELLED
+            job.error_code = "cancelled"
+            job.error_message = "Cancelled."
+            job.finished_at = utcnow()
+            job.generator_pid = None
+            return True
+
+    async def cancel(self, job_id: int, user_id: str | None, *, is_admin: bool = False) -> CancelOutcome:
+        """Cancel a queued job at once, or ask the worker to stop a running one."""
+        async with self._sessions.begin() as session:
+            job = await session.get(Job, job_id)
+            if job is None or (user_id is not None and not is_admin and job.user_id != user_id):
+                return CancelOutcome.NOT_FOUND
+            if job.status == JobStatus.QUEUED:
+                job.status = JobStatus.CANCELLED
+                job.error_code = "cancelled"
+                job.error_message = "Cancelled before it started."
+                job.finished_at = utcnow()
+                return CancelOutcome.CANCELLED
+            if job.status == JobStatus.RUNNING:
+                job.cancel_requested = True
+                return CancelOutcome.STOPPING
+            return CancelOutcome.FINISHED
+
+    async def cancel_requested(self, job_id: int) -> bool:
+        async with self._sessions() as session:
+            return bool(await session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    async def recover_orphans(self, max_attempts: int) -> list[Job]:
+        """Jobs left running by a dead process go back to the queue, or fail when out of attempts.
+
+        Idempotent: a second run finds nothing running and changes nothing.
+        """
+        async with self._sessions.begin() as session:
+            orphans = list(await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
+            for job in orphans:
+                message = "The bot stopped while this clip was rendering."
+                job.history = [*(job.history or []), _history_entry(job.attempts, "interrupted", message)]
+                job.generator_pid = None
+                job.generator_start_ticks = None
+                if job.cancel_requested:
+                    job.status = JobStatus.CANCELLED
+                    job.error_code, job.error_message = "cancelled", "Cancelled."
+                    job.finished_at = utcnow()
+                elif job.attempts >= max_attempts:
+                    job.status = JobStatus.FAILED
+                    job.error_code = "interrupted"
+                    job.error_message = f"{message} It was tried {job.attempts} times; please try again."
+                    job.finished_at = utcnow()
+                else:
+                    job.status = JobStatus.QUEUED
+            return orphans
+
+    # --- delivery -------------------------------------------------------------
+
+    async def undelivered(self) -> list[Job]:
+        """Finished jobs from Discord whose result message has not been recorded yet."""
+        async with self._sessions() as session:
+            result = await session.scalars(
+                select(Job)
+                .where(
+                    Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED]),
+                    Job.channel_id.is_not(None),
+                    Job.posted_message_id.is_(None),
+                )
+                .order_by(Job.id)
+            )
+            return list(result)
+
+    async def mark_delivered(self, job_id: int, message_id: str, url: str) -> bool:
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.posted_message_id.is_(None))
+                .values(posted_message_id=message_id, posted_message_url=url)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def set_status_message(self, job_id: int, message_id: str) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(update(Job).where(Job.id == job_id).values(status_message_id=message_id))
+
+    # --- queue control and privacy --------------------------------------------
+
+    async def set_paused(self, paused: bool) -> None:
+        async with self._sessions.begin() as session:
+            await session.merge(Setting(key=PAUSED_KEY, value="1" if paused else "0"))
+
+    async def is_paused(self) -> bool:
+        async with self._sessions() as session:
+            value = await session.scalar(select(Setting.value).where(Setting.key == PAUSED_KEY))
+        return value == "1"
+
+    async def purge_user(self, user_id: str) -> list[str]:
+        """Anonymise a user's rows; returns the stored files the caller should delete.
+
+        Active jobs are cancelled first so no file is recreated after the purge.
+        """
+        paths: list[str] = []
+        async with self._sessions.begin() as session:
+            jobs = list(await session.scalars(select(Job).where(Job.user_id == user_id)))
+            for job in jobs:
+                paths += [p for p in (job.input_path, job.output_path) if p]
+                if job.status == JobStatus.QUEUED:
+                    job.status = JobStatus.CANCELLED
+                    job.finished_at = utcnow()
+                elif job.status == JobStatus.RUNNING:
+                    job.cancel_requested = True
+                job.user_id = "purged"
+                job.prompt = ""
+                job.negative_prompt = None
+                job.input_path = ""
+                job.output_path = None
+        return paths
+
+    async def _fenced(self, job_id: int, attempt: int, **values: Any) -> bool:
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.RUNNING)
+                .values(**values)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+
+def _history_entry(attempt: int, code: str, message: str) -> dict[str, Any]:
+    return {"attempt": attempt, "code": code, "message": message, "at": utcnow().isoformat()}
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back naive; they were stored in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _duration(job: Job) -> float | None:
+    start, end = _aware(job.started_at), _aware(job.finished_at)
+    return None if start is None or end is None else (end - start).total_seconds()
+
+
+def quota_window_start(now: datetime | None = None) -> datetime:
+    """Daily quotas count the last 24 hours, so nobody gains by waiting for midnight UTC."""
+    now = now or utcnow()
+    return now - timedelta(days=1)

@@ -1,0 +1,91 @@
+"""Build a validated GenerationRequest from what a user typed and the image they sent."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from bot.intake.errors import IntakeError
+from generator.protocol import GenerationRequest, PipelineKind, describe_validation_error, size_multiple
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+
+# Very wide or tall images are cropped to at most this aspect ratio.
+MAX_ASPECT = 2.5
+
+
+def size_for_aspect(source_w: int, source_h: int, pixel_budget: int, multiple: int) -> tuple[int, int]:
+    """The largest size on the model's grid with the image's aspect ratio and at most ``pixel_budget`` pixels."""
+    aspect = min(max(source_w / source_h, 1 / MAX_ASPECT), MAX_ASPECT)
+    height = math.sqrt(pixel_budget / aspect)
+    width = height * aspect
+    w = max(multiple, int(width // multiple) * multiple)
+    h = max(multiple, int(height // multiple) * multiple)
+    return w, h
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """The nearest valid frame count (8k+1) for a duration."""
+    return max(1, round(seconds * fps / 8)) * 8 + 1
+
+
+def choose_seed(settings: Settings, seed: int | None) -> int:
+    if seed is not None:
+        return seed
+    if settings.generation.seed_policy == "fixed":
+        return settings.generation.fixed_seed
+    return secrets.randbelow(2**32)
+
+
+def build_request(
+    settings: Settings,
+    *,
+    prompt: str,
+    source_size: tuple[int, int] | None = None,
+    preset: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    frames: int | None = None,
+    seconds: float | None = None,
+    seed: int | None = None,
+    audio: bool | None = None,
+    pipeline: PipelineKind | None = None,
+    negative_prompt: str | None = None,
+) -> GenerationRequest:
+    """Fill defaults from the config and validate; problems raise IntakeError('invalid_request')."""
+    gen = settings.generation
+    kind: PipelineKind = pipeline or gen.pipeline
+    if preset is not None:
+        if preset not in gen.presets:
+            names = ", ".join(sorted(gen.presets))
+            raise IntakeError("invalid_request", f"size must be one of: {names}; got {preset!r}.")
+        width, height = gen.presets[preset].width, gen.presets[preset].height
+    if width is None or height is None:
+        if source_size is None:
+            width, height = gen.presets["landscape"].width, gen.presets["landscape"].height
+        else:
+            width, height = size_for_aspect(*source_size, gen.pixel_budget, size_multiple(kind))
+    if frames is None:
+        frames = frames_for_seconds(seconds, gen.fps) if seconds is not None else gen.frames
+    data = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt if negative_prompt is not None else gen.negative_prompt,
+        "width": width,
+        "height": height,
+        "frames": frames,
+        "fps": gen.fps,
+        "steps": gen.steps,
+        "seed": choose_seed(settings, seed),
+        "pipeline": kind,
+        "audio": gen.audio if audio is None else audio,
+        "image_strength": gen.image_strength,
+    }
+    context = {"max_frames": settings.limits.max_frames, "max_prompt_chars": settings.limits.max_prompt_chars}
+    try:
+        return GenerationRequest.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise IntakeError("invalid_request", describe_validation_error(exc)) from None

@@ -1,0 +1,3 @@
+from generator.run import main
+
+raise SystemExit(main())

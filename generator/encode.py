@@ -1,0 +1,146 @@
+"""H.264 + AAC mp4 writing with PyAV: frames are encoded as the decoder yields them.
+
+``+faststart`` puts the index first so Discord plays the clip inline; when the file
+is over the delivery limit it is re-encoded at a bitrate computed to fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import av
+import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+MP4_OPTIONS = {"movflags": "+faststart"}
+# Below about 0.05 bits per pixel H.264 turns into mush: refuse rather than deliver that.
+MIN_BITS_PER_PIXEL = 0.04
+AUDIO_BITRATE = 128_000
+
+
+class ClipTooLargeError(Exception):
+    """The clip cannot fit the delivery limit at a watchable quality."""
+
+
+class ClipWriter:
+    def __init__(self, path: Path, *, width: int, height: int, fps: int, crf: int) -> None:
+        self.path = path
+        self.frames = 0
+        self.container: Any = av.open(str(path), mode="w", format="mp4", options=MP4_OPTIONS)
+        self.video: Any = self.container.add_stream("libx264", rate=fps)
+        self.video.width = width
+        self.video.height = height
+        self.video.pix_fmt = "yuv420p"
+        self.video.options = {"crf": str(crf), "preset": "medium"}
+        self.audio: Any = None
+
+    def write_audio(self, waveform: np.ndarray, sampling_rate: int) -> None:
+        """``waveform``: float (channels, samples) in [-1, 1]; encoded once, before the video."""
+        self.audio = self.container.add_stream("aac", rate=sampling_rate)
+        self.audio.codec_context.layout = "stereo"
+        self.audio.bit_rate = AUDIO_BITRATE
+        samples = np.clip(waveform, -1.0, 1.0)
+        if samples.ndim == 1:
+            samples = np.stack([samples, samples])
+        if samples.shape[0] == 1:
+            samples = np.concatenate([samples, samples])
+        packed = (samples[:2].T * 32767.0).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(packed, format="s16", layout="stereo")
+        frame.sample_rate = sampling_rate
+        frame.pts = 0
+        frame.time_base = Fraction(1, sampling_rate)
+        resampler = av.AudioResampler(format="fltp", layout="stereo", rate=sampling_rate)
+        for resampled in [*resampler.resample(frame), *resampler.resample(None)]:
+            self.container.mux(self.audio.encode(resampled))
+        self.container.mux(self.audio.encode(None))
+
+    def write_frames(self, chunk: np.ndarray) -> None:
+        """``chunk``: uint8 (frames, height, width, 3)."""
+        for rgb in chunk:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            self.container.mux(self.video.encode(frame))
+            self.frames += 1
+
+    def close(self) -> None:
+        self.container.mux(self.video.encode(None))
+        self.container.close()
+
+    def abort(self) -> None:
+        try:
+            self.container.close()
+        except Exception:
+            log.debug("closing an aborted clip failed", exc_info=True)
+        self.path.unlink(missing_ok=True)
+
+
+def probe(path: Path) -> dict[str, Any]:
+    """Frames, size, fps, duration and audio presence, read back from the file."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        has_audio = bool(container.streams.audio)
+        return {
+            "frames": frames,
+            "width": video.codec_context.width,
+            "height": video.codec_context.height,
+            "fps": float(video.average_rate or video.base_rate or 0),
+            "duration_seconds": float(container.duration or 0) / av.time_base,
+            "has_audio": has_audio,
+        }
+
+
+def fit_to_size(source: Path, target: Path, max_bytes: int, *, fps: int) -> bool:
+    """Re-encode ``source`` into ``target`` under ``max_bytes``; False when it already fits."""
+    size = source.stat().st_size
+    if size <= max_bytes:
+        return False
+    info = probe(source)
+    duration = max(info["frames"] / fps, 1e-3)
+    audio_bits = AUDIO_BITRATE * duration if info["has_audio"] else 0
+    budget_bits = max_bytes * 8 * 0.92 - audio_bits  # mp4 overhead and rate-control slack
+    for attempt in range(3):
+        bitrate = int(budget_bits / duration * (0.85**attempt))
+        if bitrate / (info["width"] * info["height"] * fps) < MIN_BITS_PER_PIXEL:
+            break
+        _reencode(source, target, bitrate, fps)
+        if target.stat().st_size <= max_bytes:
+            return True
+        log.info("re-encode at %d bit/s gave %d bytes; trying lower", bitrate, target.stat().st_size)
+    target.unlink(missing_ok=True)
+    raise ClipTooLargeError(
+        f"The clip is {size / 2**20:.1f} MiB and cannot fit {max_bytes / 2**20:.1f} MiB at a watchable quality; "
+        "try fewer frames or a smaller size."
+    )
+
+
+def _reencode(source: Path, target: Path, bitrate: int, fps: int) -> None:
+    with av.open(str(source)) as inp, av.open(str(target), mode="w", format="mp4", options=MP4_OPTIONS) as out:
+        in_video = inp.streams.video[0]
+        video = out.add_stream("libx264", rate=fps)
+        video.width = in_video.codec_context.width
+        video.height = in_video.codec_context.height
+        video.pix_fmt = "yuv420p"
+        video.bit_rate = bitrate
+        video.options = {"maxrate": str(bitrate), "bufsize": str(bitrate * 2), "preset": "medium"}
+        audio = out.add_stream_from_template(inp.streams.audio[0]) if inp.streams.audio else None
+        if audio is not None:
+            for packet in inp.demux(inp.streams.audio[0]):
+                if packet.dts is not None:
+                    packet.stream = audio
+                    out.mux(packet)
+        for frame in _frames(inp):
+            frame.pts = None
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+
+
+def _frames(container: Any) -> Iterable[Any]:
+    container.seek(0)
+    yield from container.decode(video=0)

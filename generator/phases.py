@@ -1,0 +1,106 @@
+"""Phase boundaries: per-phase time and memory peaks, and the one memory release helper.
+
+At every boundary the tracker synchronizes, reads ``max_memory_allocated`` and
+``max_memory_reserved`` and resets the peak, so each phase reports its own peak
+(DESIGN lesson 2). On CPU it reports the phase's peak RSS instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from generator.protocol import PhaseEvent
+
+GIB = 2**30
+M = TypeVar("M")
+
+
+def release_memory(device: torch.device) -> None:
+    """Drop garbage and hand cached blocks back; the caller must already have dropped its references."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_rss_peak() -> None:
+    # Writing 5 to clear_refs resets VmHWM, so each phase gets its own RSS peak (Linux).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _rss_peak_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PhaseTracker:
+    """Times phases, records their memory peaks, and checks that their models died with them."""
+
+    def __init__(self, device: torch.device, emit: Callable[[PhaseEvent], None]) -> None:
+        self.device = device
+        self.emit = emit
+        self.phases: list[PhaseEvent] = []
+        self.current: str | None = None
+        self.leaks: list[str] = []
+        self._watched: list[tuple[str, str, weakref.ref[object]]] = []
+
+    def watch(self, model: M, name: str, until: str | None = None) -> M:
+        """Remember ``model`` by weak reference; it must be gone once phase ``until`` (default: this one) ends."""
+        self._watched.append((name, until or self.current or "", weakref.ref(model)))
+        return model
+
+    def _check_freed(self) -> None:
+        ended = {p.name for p in self.phases}
+        alive = [f"{name} (from {phase})" for name, phase, ref in self._watched if phase in ended and ref() is not None]
+        self.leaks.extend(a for a in alive if a not in self.leaks)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._check_freed()
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        _reset_rss_peak()
+        self.current = name
+        start = time.perf_counter()
+        yield
+        release_memory(self.device)
+        seconds = time.perf_counter() - start
+        allocated = reserved = None
+        if self.device.type == "cuda":
+            allocated = torch.cuda.max_memory_allocated(self.device) / GIB
+            reserved = torch.cuda.max_memory_reserved(self.device) / GIB
+        event = PhaseEvent(
+            name=name,
+            seconds=round(seconds, 4),
+            device=self.device.type,
+            peak_allocated_gib=None if allocated is None else round(allocated, 4),
+            peak_reserved_gib=None if reserved is None else round(reserved, 4),
+            peak_rss_gib=round(_rss_peak_bytes() / GIB, 4),
+        )
+        self.phases.append(event)
+        self.current = None
+        self.emit(event)
+        self._check_freed()

@@ -1,0 +1,323 @@
+"""The LTX-2 image-to-video run, composed from ltx-core and ltx-pipelines building blocks.
+
+The stock pipeline classes call ``torch.cuda.synchronize()`` unconditionally and
+pick their device at import time; this composition runs the same steps on CUDA
+and on CPU with one code path. Each phase builds its model, runs, and frees it
+before the next model is built (DESIGN lessons 3 to 5).
+
+The whole run, including the encoder consuming the lazy decoder iterator, sits
+inside one ``torch.inference_mode()`` scope (lesson 1). inference_mode rather than
+no_grad: it records no autograd state at all, the loaders accept it, and a decode
+that escaped the scope fails loudly ("Inference tensors cannot be saved for
+backward") instead of silently building a 54 GiB graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from ltx_core.components.diffusion_steps import EulerDiffusionStep
+from ltx_core.components.guiders import create_multimodal_guider_factory
+from ltx_core.components.noisers import GaussianNoiser
+from ltx_core.components.schedulers import LTX2Scheduler
+from ltx_core.loader import LoraPathStrengthAndSDOps
+from ltx_core.loader.sd_ops import LTXV_LORA_COMFY_RENAMING_MAP
+from ltx_core.model.audio_vae import decode_audio as vae_decode_audio
+from ltx_core.model.upsampler import upsample_video
+from ltx_core.model.video_vae import SpatialTilingConfig, TemporalTilingConfig, TilingConfig
+from ltx_core.model.video_vae import decode_video as vae_decode_video
+from ltx_core.quantization import QuantizationPolicy
+from ltx_core.types import VideoPixelShape
+from ltx_pipelines.utils.args import ImageConditioningInput
+from ltx_pipelines.utils.constants import (
+    DEFAULT_NEGATIVE_PROMPT,
+    DISTILLED_SIGMA_VALUES,
+    STAGE_2_DISTILLED_SIGMA_VALUES,
+    detect_params,
+)
+from ltx_pipelines.utils.helpers import (
+    combined_image_conditionings,
+    denoise_audio_video,
+    multi_modal_guider_factory_denoising_func,
+    simple_denoising_func,
+)
+from ltx_pipelines.utils.samplers import euler_denoising_loop
+from ltx_pipelines.utils.types import PipelineComponents
+
+from generator import faults
+from generator.checks import main_checkpoint
+from generator.encode import ClipWriter, fit_to_size, probe
+from generator.models import LtxLedger
+from generator.phases import PhaseTracker
+from generator.protocol import DoneEvent, JobSpec, ProgressEvent
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Any], None]
+# Called with each video decoder right after it is built (tests hook submodules here).
+DECODER_OBSERVERS: list[Callable[[torch.nn.Module], None]] = []
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def partial_path(output: Path) -> Path:
+    """Written while encoding, renamed to ``output`` only on success: a crash leaves no clip."""
+    return output.with_name(f".{output.stem}.partial{output.suffix}")
+
+
+@dataclass
+class _Run:
+    spec: JobSpec
+    device: torch.device
+    dtype: torch.dtype
+    tracker: PhaseTracker
+    emit: Emit
+    ledger: LtxLedger
+    generator: torch.Generator
+    components: PipelineComponents
+    contexts: list[Any] = field(default_factory=list)
+
+    def progress(self, stage: str, step: int, total: int) -> None:
+        self.emit(ProgressEvent(stage=stage, step=step, total=total))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with self.tracker.phase(name):
+            faults.at_phase_start(name)
+            yield
+
+    def denoise(
+        self,
+        stage: str,
+        transformer: Any,
+        sigmas: torch.Tensor,
+        shape: VideoPixelShape,
+        conditionings: list[Any],
+        *,
+        guided: bool,
+        steps_params: Any,
+        **extra: Any,
+    ) -> tuple[Any, Any]:
+        v_pos, a_pos = self.contexts[0].video_encoding, self.contexts[0].audio_encoding
+        if guided:
+            v_neg, a_neg = self.contexts[1].video_encoding, self.contexts[1].audio_encoding
+            inner = multi_modal_guider_factory_denoising_func(
+                video_guider_factory=create_multimodal_guider_factory(
+                    params=steps_params.video_guider_params, negative_context=v_neg
+                ),
+                audio_guider_factory=create_multimodal_guider_factory(
+                    params=steps_params.audio_guider_params, negative_context=a_neg
+                ),
+                v_context=v_pos,
+                a_context=a_pos,
+                transformer=transformer,
+            )
+        else:
+            inner = simple_denoising_func(video_context=v_pos, audio_context=a_pos, transformer=transformer)
+        total = len(sigmas) - 1
+
+        def with_progress(video_state: Any, audio_state: Any, sigmas: torch.Tensor, step_idx: int) -> Any:
+            result = inner(video_state, audio_state, sigmas, step_idx)
+            self.progress(stage, step_idx + 1, total)
+            return result
+
+        def loop(sigmas: torch.Tensor, video_state: Any, audio_state: Any, stepper: Any) -> Any:
+            return euler_denoising_loop(
+                sigmas=sigmas, video_state=video_state, audio_state=audio_state, stepper=stepper,
+                denoise_fn=with_progress,
+            )
+
+        self.progress(stage, 0, total)
+        return denoise_audio_video(  # type: ignore[no-any-return]
+            output_shape=shape,
+            conditionings=conditionings,
+            noiser=GaussianNoiser(generator=self.generator),
+            sigmas=sigmas,
+            stepper=EulerDiffusionStep(),
+            denoising_loop_fn=loop,
+            components=self.components,
+            dtype=self.dtype,
+            device=self.device,
+            **extra,
+        )
+
+
+def generate(
+    spec: JobSpec,
+    emit: Emit,
+    *,
+    scope: Callable[[], contextlib.AbstractContextManager[Any]] = torch.inference_mode,
+) -> DoneEvent:
+    """Render one clip. ``scope`` is a parameter only so a test can prove what it guards."""
+    device = pick_device(spec.device)
+    tracker = PhaseTracker(device, emit)
+    with scope():
+        return _generate(spec, device, tracker, emit)
+
+
+def _generate(spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit) -> DoneEvent:
+    req = spec.request
+    kind = req.pipeline
+    dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
+    checkpoint = main_checkpoint(spec)
+    params = detect_params(str(checkpoint))
+    steps = req.steps or params.num_inference_steps
+    ledger = LtxLedger(
+        dtype=dtype,
+        device=device,
+        checkpoint_path=str(checkpoint),
+        gemma_root_path=str(spec.models.gemma_root),
+        spatial_upsampler_path=str(spec.models.spatial_upsampler) if spec.models.spatial_upsampler else None,
+        quantization=QuantizationPolicy.fp8_cast() if spec.fp8_cast else None,
+    )
+    run = _Run(
+        spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
+        generator=torch.Generator(device=device).manual_seed(req.seed),
+        components=PipelineComponents(dtype=dtype, device=device),
+    )
+    guided = kind != "distilled"
+    two_stages = kind != "one_stage"
+    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if guided else [req.prompt]
+    images = [ImageConditioningInput(str(spec.image_path), 0, req.image_strength)]
+    width_1, height_1 = (req.width // 2, req.height // 2) if two_stages else (req.width, req.height)
+
+    with run.phase("text_encode"):
+        run.progress("reading the prompt", 0, 1)
+        text_encoder = tracker.watch(ledger.text_encoder(), "text encoder")
+        hidden = [text_encoder.encode(p) for p in prompts]
+        del text_encoder
+
+    with run.phase("embeddings"):
+        processor = tracker.watch(ledger.gemma_embeddings_processor(), "embeddings processor")
+        run.contexts = [processor.process_hidden_states(states, mask) for states, mask in hidden]
+        del processor, hidden
+
+    with run.phase("image_encode"):
+        encoder = tracker.watch(ledger.video_encoder(), "video encoder")
+        cond_1 = combined_image_conditionings(images, height_1, width_1, encoder, dtype, device)
+        cond_2 = (
+            combined_image_conditionings(images, req.height, req.width, encoder, dtype, device) if two_stages else []
+        )
+        del encoder
+
+    with run.phase("stage_1"):
+        keep_until = "stage_2" if kind == "distilled" else None
+        transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
+        if guided:
+            sigmas = LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
+        else:
+            sigmas = torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+        shape_1 = VideoPixelShape(batch=1, frames=req.frames, width=width_1, height=height_1, fps=req.fps)
+        video_state, audio_state = run.denoise(
+            "generating", transformer, sigmas, shape_1, cond_1,
+            guided=guided, steps_params=params,
+        )
+        if kind != "distilled":
+            del transformer
+
+    if two_stages:
+        with run.phase("upsample"):
+            run.progress("upsampling", 0, 1)
+            encoder = tracker.watch(ledger.video_encoder(), "video encoder")
+            upsampler = tracker.watch(ledger.spatial_upsampler(), "spatial upsampler")
+            upscaled = upsample_video(latent=video_state.latent[:1], video_encoder=encoder, upsampler=upsampler)
+            del encoder, upsampler, video_state
+
+        with run.phase("stage_2"):
+            if kind == "two_stage":
+                assert spec.models.distilled_lora is not None
+                lora = LoraPathStrengthAndSDOps(str(spec.models.distilled_lora), 1.0, LTXV_LORA_COMFY_RENAMING_MAP)
+                transformer = tracker.watch(ledger.with_additional_loras((lora,)).transformer(), "transformer + LoRA")
+            sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+            shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
+            video_state, audio_state = run.denoise(
+                "refining", transformer, sigmas, shape_2, cond_2, guided=False, steps_params=params,
+                noise_scale=sigmas[0], initial_video_latent=upscaled, initial_audio_latent=audio_state.latent,
+            )
+            del transformer, upscaled
+
+    waveform = None
+    sampling_rate = 0
+    if req.audio:
+        with run.phase("audio_decode"):
+            run.progress("decoding audio", 0, 1)
+            audio_decoder = tracker.watch(ledger.audio_decoder(), "audio decoder")
+            vocoder = tracker.watch(ledger.vocoder(), "vocoder")
+            audio = vae_decode_audio(audio_state.latent, audio_decoder, vocoder)
+            waveform = audio.waveform.float().cpu().numpy()
+            sampling_rate = int(audio.sampling_rate)
+            del audio_decoder, vocoder, audio
+    del audio_state
+
+    partial = partial_path(spec.output_path)
+    spec.output_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = ClipWriter(partial, width=req.width, height=req.height, fps=req.fps, crf=spec.crf)
+    try:
+        with run.phase("video_decode"):
+            decoder = tracker.watch(ledger.video_decoder(), "video decoder")
+            for observe in DECODER_OBSERVERS:
+                observe(decoder)
+            tiling = TilingConfig(
+                spatial_config=SpatialTilingConfig(spec.tiling.spatial_px, spec.tiling.spatial_overlap_px),
+                temporal_config=TemporalTilingConfig(spec.tiling.temporal_frames, spec.tiling.temporal_overlap_frames),
+            )
+            if waveform is not None:
+                writer.write_audio(waveform, sampling_rate)
+            # The decoder is lazy: it runs here, as the encoder consumes it, inside the scope.
+            chunks = vae_decode_video(video_state.latent, decoder, tiling, run.generator)
+            run.progress("decoding video", 0, req.frames)
+            for chunk in chunks:
+                if chunk.shape[0] == 0:
+                    continue
+                writer.write_frames(chunk.cpu().numpy())
+                run.progress("decoding video", writer.frames, req.frames)
+                faults.mid_decode()
+            writer.close()
+            del decoder, chunks, video_state
+    except BaseException:
+        writer.abort()
+        raise
+
+    with run.phase("finalize"):
+        run.progress("encoding", 0, 1)
+        if writer.frames != req.frames:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"the decoder produced {writer.frames} frames, expected {req.frames}")
+        reencoded = False
+        if spec.max_bytes is not None:
+            fitted = partial.with_name(partial.stem + ".fit.mp4")
+            try:
+                reencoded = fit_to_size(partial, fitted, spec.max_bytes, fps=req.fps)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            if reencoded:
+                fitted.replace(partial)
+        partial.replace(spec.output_path)
+        info = probe(spec.output_path)
+
+    if tracker.leaks:
+        log.warning("models outlived their phase: %s", ", ".join(tracker.leaks))
+    return DoneEvent(
+        output_path=spec.output_path,
+        bytes=spec.output_path.stat().st_size,
+        frames=info["frames"],
+        width=info["width"],
+        height=info["height"],
+        fps=req.fps,
+        duration_seconds=round(req.frames / req.fps, 3),
+        has_audio=info["has_audio"],
+        reencoded=reencoded,
+        phases=list(tracker.phases),
+        leaked_models=list(tracker.leaks),
+    )

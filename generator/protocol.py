@@ -1,0 +1,252 @@
+"""The contract between the bot and the generator subprocess: job spec, events, exit codes.
+
+Imported by both sides, so it must never import torch.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+PipelineKind = Literal["two_stage", "distilled", "one_stage"]
+PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage")
+ModelFamily = Literal["ltx2"]
+ErrorCode = Literal["oom", "invalid_spec", "model_missing", "too_large", "internal"]
+
+MIN_FRAMES = 9
+MAX_FRAMES = 481
+MAX_SEED = 2**32 - 1
+DEFAULT_MAX_PROMPT_CHARS = 1000
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of ``python -m generator``; the last event says the same in words."""
+
+    OK = 0
+    INTERNAL = 1
+    INVALID_SPEC = 2
+    OOM = 3
+    MODEL_MISSING = 4
+    TOO_LARGE = 5
+
+
+def size_multiple(pipeline: PipelineKind) -> int:
+    """Two-stage pipelines render stage 1 at half size, so the full size must divide by 64."""
+    return 32 if pipeline == "one_stage" else 64
+
+
+def clean_prompt(text: str) -> str:
+    """Control characters become spaces; runs of whitespace collapse; ends are trimmed."""
+    chars = [" " if unicodedata.category(ch) in {"Cc", "Cf", "Zl", "Zp"} else ch for ch in text]
+    return " ".join("".join(chars).split())
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenerationRequest(_Frozen):
+    """What a user asks for, validated against the model's constraints.
+
+    Limits that the owner configures (max frames, prompt length) come in the
+    validation context: ``GenerationRequest.model_validate(data, context={...})``.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int = Field(ge=64, le=4096)
+    height: int = Field(ge=64, le=4096)
+    frames: int = Field(ge=MIN_FRAMES, le=MAX_FRAMES)
+    fps: int = Field(default=24, ge=1, le=60)
+    steps: int | None = Field(default=None, ge=1, le=100)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    pipeline: PipelineKind = "two_stage"
+    audio: bool = True
+    image_strength: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    @field_validator("prompt", "negative_prompt", mode="before")
+    @classmethod
+    def _clean(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        cleaned = clean_prompt(value)
+        limit = (info.context or {}).get("max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS)
+        if info.field_name == "prompt" and not cleaned:
+            raise ValueError("the prompt is empty: describe the motion you want, for example 'waves roll in'")
+        if len(cleaned) > limit:
+            raise ValueError(f"the {(info.field_name or 'text').replace('_', ' ')} is {len(cleaned)} characters; "
+                             f"the limit is {limit}")
+        return cleaned or None
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_grid(cls, value: int, info: ValidationInfo) -> int:
+        if (value - 1) % 8:
+            lower = (value - 1) // 8 * 8 + 1
+            raise ValueError(f"frames must be one more than a multiple of 8 (9, 17, 25, ... 481); "
+                             f"got {value}, try {lower} or {lower + 8}")
+        max_frames = (info.context or {}).get("max_frames", MAX_FRAMES)
+        if value > max_frames:
+            raise ValueError(f"frames must be at most {max_frames} on this server; got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _size_grid(self) -> GenerationRequest:
+        multiple = size_multiple(self.pipeline)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value % multiple:
+                lower = value // multiple * multiple
+                raise ValueError(
+                    f"{name} must be a multiple of {multiple} for the {self.pipeline} pipeline; "
+                    f"got {value}, try {max(lower, multiple)} or {lower + multiple}"
+                )
+        return self
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.frames / self.fps
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One sentence per problem, naming the field and what is allowed."""
+    sentences = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        ctx = err.get("ctx") or {}
+        kind = err["type"]
+        if kind in {"greater_than_equal", "less_than_equal"}:
+            bounds = _FIELD_BOUNDS.get(field)
+            allowed = f"between {bounds[0]} and {bounds[1]}" if bounds else (
+                f"at least {ctx.get('ge')}" if "ge" in ctx else f"at most {ctx.get('le')}")
+            sentences.append(f"{field} must be {allowed}; got {err['input']}.")
+        elif kind == "literal_error":
+            sentences.append(f"{field} must be one of {ctx.get('expected')}; got {err['input']!r}.")
+        elif kind == "value_error":
+            message = str(err["msg"]).removeprefix("Value error, ")
+            sentences.append(message[0].upper() + message[1:] + ("" if message.endswith(".") else "."))
+        elif kind == "missing":
+            sentences.append(f"{field} is required.")
+        else:
+            sentences.append(f"{field}: {err['msg']}.")
+    return " ".join(sentences)
+
+
+_FIELD_BOUNDS: dict[str, tuple[int | float, int | float]] = {
+    "width": (64, 4096),
+    "height": (64, 4096),
+    "frames": (MIN_FRAMES, MAX_FRAMES),
+    "fps": (1, 60),
+    "steps": (1, 100),
+    "seed": (0, MAX_SEED),
+    "image_strength": (0.0, 1.0),
+}
+
+
+class Tiling(_Frozen):
+    spatial_px: int = Field(default=512, ge=64)
+    spatial_overlap_px: int = Field(default=64, ge=0)
+    temporal_frames: int = Field(default=64, ge=16)
+    temporal_overlap_frames: int = Field(default=24, ge=0)
+
+
+class ModelFiles(_Frozen):
+    """Model files for the LTX-2 family, in the official layout; names match config keys."""
+
+    checkpoint: Path | None = None
+    distilled_checkpoint: Path | None = None
+    distilled_lora: Path | None = None
+    spatial_upsampler: Path | None = None
+    gemma_root: Path | None = None
+
+
+class JobSpec(_Frozen):
+    """Everything one generator run needs; written by the worker as ``spec.json``."""
+
+    family: ModelFamily = "ltx2"
+    request: GenerationRequest
+    image_path: Path
+    output_path: Path
+    models: ModelFiles
+    tiling: Tiling = Tiling()
+    fp8_cast: bool = True
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    crf: int = Field(default=23, ge=0, le=51)
+    max_bytes: int | None = Field(default=None, ge=4096)
+
+
+# --- events: one JSON object per line on stdout ---------------------------------
+
+
+class StartedEvent(_Frozen):
+    event: Literal["started"] = "started"
+    pid: int
+    device: str
+    device_name: str
+    family: ModelFamily
+    import_seconds: float
+
+
+class PhaseEvent(_Frozen):
+    event: Literal["phase"] = "phase"
+    name: str
+    seconds: float = Field(ge=0)
+    device: str
+    peak_allocated_gib: float | None = None
+    peak_reserved_gib: float | None = None
+    peak_rss_gib: float = Field(ge=0)
+
+
+class ProgressEvent(_Frozen):
+    event: Literal["progress"] = "progress"
+    stage: str
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
+class DoneEvent(_Frozen):
+    event: Literal["done"] = "done"
+    output_path: Path
+    bytes: int
+    frames: int
+    width: int
+    height: int
+    fps: int
+    duration_seconds: float
+    has_audio: bool
+    reencoded: bool
+    phases: list[PhaseEvent]
+    # Models still referenced after the phase that should have freed them (should be empty).
+    leaked_models: list[str] = []
+
+
+class ErrorEvent(_Frozen):
+    event: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+
+
+Event = Annotated[StartedEvent | PhaseEvent | ProgressEvent | DoneEvent | ErrorEvent, Field(discriminator="event")]
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(line: str | bytes) -> Event:
+    return _EVENT_ADAPTER.validate_json(line)
+
+
+def dump_event(event: BaseModel) -> str:
+    return event.model_dump_json()

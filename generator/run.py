@@ -1,0 +1,109 @@
+"""``python -m generator SPEC``: render one clip, report JSON-lines events on stdout, exit.
+
+Exit codes (``protocol.ExitCode``): 0 done, 2 invalid spec, 3 out of memory,
+4 model files missing or wrong, 5 clip cannot fit the delivery limit, 1 anything
+else. stdout carries only events; logs and library chatter go to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel, ValidationError
+
+from generator.checks import ModelFilesError, check_model_files
+from generator.protocol import (
+    ErrorCode,
+    ErrorEvent,
+    ExitCode,
+    JobSpec,
+    StartedEvent,
+    describe_validation_error,
+)
+
+log = logging.getLogger("generator")
+
+OOM_MESSAGE = "The GPU ran out of memory for this clip. Try fewer frames or a smaller size."
+INTERNAL_MESSAGE = "The generator failed unexpectedly. The owner can find details in the job's log."
+
+
+class EventWriter:
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: BaseModel) -> None:
+        self.stream.write(event.model_dump_json() + "\n")
+        self.stream.flush()
+
+
+def _claim_stdout() -> IO[str]:
+    """Events get a private copy of stdout; fd 1 then points at stderr, so nothing else can corrupt it."""
+    events = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return events
+
+
+def _read_spec(arg: str) -> JobSpec:
+    text = sys.stdin.read() if arg == "-" else Path(arg).read_text(encoding="utf-8")
+    return JobSpec.model_validate_json(text)
+
+
+def _fail(emit: EventWriter, code: ErrorCode, message: str, status: ExitCode) -> int:
+    emit(ErrorEvent(code=code, message=message))
+    return int(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    emit = EventWriter(_claim_stdout())
+    if len(args) != 1:
+        usage = "usage: python -m generator SPEC.json (or - for stdin)"
+        return _fail(emit, "invalid_spec", usage, ExitCode.INVALID_SPEC)
+    try:
+        spec = _read_spec(args[0])
+    except ValidationError as exc:
+        return _fail(emit, "invalid_spec", describe_validation_error(exc), ExitCode.INVALID_SPEC)
+    except (OSError, ValueError) as exc:
+        return _fail(emit, "invalid_spec", f"the job spec could not be read: {exc}", ExitCode.INVALID_SPEC)
+    try:
+        check_model_files(spec)
+    except ModelFilesError as exc:
+        return _fail(emit, "model_missing", str(exc), ExitCode.MODEL_MISSING)
+
+    import torch
+
+    from generator.encode import ClipTooLargeError
+    from generator.pipeline import generate, pick_device
+
+    device = pick_device(spec.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    emit(StartedEvent(pid=os.getpid(), device=device.type, device_name=name, family=spec.family,
+                      import_seconds=round(time.perf_counter() - started, 3)))
+    try:
+        done = generate(spec, emit)
+    except torch.OutOfMemoryError:
+        log.exception("out of memory")
+        return _fail(emit, "oom", OOM_MESSAGE, ExitCode.OOM)
+    except ModelFilesError as exc:
+        return _fail(emit, "model_missing", str(exc), ExitCode.MODEL_MISSING)
+    except ClipTooLargeError as exc:
+        return _fail(emit, "too_large", str(exc), ExitCode.TOO_LARGE)
+    except Exception:
+        log.exception("generation failed")
+        return _fail(emit, "internal", INTERNAL_MESSAGE, ExitCode.INTERNAL)
+    emit(done)
+    return int(ExitCode.OK)
+
+
+def run_cli() -> Any:
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, clean_env
+
+
+def ltxbot(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args], cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+def test_run_without_token_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    result = ltxbot("run", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert any("DISCORD_TOKEN" in line and "intent" in line for line in lines)
+    assert (tmp_path / "config.yaml").is_file()  # created from the example
+
+
+def test_config_check_passes_on_the_example(tmp_path: Path) -> None:
+    result = ltxbot("config", "check", str(ROOT / "config.example.yaml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_config_check_names_a_bad_key(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("limits:\n  cooldown_seconds: -3\n")
+    result = ltxbot("config", "check", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "limits.cooldown_seconds" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_db_upgrade_creates_the_schema_in_a_new_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("data_dir: fresh\n")
+    result = ltxbot("db", "upgrade", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "fresh" / "ltxbot.db") as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+    assert {"jobs", "settings"} <= tables
+    listing = ltxbot("jobs", cwd=tmp_path)
+    assert listing.returncode == 0 and "No jobs yet" in listing.stdout
+
+
+def test_token_is_not_printed_when_discord_rejects_it(tmp_path: Path) -> None:
+    env = clean_env() | {"DISCORD_TOKEN": "not-a-real-token-SECRET123"}
+    (tmp_path / "config.yaml").write_text("data_dir: d\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "from bot.config import load_settings; s = load_settings(None); "
+         "import logging; logging.basicConfig(); print(repr(s)); print(s.model_dump())"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert "SECRET123" not in result.stdout + result.stderr

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import EXAMPLE_CONFIG, ConfigError, load_settings
+
+
+def test_example_config_loads_with_documented_defaults() -> None:
+    settings = load_settings(EXAMPLE_CONFIG)
+    assert settings.generation.pipeline == "two_stage"
+    assert settings.db_url.endswith("/data/ltxbot.db")
+    assert settings.db_url.startswith("sqlite+aiosqlite:///")
+    assert settings.generation.presets["landscape"].width == 1024
+
+
+def test_every_key_of_the_example_has_a_comment() -> None:
+    for line in EXAMPLE_CONFIG.read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and ":" in stripped and not stripped.endswith(":"):
+            if stripped.split(":")[0] in {"landscape", "portrait", "square", "landscape-small", "portrait-small",
+                                          "square-small", "landscape-wide", "landscape-hd"}:
+                continue
+            assert "#" in line, f"no comment on: {line}"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "reason"),
+    [
+        ("limits:\n  daily_quota: -1\n", "limits.daily_quota", "greater than or equal to 0"),
+        ("generation:\n  frames: 100\n", "generation", "8k+1"),
+        ("generation:\n  pipeline: turbo\n", "generation.pipeline", "two_stage"),
+        ("vae_tiling:\n  spatial_px: 100\n", "vae_tiling", "multiples of 32"),
+        ("limits:\n  max_frames: lots\n", "limits.max_frames", "integer"),
+        ("discord:\n  tokn: abc\n", "discord.tokn", "Extra inputs"),
+        ("database_url: mysql://x\n", "database_url", "sqlite+aiosqlite"),
+        ("generation:\n  frames: 257\nlimits:\n  max_frames: 97\n", "max_frames", "above"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_reason(tmp_path: Path, yaml_text: str, key: str, reason: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert key in message
+    assert reason in message
+
+
+def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("limits:\n  daily_quota: 5\n")
+    monkeypatch.setenv("LTXBOT_LIMITS__DAILY_QUOTA", "7")
+    assert load_settings(path).limits.daily_quota == 7
+
+
+def test_token_never_comes_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("token: abc\n")
+    with pytest.raises(ConfigError, match="token"):
+        load_settings(path)
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    settings = load_settings(None, data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN"):
+        settings.discord_token()
+    token_file = tmp_path / "token"
+    token_file.write_text("secret-token\n")
+    assert load_settings(None, token_file=str(token_file)).discord_token() == "secret-token"
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_settings(tmp_path / "nope.yaml")

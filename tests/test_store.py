@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from bot.db.migrate import upgrade
+from bot.db.models import JobStatus
+from bot.db.store import CancelOutcome, DuplicateJobError, JobStore, NewJob
+
+
+def new_job(user: str = "u1", **extra: object) -> NewJob:
+    return NewJob(user_id=user, prompt="waves", params={"frames": 9}, input_path="/x.png", input_sha256="0" * 64,
+                  **extra)  # type: ignore[arg-type]
+
+
+async def test_create_claim_finish_records_everything(store: JobStore) -> None:
+    job = await store.create(new_job())
+    assert job.status == JobStatus.QUEUED and job.attempts == 0
+    claimed = await store.claim_next()
+    assert claimed is not None and claimed.id == job.id
+    assert claimed.status == JobStatus.RUNNING and claimed.attempts == 1
+    assert await store.claim_next() is None
+    assert await store.finish(job.id, 1, output_path="/c.mp4", output_bytes=10, phases=[{"name": "x"}])
+    done = await store.get(job.id)
+    assert done is not None and done.status == JobStatus.SUCCEEDED and done.output_bytes == 10
+    assert done.finished_at is not None and done.phases == [{"name": "x"}]
+
+
+async def test_late_write_from_an_old_attempt_changes_nothing(store: JobStore) -> None:
+    job = await store.create(new_job())
+    await store.claim_next()
+    assert await store.fail(job.id, 1, code="crashed", message="boom", retry=True, max_attempts=3) == JobStatus.QUEUED
+    await store.claim_next()  # attempt 2
+    assert not await store.finish(job.id, 1, output_path="/old.mp4", output_bytes=1, phases=[])
+    assert await store.fail(job.id, 1, code="crashed", message="x", retry=True, max_attempts=3) is None
+    current = await store.get(job.id)
+    assert current is not None and current.status == JobStatus.RUNNING and current.attempts == 2
+
+
+async def test_fail_retries_until_attempts_run_out(store: JobStore) -> None:
+    job = await store.create(new_job())
+    statuses = []
+    for attempt in (1, 2):
+        await store.claim_next()
+        statuses.append(await store.fail(job.id, attempt, code="timeout", message="slow", retry=True, max_attempts=2))
+    assert statuses == [JobStatus.QUEUED, JobStatus.FAILED]
+    final = await store.get(job.id)
+    assert final is not None and [h["code"] for h in final.history or []] == ["timeout", "timeout"]
+    other = await store.create(new_job())
+    await store.claim_next()
+    assert await store.fail(other.id, 1, code="oom", message="m", retry=False, max_attempts=3) == JobStatus.FAILED
+
+
+async def test_cancel_queued_and_running(store: JobStore) -> None:
+    running = await store.create(new_job())
+    queued = await store.create(new_job())
+    await store.claim_next()
+    assert await store.cancel(queued.id, "someone-else") == CancelOutcome.NOT_FOUND
+    assert await store.cancel(queued.id, "u1") == CancelOutcome.CANCELLED
+    assert await store.claim_next() is None
+    assert await store.cancel(running.id, "admin", is_admin=True) == CancelOutcome.STOPPING
+    assert await store.cancel_requested(running.id)
+    assert await store.mark_cancelled(running.id, 1)
+    assert await store.cancel(running.id, "u1") == CancelOutcome.FINISHED
+
+
+async def test_two_claimers_claim_each_of_100_jobs_exactly_once(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'race.db'}"
+    first, second = JobStore.from_url(url), JobStore.from_url(url)
+    await upgrade(first.engine)
+    ids = [(await first.create(new_job())).id for _ in range(100)]
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+
+    async def claimer(name: str, store: JobStore) -> None:
+        while (job := await store.claim_next()) is not None:
+            claimed[name].append(job.id)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(claimer("a", first), claimer("b", second), claimer("a", first), claimer("b", second))
+    together = claimed["a"] + claimed["b"]
+    assert sorted(together) == ids
+    assert claimed["a"] and claimed["b"]
+    await first.close()
+    await second.close()
+
+
+async def test_recover_orphans_requeues_then_fails_and_is_idempotent(store: JobStore) -> None:
+    young = await store.create(new_job())
+    old = await store.create(new_job())
+    await store.claim_next()
+    await store.claim_next()
+    # Simulate a crash: both are left running. "old" has used up its attempts.
+    for _ in range(2):
+        await store.fail(old.id, (await store.get(old.id)).attempts, code="crashed", message="x",  # type: ignore[union-attr]
+                         retry=True, max_attempts=3)
+        await store.claim_next(only_id=old.id)
+    recovered = await store.recover_orphans(max_attempts=3)
+    assert {j.id for j in recovered} == {young.id, old.id}
+    young_now, old_now = await store.get(young.id), await store.get(old.id)
+    assert young_now is not None and young_now.status == JobStatus.QUEUED
+    assert old_now is not None and old_now.status == JobStatus.FAILED and old_now.error_code == "interrupted"
+    assert await store.recover_orphans(max_attempts=3) == []
+
+
+async def test_get_refuses_other_users_jobs_but_not_admins(store: JobStore) -> None:
+    job = await store.create(new_job("alice"))
+    assert await store.get(job.id, "bob") is None
+    assert await store.get(job.id, "alice") is not None
+    assert await store.get(job.id, "bob", is_admin=True) is not None
+
+
+async def test_history_is_newest_first_and_paged(store: JobStore) -> None:
+    ids = [(await store.create(new_job("alice"))).id for _ in range(25)]
+    await store.create(new_job("bob"))
+    page1 = await store.history("alice", 1, page_size=10)
+    page3 = await store.history("alice", 3, page_size=10)
+    assert [j.id for j in page1] == ids[::-1][:10]
+    assert [j.id for j in page3] == ids[::-1][20:]
+    assert all(j.user_id == "alice" for j in page1 + page3)
+
+
+async def test_queue_position_and_pause(store: JobStore) -> None:
+    a, b = await store.create(new_job()), await store.create(new_job())
+    assert await store.queue_position(a.id) == 1
+    assert await store.queue_position(b.id) == 2
+    await store.claim_next()
+    assert await store.queue_position(a.id) is None
+    assert await store.queue_position(b.id) == 1
+    assert not await store.is_paused()
+    await store.set_paused(True)
+    assert await store.is_paused()
+    await store.set_paused(False)
+    assert not await store.is_paused()
+
+
+async def test_replayed_interaction_creates_no_second_job(store: JobStore) -> None:
+    first = await store.create(new_job(interaction_id="123"))
+    try:
+        await store.create(new_job(interaction_id="123"))
+    except DuplicateJobError as exc:
+        assert exc.job.id == first.id
+    else:
+        raise AssertionError("a replayed interaction created a second job")
+    assert len(await store.history(None)) == 1
