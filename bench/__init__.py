@@ -1,0 +1,1 @@
+"""Benchmarks and GPU smoke runs; never part of the CPU test suite."""
