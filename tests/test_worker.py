@@ -1,0 +1,212 @@
+"""The worker supervising real generator subprocesses on the tiny checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import Settings
+from bot.db.models import JobStatus
+from bot.db.store import JobStore, NewJob
+from bot.intake.image import normalise_image
+from bot.worker import Worker, process_start_ticks
+from tests.conftest import ROOT, clean_env, image_bytes
+
+pytestmark = pytest.mark.slow
+
+
+async def queue_job(settings: Settings, store: JobStore, frames: int = 9, **params: Any) -> int:
+    image = normalise_image(image_bytes(), lambda w, h: (128, 128), settings.uploads_dir, max_pixels=10**7)
+    request = {"prompt": "waves", "width": 128, "height": 128, "frames": frames, "fps": 24, "steps": 2, "seed": 1,
+               "pipeline": "two_stage", "audio": False, "image_strength": 1.0, "negative_prompt": None} | params
+    job = await store.create(NewJob(user_id="u", prompt="waves", params=request, input_path=str(image.path),
+                                    input_sha256=image.sha256))
+    return job.id
+
+
+def alive(pid: int) -> bool:
+    return process_start_ticks(pid) is not None
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+async def test_five_jobs_run_strictly_one_at_a_time_and_succeed(
+    settings: Settings, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [await queue_job(settings, store) for _ in range(5)]
+    worker = Worker(settings, store)
+    spans: list[tuple[float, float, int]] = []
+    seen_pids: list[int] = []
+
+    async def watch(job: Any, event: Any) -> None:
+        if getattr(event, "event", None) == "started":
+            assert worker.current is not None
+            seen_pids.append(worker.current[1].pid)
+
+    worker.listeners.append(watch)
+    for _ in ids:
+        start = time.monotonic()
+        job = await worker.step()
+        assert job is not None
+        spans.append((start, time.monotonic(), job.id))
+        # The generator of a finished step is gone before the next one starts.
+        assert not alive(seen_pids[-1])
+    assert [s[2] for s in spans] == ids
+    assert len(set(seen_pids)) == 5
+    for (s1, e1, _), (s2, _e2, _) in zip(spans, spans[1:], strict=False):
+        assert e1 <= s2
+    for job_id in ids:
+        job = await store.get(job_id)
+        assert job is not None and job.status == JobStatus.SUCCEEDED and Path(job.output_path or "").is_file()
+        assert [p["name"] for p in job.phases or []][-1] == "finalize"
+    assert await worker.step() is None
+
+
+async def test_cancel_queued_and_running_job(settings: Settings, store: JobStore) -> None:
+    running_id = await queue_job(settings, store, frames=49)
+    queued_id = await queue_job(settings, store)
+    assert await store.cancel(queued_id, "u") == "cancelled"
+    worker = Worker(settings, store)
+    pids: list[int] = []
+
+    async def cancel_when_started(job: Any, event: Any) -> None:
+        if getattr(event, "event", None) == "started":
+            assert worker.current is not None
+            pids.append(worker.current[1].pid)
+            await store.cancel(running_id, "u")
+
+    worker.listeners.append(cancel_when_started)
+    job = await worker.step()
+    assert job is not None and job.id == running_id and job.status == JobStatus.CANCELLED
+    assert pids and not alive(pids[0])
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pids[0], 0)
+    assert not (settings.jobs_dir / str(running_id) / "clip.mp4").exists()
+    queued = await store.get(queued_id)
+    assert queued is not None and queued.status == JobStatus.CANCELLED
+    assert await worker.step() is None
+
+
+async def test_timeout_kills_the_group_and_retries_up_to_the_limit(
+    make_settings: Callable[..., Settings], store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LTXBOT_FAULT", "hang@stage_1")
+    settings = make_settings(generator={"timeout_base_seconds": 8, "timeout_seconds_per_mpx_frame": 0,
+                                        "max_attempts": 2, "kill_grace_seconds": 1})
+    job_id = await queue_job(settings, store)
+    worker = Worker(settings, store)
+    first = await worker.step()
+    assert first is not None and first.status == JobStatus.QUEUED and first.error_code == "timeout"
+    second = await worker.step()
+    assert second is not None and second.status == JobStatus.FAILED and second.error_code == "timeout"
+    assert [h["code"] for h in second.history or []] == ["timeout", "timeout"]
+    assert second.id == job_id
+
+
+async def test_crash_mid_decode_is_retried_then_succeeds(
+    settings: Settings, store: JobStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LTXBOT_FAULT", "kill@video_decode")
+    monkeypatch.setenv("LTXBOT_FAULT_ONCE", str(tmp_path / "fired"))
+    job_id = await queue_job(settings, store, frames=33)
+    worker = Worker(settings, store)
+    crashed = await worker.step()
+    assert crashed is not None and crashed.status == JobStatus.QUEUED and crashed.error_code == "crashed"
+    assert "signal 9" in (crashed.error_message or "")
+    done = await worker.step()
+    assert done is not None and done.id == job_id and done.status == JobStatus.SUCCEEDED
+    assert [h["code"] for h in done.history or []] == ["crashed"] and done.attempts == 2
+    log = (settings.jobs_dir / str(job_id) / "generator.log").read_text()
+    assert "attempt 1" in log and "attempt 2" in log
+
+
+async def test_oom_is_not_retried_and_carries_the_hint(
+    settings: Settings, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LTXBOT_FAULT", "oom@stage_2")
+    await queue_job(settings, store)
+    job = await Worker(settings, store).step()
+    assert job is not None and job.status == JobStatus.FAILED and job.error_code == "oom"
+    assert "fewer frames" in (job.error_message or "") and job.attempts == 1
+
+
+async def test_generator_environment_has_no_discord_token(
+    settings: Settings, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.worker import child_env
+
+    monkeypatch.setenv("DISCORD_TOKEN", "SECRET-TOKEN")
+    env = child_env(settings)
+    assert "DISCORD_TOKEN" not in env and "SECRET-TOKEN" not in env.values()
+
+
+HOST = """
+import asyncio, sys
+from bot.config import load_settings
+from bot.db.migrate import upgrade
+from bot.db.store import JobStore
+from bot.worker import Worker
+
+async def main():
+    settings = load_settings(None)
+    store = JobStore.from_url(settings.db_url)
+    await upgrade(store.engine)
+    worker = Worker(settings, store)
+    await worker.recover()
+    while await worker.step() is not None:
+        pass
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_bot_killed_mid_job_completes_it_exactly_once_after_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = clean_env() | {
+        "LTXBOT_DATA_DIR": str(settings.data_path),
+        "LTXBOT_DATABASE_URL": settings.db_url,
+        "LTXBOT_MODELS": settings.models.model_dump_json(),
+        "LTXBOT_VAE_TILING": settings.vae_tiling.model_dump_json(),
+        "LTXBOT_GENERATOR": settings.generator.model_dump_json(),
+    }
+    # The test and the host process share one database file.
+    shared = JobStore.from_url(settings.db_url)
+    from bot.db.migrate import upgrade
+
+    await upgrade(shared.engine)
+    job_id = await queue_job(settings, shared, frames=57)
+    host = subprocess.Popen([sys.executable, "-c", HOST], cwd=ROOT, env=env)
+    generator_pid = None
+    for _ in range(600):
+        job = await shared.get(job_id)
+        if job is not None and job.generator_pid and (job.progress or {}).get("stage") in {"generating", "refining"}:
+            generator_pid = job.generator_pid
+            break
+        await asyncio.sleep(0.1)
+    assert generator_pid is not None, "the generator never started"
+    host.send_signal(signal.SIGKILL)
+    host.wait()
+    assert alive(generator_pid)  # orphaned, still holding its (GPU) memory
+    restarted = subprocess.run([sys.executable, "-c", HOST], cwd=ROOT, env=env, timeout=240)
+    assert restarted.returncode == 0
+    assert not alive(generator_pid)
+    job = await shared.get(job_id)
+    assert job is not None and job.status == JobStatus.SUCCEEDED and job.attempts == 2
+    clips = list((settings.jobs_dir / str(job_id)).glob("*.mp4"))
+    assert [c.name for c in clips] == ["clip.mp4"]
+    assert [h["code"] for h in job.history or []] == ["interrupted"]
+    await shared.close()
