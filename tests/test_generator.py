@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,4 +162,4 @@ def test_generator_stdout_is_only_events_even_with_library_prints(tmp_path: Path
     # tqdm and ltx-pipelines print progress; all of it must land on stderr.
     code, events = run_generator(tmp_path, make_spec(tmp_path, tiny_models, audio=False, frames=9))
     assert code == 0 and all(e.event in {"started", "phase", "progress", "done"} for e in events)
-    assert os.path.getsize(tmp_path / "out" / "clip.mp4") > 0
+    assert (tmp_path / "out" / "clip.mp4").stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -65,7 +66,7 @@ async def test_five_jobs_run_strictly_one_at_a_time_and_succeed(
         assert not alive(seen_pids[-1])
     assert [s[2] for s in spans] == ids
     assert len(set(seen_pids)) == 5
-    for (s1, e1, _), (s2, _e2, _) in zip(spans, spans[1:], strict=False):
+    for (_s1, e1, _), (s2, _e2, _) in itertools.pairwise(spans):
         assert e1 <= s2
     for job_id in ids:
         job = await store.get(job_id)
