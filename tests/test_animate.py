@@ -1,0 +1,54 @@
+"""``ltxbot animate`` end to end: intake, store, worker, real generator, on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+from tests.conftest import TINY_TILING, clean_env, image_bytes, tiny_model_settings
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, tiny_models: Path) -> None:
+    models = "\n".join(f"  {k}: {v}" for k, v in tiny_model_settings(tiny_models).items())
+    tiling = "\n".join(f"  {k}: {v}" for k, v in TINY_TILING.items())
+    (tmp_path / "config.yaml").write_text(
+        f"data_dir: data\nmodels:\n{models}\nvae_tiling:\n{tiling}\n"
+        "generation:\n  frames: 9\n  steps: 2\n  audio: false\n"
+        "generator:\n  device: cpu\n  fp8_cast: false\n"
+    )
+
+
+def ltxbot(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bot.cli", *args], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=280)
+
+
+def test_animate_writes_a_valid_clip_and_records_the_job(tmp_path: Path, tiny_models: Path) -> None:
+    write_config(tmp_path, tiny_models)
+    (tmp_path / "photo.jpg").write_bytes(image_bytes("JPEG", (400, 300)))
+    result = ltxbot(tmp_path, "animate", "photo.jpg", "waves roll in", "--width", "128", "--height", "128",
+                    "--out", "clip.mp4")
+    assert result.returncode == 0, result.stderr
+    assert "finalize" in result.stderr and "stage_1" in result.stderr  # the per-phase table
+    assert "refining" in result.stderr  # the progress bar
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 9 and {(f.width, f.height) for f in frames} == {(128, 128)}
+    listing = ltxbot(tmp_path, "jobs")
+    assert "succeeded" in listing.stdout and "local" in listing.stdout
+    detail = ltxbot(tmp_path, "job", "1")
+    assert '"status": "succeeded"' in detail.stdout and '"name": "video_decode"' in detail.stdout
+
+
+def test_animate_with_a_hostile_image_prints_the_intake_error(tmp_path: Path, tiny_models: Path) -> None:
+    write_config(tmp_path, tiny_models)
+    (tmp_path / "evil.png").write_bytes(image_bytes("GIF"))
+    result = ltxbot(tmp_path, "animate", "evil.png", "waves")
+    assert result.returncode == 2
+    assert "GIF" in result.stderr and "unsupported_type" in result.stderr and "Traceback" not in result.stderr
