@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import sys
 from typing import TYPE_CHECKING, Any
@@ -73,10 +74,6 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
             chosen["request"] = request
             return request.width, request.height
 
-        # Validate the options before decoding anything heavy.
-        build_request(settings, prompt=args.prompt, source_size=(1, 1), width=args.width or None,
-                      height=args.height or None, frames=args.frames, seconds=args.seconds, seed=args.seed,
-                      pipeline=args.pipeline)
         image = normalise_image(
             data, target, settings.uploads_dir,
             max_pixels=settings.limits.max_image_pixels, min_side=settings.limits.min_image_side,
@@ -105,8 +102,6 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
         if final.status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}:
             break
         if ran is None:  # another worker (a running bot) has it; wait for it
-            import asyncio
-
             await asyncio.sleep(1.0)
     print(file=sys.stderr)
     if final.phases:

@@ -29,7 +29,6 @@ from generator.protocol import (
     ModelFiles,
     PhaseEvent,
     ProgressEvent,
-    StartedEvent,
     Tiling,
     parse_event,
 )
@@ -322,11 +321,6 @@ class Worker:
             kill_group(proc.pid, signal.SIGKILL)
             await proc.wait()
 
-    async def cancel_running(self, job_id: int) -> None:
-        """Stop the running generator at once if it is this job's (the store flag covers other processes)."""
-        if self.current and self.current[0] == job_id:
-            kill_group(self.current[1].pid, signal.SIGTERM)
-
     async def _read_events(self, job: Job, proc: asyncio.subprocess.Process, state: dict[str, Any]) -> None:
         assert proc.stdout is not None
         loop = asyncio.get_running_loop()
@@ -348,8 +342,6 @@ class Worker:
                 state["done"] = event
             elif isinstance(event, ErrorEvent):
                 state["error"] = event
-            elif isinstance(event, StartedEvent):
-                pass
             await self._notify(job, event)
 
     @staticmethod

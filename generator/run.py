@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from pydantic import BaseModel, ValidationError
 
@@ -103,7 +103,3 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(emit, "internal", INTERNAL_MESSAGE, ExitCode.INTERNAL)
     emit(done)
     return int(ExitCode.OK)
-
-
-def run_cli() -> Any:
-    raise SystemExit(main())

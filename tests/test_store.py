@@ -142,3 +142,11 @@ async def test_replayed_interaction_creates_no_second_job(store: JobStore) -> No
     else:
         raise AssertionError("a replayed interaction created a second job")
     assert len(await store.history(None)) == 1
+
+
+async def test_a_delivery_is_recorded_once(store: JobStore) -> None:
+    job = await store.create(new_job())
+    assert await store.mark_delivered(job.id, "111", "https://discord.com/channels/1/2/111")
+    assert not await store.mark_delivered(job.id, "222", "https://discord.com/channels/1/2/222")
+    stored = await store.get(job.id)
+    assert stored is not None and stored.posted_message_id == "111"

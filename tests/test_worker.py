@@ -211,3 +211,20 @@ async def test_bot_killed_mid_job_completes_it_exactly_once_after_restart(
     assert [c.name for c in clips] == ["clip.mp4"]
     assert [h["code"] for h in job.history or []] == ["interrupted"]
     await shared.close()
+
+
+async def test_clip_written_before_the_bot_died_is_kept_not_rendered_again(
+    settings: Settings, store: JobStore
+) -> None:
+    job_id = await queue_job(settings, store)
+    claimed = await store.claim_next()
+    assert claimed is not None and claimed.id == job_id
+    clip = settings.jobs_dir / str(job_id) / "clip.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"rendered before the crash")
+    worker = Worker(settings, store)
+    await worker.recover()
+    job = await store.get(job_id)
+    assert job is not None and job.status == JobStatus.SUCCEEDED and job.attempts == 1
+    assert job.output_path == str(clip) and job.output_bytes == clip.stat().st_size
+    assert await worker.step() is None  # nothing left to render

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bot.db.engine import create_engine, session_factory
-from bot.db.models import ACTIVE_STATUSES, Job, JobStatus, Setting
+from bot.db.models import Job, JobStatus, Setting
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -124,10 +124,6 @@ class JobStore:
         async with self._sessions() as session:
             return list(await session.scalars(query))
 
-    async def count_jobs(self, user_id: str) -> int:
-        async with self._sessions() as session:
-            return int(await session.scalar(select(func.count(Job.id)).where(Job.user_id == user_id)) or 0)
-
     async def queue_position(self, job_id: int) -> int | None:
         """1 for the next job to run; None when the job is not queued."""
         async with self._sessions() as session:
@@ -139,46 +135,9 @@ class JobStore:
             )
         return int(ahead or 0) + 1
 
-    async def queued_ids(self) -> list[int]:
-        async with self._sessions() as session:
-            result = await session.scalars(
-                select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
-            )
-            return list(result)
-
     async def running(self) -> list[Job]:
         async with self._sessions() as session:
             return list(await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
-
-    async def active_count(self, user_id: str) -> int:
-        async with self._sessions() as session:
-            count = await session.scalar(
-                select(func.count(Job.id)).where(Job.user_id == user_id, Job.status.in_(ACTIVE_STATUSES))
-            )
-        return int(count or 0)
-
-    async def created_since(self, user_id: str, since: datetime) -> int:
-        async with self._sessions() as session:
-            count = await session.scalar(
-                select(func.count(Job.id)).where(Job.user_id == user_id, Job.created_at >= since)
-            )
-        return int(count or 0)
-
-    async def last_created_at(self, user_id: str) -> datetime | None:
-        async with self._sessions() as session:
-            value = await session.scalar(select(func.max(Job.created_at)).where(Job.user_id == user_id))
-        return _aware(value)
-
-    async def recent_durations(self, limit: int = 20) -> list[float]:
-        """Seconds of the latest successful runs, for ETAs."""
-        async with self._sessions() as session:
-            jobs = await session.scalars(
-                select(Job)
-                .where(Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None))
-                .order_by(Job.id.desc())
-                .limit(limit)
-            )
-            return [d for j in jobs if (d := _duration(j)) is not None]
 
     # --- the worker's transitions ---------------------------------------------
 
@@ -321,20 +280,6 @@ class JobStore:
 
     # --- delivery -------------------------------------------------------------
 
-    async def undelivered(self) -> list[Job]:
-        """Finished jobs from Discord whose result message has not been recorded yet."""
-        async with self._sessions() as session:
-            result = await session.scalars(
-                select(Job)
-                .where(
-                    Job.status.in_([JobStatus.SUCCEEDED, JobStatus.FAILED]),
-                    Job.channel_id.is_not(None),
-                    Job.posted_message_id.is_(None),
-                )
-                .order_by(Job.id)
-            )
-            return list(result)
-
     async def mark_delivered(self, job_id: int, message_id: str, url: str) -> bool:
         async with self._sessions.begin() as session:
             result = await session.execute(
@@ -344,11 +289,7 @@ class JobStore:
             )
             return bool(getattr(result, "rowcount", 0))
 
-    async def set_status_message(self, job_id: int, message_id: str) -> None:
-        async with self._sessions.begin() as session:
-            await session.execute(update(Job).where(Job.id == job_id).values(status_message_id=message_id))
-
-    # --- queue control and privacy --------------------------------------------
+    # --- queue control ---------------------------------------------------------
 
     async def set_paused(self, paused: bool) -> None:
         async with self._sessions.begin() as session:
@@ -358,28 +299,6 @@ class JobStore:
         async with self._sessions() as session:
             value = await session.scalar(select(Setting.value).where(Setting.key == PAUSED_KEY))
         return value == "1"
-
-    async def purge_user(self, user_id: str) -> list[str]:
-        """Anonymise a user's rows; returns the stored files the caller should delete.
-
-        Active jobs are cancelled first so no file is recreated after the purge.
-        """
-        paths: list[str] = []
-        async with self._sessions.begin() as session:
-            jobs = list(await session.scalars(select(Job).where(Job.user_id == user_id)))
-            for job in jobs:
-                paths += [p for p in (job.input_path, job.output_path) if p]
-                if job.status == JobStatus.QUEUED:
-                    job.status = JobStatus.CANCELLED
-                    job.finished_at = utcnow()
-                elif job.status == JobStatus.RUNNING:
-                    job.cancel_requested = True
-                job.user_id = "purged"
-                job.prompt = ""
-                job.negative_prompt = None
-                job.input_path = ""
-                job.output_path = None
-        return paths
 
     async def _fenced(self, job_id: int, attempt: int, **values: Any) -> bool:
         async with self._sessions.begin() as session:
@@ -393,21 +312,3 @@ class JobStore:
 
 def _history_entry(attempt: int, code: str, message: str) -> dict[str, Any]:
     return {"attempt": attempt, "code": code, "message": message, "at": utcnow().isoformat()}
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands datetimes back naive; they were stored in UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _duration(job: Job) -> float | None:
-    start, end = _aware(job.started_at), _aware(job.finished_at)
-    return None if start is None or end is None else (end - start).total_seconds()
-
-
-def quota_window_start(now: datetime | None = None) -> datetime:
-    """Daily quotas count the last 24 hours, so nobody gains by waiting for midnight UTC."""
-    now = now or utcnow()
-    return now - timedelta(days=1)
