@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
+from discord import app_commands
 from discord.ext import commands
 
 from bot.config import ConfigError
+from bot.service import JobService
+from bot.views import DYNAMIC_ITEMS
 from bot.worker import Worker
 
 if TYPE_CHECKING:
@@ -28,18 +31,65 @@ class LtxBot(commands.Bot):
             command_prefix=commands.when_mentioned,
             intents=intents,
             allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
         )
         self.settings = settings
         self.store = store
         self.worker = Worker(settings, store)
+        self.service = JobService(self, settings, store, self.worker)
         self._worker_task: asyncio.Task[None] | None = None
+        self.tree.error(self._on_app_command_error)
 
     async def setup_hook(self) -> None:
-        self._worker_task = asyncio.create_task(self.worker.run_forever(), name="ltxbot-worker")
+        from bot.cogs.animate import Animate
+        from bot.cogs.jobs import Jobs
+
+        await self.service.start()
+        await self.add_cog(Animate(self))
+        await self.add_cog(Jobs(self))
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
+        await self._sync_commands()
+        # Order matters: stop a generator left by a previous run and keep its clip, post what
+        # was finished but never posted, then start taking jobs.
+        await self.worker.recover()
+        await self.service.deliver_pending()
+        self._worker_task = asyncio.create_task(self.worker.run_forever(recover=False), name="ltxbot-worker")
+
+    async def _sync_commands(self) -> None:
+        guilds = self.settings.discord.guilds
+        try:
+            if guilds:
+                for guild_id in guilds:
+                    guild = discord.Object(guild_id)
+                    self.tree.copy_global_to(guild=guild)
+                    synced = await self.tree.sync(guild=guild)
+                    log.info("%d commands synced to guild %s", len(synced), guild_id)
+            else:
+                synced = await self.tree.sync()
+                log.info("%d commands synced globally (Discord may take up to an hour to show them)", len(synced))
+        except discord.Forbidden:
+            log.error("Discord refused the command sync: invite the bot with the applications.commands scope.")
+
+    async def on_ready(self) -> None:
+        log.info("ltxbot ready as %s in %d servers", self.user, len(self.guilds))
+
+    async def _on_app_command_error(
+        self, interaction: discord.Interaction[Any], error: app_commands.AppCommandError
+    ) -> None:
+        if isinstance(error, app_commands.CommandInvokeError):
+            await self.service.apologise(interaction, error.original)
+        elif isinstance(error, app_commands.TransformerError | app_commands.CheckFailure):
+            await self.service.tell(interaction, str(error))
+        else:
+            await self.service.apologise(interaction, error)
+
+    async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
+        log.exception("error in %s; the bot carries on", event_method)
 
     async def close(self) -> None:
         if self._worker_task is not None:
             self._worker_task.cancel()
+        await self.service.close()
         await super().close()
 
 
@@ -57,7 +107,9 @@ async def _serve(settings: Settings, token: str) -> None:
 
 
 def run_bot(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         token = settings.discord_token()
     except ConfigError as exc:
@@ -69,6 +121,10 @@ def run_bot(settings: Settings) -> int:
     except discord.LoginFailure:
         print("Discord rejected the token: reset it in the developer portal and set DISCORD_TOKEN again.",
               file=sys.stderr)
+        return 2
+    except discord.PrivilegedIntentsRequired:
+        print("discord.message_content_intent is on, but the Message Content intent is off in the developer "
+              "portal (Bot > Privileged Gateway Intents). Turn it on there, or set it to false.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

@@ -139,6 +139,8 @@ class DiscordSettings(_Section):
     allow_dms: bool = False
     message_content_intent: bool = False
     progress_interval_seconds: float = Field(default=2.0, ge=0.5)
+    # Clips are encoded to fit the server's upload limit; this caps them lower (null: the server's limit).
+    max_clip_bytes: int | None = Field(default=None, ge=16 * 1024)
     cdn_hosts: list[str] = Field(default_factory=lambda: ["cdn.discordapp.com", "media.discordapp.net"])
     # Only for tests against the loopback fake Discord: also allow http:// URLs.
     allow_insecure_cdn: bool = False

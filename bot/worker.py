@@ -210,8 +210,9 @@ class Worker:
 
     # --- the loop ---------------------------------------------------------------
 
-    async def run_forever(self) -> None:
-        await self.recover()
+    async def run_forever(self, *, recover: bool = True) -> None:
+        if recover:
+            await self.recover()
         while True:
             if await self.store.is_paused():
                 await self._wait_doorbell(5.0)

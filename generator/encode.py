@@ -111,6 +111,7 @@ def fit_to_size(source: Path, target: Path, max_bytes: int, *, fps: int) -> bool
             break
         _reencode(source, target, bitrate, fps)
         if target.stat().st_size <= max_bytes:
+            log.info("clip re-encoded from %d to %d bytes to fit %d", size, target.stat().st_size, max_bytes)
             return True
         log.info("re-encode at %d bit/s gave %d bytes; trying lower", bitrate, target.stat().st_size)
     target.unlink(missing_ok=True)

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bot.db.engine import create_engine, session_factory
-from bot.db.models import Job, JobStatus, Setting
+from bot.db.models import ACTIVE_STATUSES, Job, JobStatus, Setting
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 PAUSED_KEY = "queue_paused"
+PURGED_USER = "purged"
+# A clip still undelivered after this long is not posted any more: the channel has moved on.
+DELIVERY_WINDOW = timedelta(days=2)
 
 
 def utcnow() -> datetime:
@@ -48,6 +51,14 @@ class CancelOutcome(enum.StrEnum):
     STOPPING = "stopping"  # it is running; the worker stops it
     FINISHED = "finished"  # too late: it already ended
     NOT_FOUND = "not_found"  # no such job for this user
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    jobs: list[int]
+    images: list[str]
+    clips: list[str]
+    running: int
 
 
 class DuplicateJobError(Exception):
@@ -134,6 +145,43 @@ class JobStore:
                 select(func.count(Job.id)).where(Job.status == JobStatus.QUEUED, Job.id < job_id)
             )
         return int(ahead or 0) + 1
+
+    async def queued_ids(self) -> list[int]:
+        """Queued job ids in the order they will run."""
+        async with self._sessions() as session:
+            return list(await session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.id)))
+
+    async def active_count(self, user_id: str) -> int:
+        """Queued plus running jobs of one user."""
+        async with self._sessions() as session:
+            count = await session.scalar(
+                select(func.count(Job.id)).where(Job.user_id == user_id, Job.status.in_(ACTIVE_STATUSES))
+            )
+        return int(count or 0)
+
+    async def created_since(self, user_id: str, since: datetime) -> int:
+        async with self._sessions() as session:
+            count = await session.scalar(
+                select(func.count(Job.id)).where(Job.user_id == user_id, Job.created_at >= since)
+            )
+        return int(count or 0)
+
+    async def last_created_at(self, user_id: str) -> datetime | None:
+        async with self._sessions() as session:
+            value = await session.scalar(select(func.max(Job.created_at)).where(Job.user_id == user_id))
+        return _aware(value)
+
+    async def recent_durations(self, limit: int = 20) -> list[float]:
+        """Seconds from start to finish of the latest successful jobs, newest first."""
+        query = (
+            select(Job)
+            .where(Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None), Job.finished_at.is_not(None))
+            .order_by(Job.id.desc())
+            .limit(limit)
+        )
+        async with self._sessions() as session:
+            jobs = list(await session.scalars(query))
+        return [d for d in (job.duration_seconds for job in jobs) if d is not None]
 
     async def running(self) -> list[Job]:
         async with self._sessions() as session:
@@ -280,6 +328,25 @@ class JobStore:
 
     # --- delivery -------------------------------------------------------------
 
+    async def set_status_message(self, job_id: int, message_id: str) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(update(Job).where(Job.id == job_id).values(status_message_id=message_id))
+
+    async def undelivered(self) -> list[Job]:
+        """Ended jobs from Discord whose clip or failure notice was never posted."""
+        query = (
+            select(Job)
+            .where(
+                Job.status.in_((JobStatus.SUCCEEDED, JobStatus.FAILED)),
+                Job.posted_message_id.is_(None),
+                Job.channel_id.is_not(None),
+                Job.finished_at >= utcnow() - DELIVERY_WINDOW,
+            )
+            .order_by(Job.id)
+        )
+        async with self._sessions() as session:
+            return list(await session.scalars(query))
+
     async def mark_delivered(self, job_id: int, message_id: str, url: str) -> bool:
         async with self._sessions.begin() as session:
             result = await session.execute(
@@ -300,6 +367,43 @@ class JobStore:
             value = await session.scalar(select(Setting.value).where(Setting.key == PAUSED_KEY))
         return value == "1"
 
+    # --- privacy ---------------------------------------------------------------
+
+    async def purge_user(self, user_id: str) -> PurgeResult:
+        """Cancel a user's queued jobs, stop a running one, and anonymise every row.
+
+        Returns the files that only this user's jobs referenced: the caller deletes them.
+        Images are named by content, so one shared with another user's job is kept.
+        """
+        async with self._sessions.begin() as session:
+            jobs = list(await session.scalars(select(Job).where(Job.user_id == user_id)))
+            inputs = {job.input_path for job in jobs if job.input_path}
+            shared = set(
+                await session.scalars(
+                    select(Job.input_path).where(Job.user_id != user_id, Job.input_path.in_(inputs))
+                )
+            )
+            running = 0
+            for job in jobs:
+                if job.status == JobStatus.QUEUED:
+                    job.status = JobStatus.CANCELLED
+                    job.error_code, job.error_message = "cancelled", "Cancelled: the user's data was purged."
+                    job.finished_at = utcnow()
+                elif job.status == JobStatus.RUNNING:
+                    job.cancel_requested = True
+                    running += 1
+                job.user_id = PURGED_USER
+                job.prompt = ""
+                job.negative_prompt = None
+                job.params = {**job.params, "prompt": "", "negative_prompt": None}
+                job.input_sha256 = ""
+        return PurgeResult(
+            jobs=[job.id for job in jobs],
+            images=sorted(inputs - shared),
+            clips=sorted({job.output_path for job in jobs if job.output_path}),
+            running=running,
+        )
+
     async def _fenced(self, job_id: int, attempt: int, **values: Any) -> bool:
         async with self._sessions.begin() as session:
             result = await session.execute(
@@ -308,6 +412,13 @@ class JobStore:
                 .values(**values)
             )
             return bool(getattr(result, "rowcount", 0))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes even for timezone-aware columns; they were written in UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
 
 
 def _history_entry(attempt: int, code: str, message: str) -> dict[str, Any]:

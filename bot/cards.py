@@ -1,0 +1,164 @@
+"""What users see: status cards, delivery captions, history lines. Pure functions of a job, easy to test."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot.db.models import JobStatus
+
+if TYPE_CHECKING:
+    from bot.db.models import Job
+
+COLOURS = {
+    JobStatus.QUEUED: discord.Colour.blurple(),
+    JobStatus.RUNNING: discord.Colour.gold(),
+    JobStatus.SUCCEEDED: discord.Colour.green(),
+    JobStatus.FAILED: discord.Colour.red(),
+    JobStatus.CANCELLED: discord.Colour.light_grey(),
+}
+HINTS = {
+    "oom": "Try fewer frames (`seconds:`) or a smaller `size:`.",
+    "timeout": "Try a shorter clip or a smaller size.",
+    "too_large": "Try a shorter clip or a smaller size.",
+    "crashed": "It was tried several times; please try again later or tell the server admins.",
+    "interrupted": "Please try again.",
+    "model_missing": "The bot's model files need attention; please tell the server admins.",
+    "invalid": "Please start a new /animate.",
+}
+
+
+def shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def timestamp(moment: datetime, style: str = "R") -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return f"<t:{int(moment.timestamp())}:{style}>"
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """Where a job stands: its position, and when it should be ready."""
+
+    position: int | None
+    length: int
+    eta: datetime | None
+
+
+def estimate_ready(
+    position: int, durations: list[float], running_started: datetime | None, now: datetime | None = None
+) -> datetime | None:
+    """When the job at ``position`` (1 = next) should finish, from this GPU's own recent job times."""
+    if not durations:
+        return None
+    now = now or datetime.now(UTC)
+    typical = statistics.median(durations)
+    remaining = 0.0
+    if running_started is not None:
+        started = running_started if running_started.tzinfo else running_started.replace(tzinfo=UTC)
+        remaining = max(typical - (now - started).total_seconds(), typical * 0.1)
+    return now + timedelta(seconds=remaining + typical * position)
+
+
+def stage_text(progress: dict[str, Any] | None) -> str:
+    if not progress:
+        return "starting"
+    stage, step, total = progress.get("stage", "working"), progress.get("step", 0), progress.get("total", 0)
+    if stage == "done":
+        return "done"
+    if total and total > 1:
+        return f"{stage} {step}/{total}"
+    return str(stage)
+
+
+def _describe(job: Job) -> str:
+    p = job.params
+    seconds = p["frames"] / p["fps"]
+    return f"{p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
+
+
+def status_embed(job: Job, queue: QueueView | None = None, *, clip_url: str | None = None) -> discord.Embed:
+    status = JobStatus(job.status)
+    embed = discord.Embed(title=f"Job {job.id} · {_status_word(job)}", colour=COLOURS[status])
+    embed.description = shorten(job.prompt, 300) or "(prompt removed)"
+    embed.add_field(name="Clip", value=_describe(job), inline=False)
+    if status == JobStatus.QUEUED and queue is not None and queue.position is not None:
+        embed.add_field(name="Queue", value=f"{queue.position} of {queue.length}")
+        ready = f"about {timestamp(queue.eta)}" if queue.eta else "after the first timed clip"
+        embed.add_field(name="Ready", value=ready)
+    elif status == JobStatus.RUNNING:
+        embed.add_field(name="Stage", value=stage_text(job.progress))
+        if job.cancel_requested:
+            embed.add_field(name="Cancel", value="stopping…")
+    elif status == JobStatus.SUCCEEDED:
+        took = job.duration_seconds
+        embed.add_field(name="Took", value=f"{took:.0f} s" if took is not None else "—")
+        if clip_url or job.posted_message_url:
+            embed.add_field(name="Clip", value=f"[open]({clip_url or job.posted_message_url})")
+    elif status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        embed.add_field(name="Why", value=failure_text(job), inline=False)
+    return embed
+
+
+def _status_word(job: Job) -> str:
+    if job.status == JobStatus.RUNNING:
+        return "rendering"
+    if job.status == JobStatus.SUCCEEDED:
+        return "done"
+    return str(job.status)
+
+
+def failure_text(job: Job) -> str:
+    message = job.error_message or "It did not finish."
+    hint = HINTS.get(job.error_code or "")
+    return f"{message} {hint}" if hint and hint not in message else message
+
+
+def delivery_caption(job: Job) -> str:
+    return (
+        f"<@{job.user_id}> **{shorten(job.prompt, 180)}**\n"
+        f"{_describe(job)} · job {job.id}"
+    )
+
+
+def failure_notice(job: Job) -> str:
+    return f"<@{job.user_id}> job {job.id} could not be made: {failure_text(job)}"
+
+
+def history_line(job: Job) -> str:
+    took = job.duration_seconds
+    parts = [
+        f"`{job.id}`",
+        str(job.status),
+        f"“{shorten(job.prompt, 40)}”",
+        timestamp(job.created_at),
+    ]
+    if took is not None:
+        parts.append(f"{took:.0f} s")
+    if job.posted_message_url and job.status == JobStatus.SUCCEEDED:
+        parts.append(f"[clip]({job.posted_message_url})")
+    return " · ".join(parts)
+
+
+def details_embed(job: Job) -> discord.Embed:
+    embed = status_embed(job)
+    p = job.params
+    embed.add_field(name="Pipeline", value=f"{p.get('pipeline')} · {p.get('steps') or 'default'} steps"
+                    f" · audio {'on' if p.get('audio') else 'off'}")
+    embed.add_field(name="Created", value=timestamp(job.created_at, "f"))
+    if job.attempts > 1:
+        embed.add_field(name="Attempts", value=str(job.attempts))
+    if job.phases:
+        rows = ["phase          sec   GPU GiB"]
+        for phase in job.phases:
+            peak = phase.get("peak_allocated_gib")
+            rows.append(f"{phase['name']:<13}{phase['seconds']:>6.1f}  {'-' if peak is None else f'{peak:.2f}':>7}")
+        embed.add_field(name="Phases", value="```\n" + "\n".join(rows) + "\n```", inline=False)
+    return embed

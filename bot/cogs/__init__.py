@@ -1,0 +1,1 @@
+"""Slash commands, the message context menu and the mention listener."""

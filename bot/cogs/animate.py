@@ -1,0 +1,69 @@
+"""``/animate``, the **Animate image** context menu and ``@ltxbot <prompt>`` with an image."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+if TYPE_CHECKING:
+    from bot.app import LtxBot
+
+
+class Animate(commands.Cog):
+    def __init__(self, bot: LtxBot) -> None:
+        self.bot = bot
+        self.menu = app_commands.ContextMenu(name="Animate image", callback=self.animate_image)
+        bot.tree.add_command(self.menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
+
+    @app_commands.command(name="animate", description="Turn an image into a short video clip.")
+    @app_commands.describe(
+        image="A JPEG, PNG or WebP picture",
+        prompt="What happens in the clip",
+        size="A size preset (default: the image's own shape)",
+        seconds="Clip length in seconds",
+        frames="Exact frame count instead of seconds (8k+1: 9, 17, …, 97, …)",
+        width="Exact width in pixels (with height)",
+        height="Exact height in pixels (with width)",
+        seed="Seed, to repeat a result",
+        audio="Generate a sound track",
+        pipeline="two_stage (best), distilled (fast) or one_stage",
+    )
+    async def animate(
+        self,
+        interaction: discord.Interaction[Any],
+        image: discord.Attachment,
+        prompt: app_commands.Range[str, 1, 4000],
+        size: str | None = None,
+        seconds: app_commands.Range[float, 0.1, 60.0] | None = None,
+        frames: app_commands.Range[int, 1, 10000] | None = None,
+        width: app_commands.Range[int, 1, 8192] | None = None,
+        height: app_commands.Range[int, 1, 8192] | None = None,
+        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+        audio: bool | None = None,
+        pipeline: Literal["two_stage", "distilled", "one_stage"] | None = None,
+    ) -> None:
+        options = {"preset": size, "seconds": seconds, "frames": frames, "width": width, "height": height,
+                   "seed": seed, "audio": audio, "pipeline": pipeline}
+        await self.bot.service.animate_from_command(interaction, image, prompt, options)
+
+    @animate.autocomplete("size")
+    async def _sizes(self, interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:
+        presets = self.bot.settings.generation.presets
+        return [
+            app_commands.Choice(name=f"{name} ({p.width}×{p.height})", value=name)
+            for name, p in presets.items()
+            if current.lower() in name
+        ][:25]
+
+    async def animate_image(self, interaction: discord.Interaction[Any], message: discord.Message) -> None:
+        await self.bot.service.animate_from_context(interaction, message)
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        await self.bot.service.animate_from_mention(message)

@@ -1,0 +1,139 @@
+"""Buttons and modals. Buttons carry the job id in their custom id (DynamicItem), so they keep
+working after a restart without any per-message state."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+if TYPE_CHECKING:
+    from bot.service import JobService
+
+
+def service_of(interaction: discord.Interaction[Any]) -> JobService:
+    service: JobService = interaction.client.service  # type: ignore[attr-defined]
+    return service
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:cancel:(?P<job>\d+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Cancel", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"ltxbot:cancel:{job_id}"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> CancelButton:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        await service_of(interaction).guarded(interaction, service_of(interaction).cancel_from_button(
+            interaction, self.job_id))
+
+
+class RerunButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:rerun:(?P<job>\d+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Rerun", emoji="🔁", style=discord.ButtonStyle.primary,
+                                           custom_id=f"ltxbot:rerun:{job_id}"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> RerunButton:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        service = service_of(interaction)
+        await service.guarded(interaction, service.rerun(interaction, self.job_id))
+
+
+class TweakButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:tweak:(?P<job>\d+)"):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Tweak", emoji="✏️", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"ltxbot:tweak:{job_id}"))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
+    ) -> TweakButton:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        service = service_of(interaction)
+        await service.guarded(interaction, service.open_tweak(interaction, self.job_id))
+
+
+DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton)
+
+
+def card_view(job_id: int, active: bool) -> discord.ui.View | None:
+    if not active:
+        return None
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelButton(job_id))
+    return view
+
+
+def delivery_view(job_id: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(RerunButton(job_id))
+    view.add_item(TweakButton(job_id))
+    return view
+
+
+def _optional_number(raw: str, name: str, *, integer: bool) -> float | int | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        return int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}; got {raw!r}.") from None
+
+
+class AnimateModal(discord.ui.Modal, title="Animate image"):
+    prompt: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
+        label="Prompt", style=discord.TextStyle.paragraph, placeholder="What happens in the clip?", max_length=1000
+    )
+    seconds: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
+        label="Seconds (optional)", required=False, max_length=6, placeholder="4"
+    )
+    seed: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
+        label="Seed (optional)", required=False, max_length=10
+    )
+
+    def __init__(self, message: discord.Message, attachment: discord.Attachment) -> None:
+        super().__init__(timeout=600)
+        self.message = message
+        self.attachment = attachment
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        service = service_of(interaction)
+        await service.guarded(interaction, service.animate_from_modal(interaction, self))
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "seconds": _optional_number(self.seconds.value, "Seconds", integer=False),
+            "seed": _optional_number(self.seed.value, "Seed", integer=True),
+        }
+
+
+class TweakModal(discord.ui.Modal, title="Tweak the prompt"):
+    prompt: discord.ui.TextInput[TweakModal] = discord.ui.TextInput(
+        label="Prompt", style=discord.TextStyle.paragraph, max_length=1000
+    )
+
+    def __init__(self, job_id: int, prompt: str) -> None:
+        super().__init__(timeout=600)
+        self.job_id = job_id
+        self.prompt.default = prompt[:1000]
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        service = service_of(interaction)
+        await service.guarded(interaction, service.rerun(interaction, self.job_id, prompt=self.prompt.value))
