@@ -170,17 +170,24 @@ class Harness:
         except TimeoutError:
             raise AssertionError("no answer; bot log:\n" + "".join(self.log[-40:])) from None
 
-    def card_for(self, job_id: int) -> dict[str, Any]:
+    def find_card(self, job_id: int) -> dict[str, Any] | None:
         for message in self.fake.bot_messages():
             if any(e.get("title", "").startswith(f"Job {job_id} ") for e in message["embeds"]):
                 return message
-        raise AssertionError(f"no status card for job {job_id}")
+        return None
+
+    def card_for(self, job_id: int) -> dict[str, Any]:
+        card = self.find_card(job_id)
+        if card is None:
+            raise AssertionError(f"no status card for job {job_id}")
+        return card
 
     def card_titles(self, message_id: str) -> list[str]:
         """Every title a card had, from its creation and each edit of it."""
         titles = []
         for r in self.fake.requests:
-            if r.json and r.status == 200 and (r.message_id == message_id or r.path.endswith(f"/messages/{message_id}")):
+            edit = r.path.endswith(f"/messages/{message_id}")
+            if r.json and r.status == 200 and (r.message_id == message_id or edit):
                 titles += [e.get("title", "") for e in r.json.get("embeds") or []]
         return titles
 

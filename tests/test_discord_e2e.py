@@ -67,7 +67,7 @@ async def test_animate_slash_command_delivers_the_clip(make_harness: Callable[..
     assert f"<@{ALICE.id}>" in post.json["content"]
     assert [str(u) for u in post.json["allowed_mentions"]["users"]] == [ALICE.id]
     assert post.json["allowed_mentions"]["parse"] == []
-    assert custom_ids(post.json) == [f"ltxbot:rerun:1", f"ltxbot:tweak:1"]
+    assert custom_ids(post.json) == ["ltxbot:rerun:1", "ltxbot:tweak:1"]
 
     job = await h.wait_job(1, lambda j: j.posted_message_url is not None)
     assert job.status == JobStatus.SUCCEEDED
@@ -80,3 +80,226 @@ async def test_animate_slash_command_delivers_the_clip(make_harness: Callable[..
     assert "Job 1 · rendering" in titles
     assert titles[-1] == "Job 1 · done"
     assert custom_ids(card) == []  # the cancel button is gone once it is done
+
+    # Rerun and Tweak from the delivered clip, with the queue paused so they stay queued.
+    pause = await fake.slash(ADMIN, "pause", group="admin")
+    assert "paused" in await h.answer_text(pause)
+    rerun = await fake.click(ALICE, fake.messages[post.message_id], "ltxbot:rerun:1")
+    assert "Job 2 is queued" in await h.answer_text(rerun)
+    tweak = await fake.click(ALICE, fake.messages[post.message_id], "ltxbot:tweak:1")
+    modal = (await fake.wait_for(lambda: fake.modals(tweak)))[0]
+    submitted = await fake.submit_modal(ALICE, modal, {"Prompt": "waves roll out"})
+    assert "Job 3 is queued" in await h.answer_text(submitted)
+    first, again, tweaked = job, await h.job(2), await h.job(3)
+    assert again.params["seed"] != first.params["seed"] and again.prompt == first.prompt
+    assert tweaked.params["seed"] == first.params["seed"] and tweaked.prompt == "waves roll out"
+    assert again.input_path == first.input_path and again.status == JobStatus.QUEUED
+    # Somebody else cannot rerun Alice's clip.
+    stranger = await fake.click(BOB, fake.messages[post.message_id], "ltxbot:rerun:1")
+    assert "You have no job 1" in await h.answer_text(stranger)
+    queue = await fake.slash(ALICE, "queue")
+    text = await h.answer_text(queue)
+    assert "**2** waiting" in text and "paused" in text and "job 2: 1 of 2" in text
+
+
+def _png_bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (10, 20, 30)).save(buffer, format="PNG")  # 4 MP: over the test's 1 MP limit
+    return buffer.getvalue()
+
+
+async def test_hostile_images_get_a_private_reason_and_leave_nothing(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    fake = h.fake
+    good = image_bytes()
+    cases = {
+        "bomb.png": (_png_bomb(), "too many pixels"),
+        "cat.gif": (b"GIF89a" + b"\x00" * 200, "a gif"),
+        "half.png": (good[: len(good) // 2], "incomplete"),
+    }
+    for name, (data, reason) in cases.items():
+        interaction = await fake.slash(ALICE, "animate", {"prompt": "move"}, attachment=fake.attachment(data, name))
+        text = await h.answer_text(interaction)
+        assert fake.is_ephemeral(interaction), name
+        assert "can't animate that" in text and reason in text.lower(), (name, text)
+    assert await h.jobs() == []
+    assert _uploads(h) == []
+    assert h.clip_posts() == []
+
+
+async def test_invalid_options_name_the_field_and_allowed_values(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    fake = h.fake
+    attachment = fake.attachment(image_bytes(), "photo.png")
+    frames = await fake.slash(ALICE, "animate", {"prompt": "go", "frames": 100}, attachment=attachment)
+    text = await h.answer_text(frames)
+    assert fake.is_ephemeral(frames)
+    assert "frames" in text.lower() and "97" in text and "105" in text, text
+    width = await fake.slash(ALICE, "animate", {"prompt": "go", "width": 770, "height": 512}, attachment=attachment)
+    text = await h.answer_text(width)
+    assert fake.is_ephemeral(width)
+    assert "width" in text.lower() and "64" in text, text
+    size = await fake.slash(ALICE, "animate", {"prompt": "go", "size": "huge"}, attachment=attachment)
+    text = await h.answer_text(size)
+    assert "size must be one of" in text and "landscape" in text
+    assert await h.jobs() == []
+    # Nothing was downloaded for requests that were wrong before the image mattered.
+    assert fake.find("GET", r"^/cdn/") == []
+
+
+async def test_context_menu_and_mention_reply_each_produce_a_clip(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    fake = h.fake
+    posted = await fake.post_message(BOB, "my cat", [fake.attachment(image_bytes(size=(120, 300)), "cat.jpg",
+                                                                     "image/jpeg")])
+    menu = await fake.context_menu(ALICE, "Animate image", posted)
+    modal = (await fake.wait_for(lambda: fake.modals(menu), timeout=15))[0]
+    assert modal["title"] == "Animate image"
+    submitted = await fake.submit_modal(ALICE, modal, {"Prompt": "the cat yawns", "Seed (optional)": "7"})
+    assert "Job 1 is queued" in await h.answer_text(submitted)
+
+    mention = await fake.post_message(CAROL, f"<@{fake.app_id}> the cat blinks", mention_bot=True, reply_to=posted)
+    posts = await h.wait_clip_post(count=2, timeout=300)
+    menu_job, mention_job = await h.job(1), await h.job(2)
+    assert menu_job.params["seed"] == 7 and menu_job.prompt == "the cat yawns" and menu_job.user_id == ALICE.id
+    assert mention_job.prompt == "the cat blinks" and mention_job.user_id == CAROL.id
+    assert mention_job.request_message_id == mention["id"]
+    by_job = {p.json["content"].rsplit("job ", 1)[1]: p for p in posts}
+    assert str(by_job["2"].json["message_reference"]["message_id"]) == mention["id"]
+    for post in posts:
+        # A 2:5 photo at the 8192-pixel budget: portrait 64x128 on the 64-pixel grid.
+        assert decode_mp4(post.files[0].data) == (9, 64, 128)
+
+
+async def test_users_see_and_cancel_only_their_own_jobs(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    fake = h.fake
+    await h.answer_text(await fake.slash(ADMIN, "pause", group="admin"))
+    alice = await fake.slash(ALICE, "animate", {"prompt": "alice's secret"},
+                             attachment=fake.attachment(image_bytes(), "a.png"))
+    assert "Job 1 is queued" in await h.answer_text(alice)
+    bob = await fake.slash(BOB, "animate", {"prompt": "bob's idea"},
+                           attachment=fake.attachment(image_bytes(size=(300, 300)), "b.png"))
+    assert "Job 2 is queued" in await h.answer_text(bob)
+
+    listing = await fake.slash(BOB, "jobs")
+    await fake.wait_for(lambda: fake.callbacks(listing))
+    body = fake.callbacks(listing)[0].json["data"]
+    text = str(body)
+    assert "bob's idea" in text and "alice" not in text and body["flags"] & 64
+    for command in ("job", "cancel"):
+        attempt = await fake.slash(BOB, command, {"id": 1})
+        assert "You have no job 1" in await h.answer_text(attempt)
+    assert (await h.job(1)).status == JobStatus.QUEUED
+    details = await fake.slash(ADMIN, "job", {"id": 1})
+    await fake.wait_for(lambda: fake.callbacks(details))
+    assert "alice's secret" in str(fake.callbacks(details)[0].json["data"]["embeds"])
+    assert "cancelled" in await h.answer_text(await fake.slash(ADMIN, "cancel", {"id": 1}))
+    assert (await h.job(1)).status == JobStatus.CANCELLED
+    # Only admins may use the admin commands, whatever Discord's default permissions say.
+    assert "Only the bot's admins" in await h.answer_text(await fake.slash(BOB, "resume", group="admin"))
+
+    # Purge: Bob's image and job folder go, his row keeps no prompt or id.
+    bob_image = Path((await h.job(2)).input_path)
+    assert bob_image.is_file()
+    purge = await fake.slash(ADMIN, "purge", {"user": BOB.id}, group="admin")
+    assert "anonymised 1 jobs" in await h.answer_text(purge)
+    purged = await h.job(2)
+    assert purged.user_id == "purged" and purged.prompt == "" and purged.status == JobStatus.CANCELLED
+    assert not bob_image.exists()
+    assert Path((await h.job(1)).input_path).is_file()  # Alice's image stays
+
+
+async def test_cancel_button_on_a_queued_and_on_a_running_job(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    fake = h.fake
+    await h.answer_text(await fake.slash(ADMIN, "pause", group="admin"))
+    queued = await fake.slash(ALICE, "animate", {"prompt": "one"}, attachment=fake.attachment(image_bytes(), "a.png"))
+    await h.answer_text(queued)
+    card = await fake.wait_for(lambda: h.find_card(1))
+    assert custom_ids(card) == ["ltxbot:cancel:1"]
+    click = await fake.click(ALICE, card, "ltxbot:cancel:1")
+    assert "Job 1 is cancelled" in await h.answer_text(click)
+    assert (await h.job(1)).status == JobStatus.CANCELLED
+    await fake.wait_for(lambda: "Job 1 · cancelled" in h.card_titles(card["id"]), timeout=10)
+
+    await h.answer_text(await fake.slash(ADMIN, "resume", group="admin"))
+    running = await fake.slash(ALICE, "animate", {"prompt": "two"}, attachment=fake.attachment(image_bytes(), "b.png"))
+    await h.answer_text(running)
+    job = await h.wait_job(2, lambda j: j.status == JobStatus.RUNNING and j.generator_pid is not None, timeout=60)
+    pid = job.generator_pid
+    card = h.card_for(2)
+    click = await fake.click(ALICE, card, "ltxbot:cancel:2")
+    assert "stopping" in await h.answer_text(click)
+    done = await h.wait_job(2, lambda j: j.status == JobStatus.CANCELLED, timeout=60)
+    assert done.output_path is None
+    assert not Path(f"/proc/{pid}").exists() or "generator" not in Path(f"/proc/{pid}/cmdline").read_text()
+    await fake.wait_for(lambda: "Job 2 · cancelled" in h.card_titles(card["id"]), timeout=10)
+    await asyncio.sleep(1.0)
+    assert h.clip_posts() == []
+
+
+async def test_queued_limit_and_daily_quota_refuse_politely(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()  # max 2 queued per user, 3 a day
+    fake = h.fake
+    await h.answer_text(await fake.slash(ADMIN, "pause", group="admin"))
+
+    async def animate(user: Any) -> tuple[dict[str, Any], str]:
+        interaction = await fake.slash(user, "animate", {"prompt": "p"},
+                                       attachment=fake.attachment(image_bytes(), "a.png"))
+        return interaction, await h.answer_text(interaction)
+
+    assert "Job 1 is queued" in (await animate(ALICE))[1]
+    assert "Job 2 is queued" in (await animate(ALICE))[1]
+    refused, text = await animate(ALICE)
+    assert fake.is_ephemeral(refused) and "already have 2 clips waiting" in text
+    for job_id in (1, 2):
+        await h.answer_text(await fake.slash(ALICE, "cancel", {"id": job_id}))
+    assert "Job 3 is queued" in (await animate(ALICE))[1]
+    await h.answer_text(await fake.slash(ALICE, "cancel", {"id": 3}))
+    refused, text = await animate(ALICE)
+    assert "daily limit" in text
+    assert "Job 4 is queued" in (await animate(BOB))[1]  # limits are per user
+    assert len(await h.jobs()) == 4
+
+
+async def test_a_clip_over_the_upload_limit_is_reencoded_to_fit(make_harness: Callable[..., Any]) -> None:
+    limit = 64 * 1024
+    h: Harness = await make_harness(discord={"max_clip_bytes": limit})
+    h.fake.upload_limit = limit  # the fake answers 413 above it, as Discord does
+    fake = h.fake
+    interaction = await fake.slash(ALICE, "animate", {"prompt": "noise", "width": 256, "height": 192, "frames": 25},
+                                   attachment=fake.attachment(image_bytes(), "a.png"))
+    await h.answer_text(interaction)
+    post = (await h.wait_clip_post())[0]
+    data = post.files[0].data
+    assert len(data) <= limit
+    assert decode_mp4(data) == (25, 256, 192)
+    log = (h.data_dir / "jobs" / "1" / "generator.log").read_text()
+    assert "clip re-encoded from" in log
+    original = int(log.split("clip re-encoded from ")[1].split()[0])
+    assert original > limit
+
+
+async def test_restart_during_a_render_posts_the_clip_exactly_once(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    fake = h.fake
+    interaction = await fake.slash(ALICE, "animate", {"prompt": "again"},
+                                   attachment=fake.attachment(image_bytes(), "a.png"))
+    await h.answer_text(interaction)
+    await h.wait_job(1, lambda j: j.status == JobStatus.RUNNING and j.generator_pid is not None, timeout=60)
+    await h.kill_bot()
+    assert h.clip_posts() == []
+
+    await h.start_bot()
+    await h.wait_clip_post()
+    job = await h.wait_job(1, lambda j: j.posted_message_id is not None)
+    await asyncio.sleep(3.0)
+    assert len(h.clip_posts()) == 1
+    assert job.status == JobStatus.SUCCEEDED
+    assert [entry["code"] for entry in job.history or []] in (["interrupted"], [])
+    # The card is still updated after the restart, through the channel (the old interaction is gone).
+    card = h.card_for(1)
+    await fake.wait_for(lambda: "Job 1 · done" in h.card_titles(card["id"]), timeout=15)
+    edits = fake.find("PATCH", rf"^/channels/\d+/messages/{card['id']}$")
+    assert edits, "after a restart the card is edited with the bot token"

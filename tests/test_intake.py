@@ -163,6 +163,8 @@ REJECTED = {
     "text": (lambda: b"hello, this is not an image", "unsupported_type", "text"),
     "empty": (lambda: b"", "empty", "empty"),
     "truncated_jpeg": (lambda: image_bytes("JPEG", (640, 480))[:3000], "truncated", "incomplete"),
+    # Found by the end-to-end test: Pillow's PNG chunk reader raises struct.error on half a file.
+    "half_png": (lambda: (lambda d: d[: len(d) // 2])(image_bytes("PNG", (320, 240))), "truncated", "incomplete"),
     "lying_header": (lambda: png_claiming(100000, 100000), "too_large", "megapixels"),
     "bomb": (bomb, "too_large", "megapixels"),
     "tiny": (lambda: image_bytes("PNG", (20, 20)), "too_small", "64"),

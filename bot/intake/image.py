@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import io
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ TargetSize = Callable[[int, int], tuple[int, int]]
 ALLOWED_FORMATS: tuple[ImageFormat, ...] = ("JPEG", "PNG", "WEBP")
 ALLOWED_TEXT = "Please upload a JPEG, PNG or WebP image."
 NEUTRAL_BACKGROUND = (128, 128, 128)
+# What Pillow's decoders raise on damaged input (a half PNG fails in its chunk reader with struct.error).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 # EXIF orientations 5 to 8 swap width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
@@ -89,13 +92,33 @@ def normalise_image(
     The file is named by the sha256 of its bytes, under ``uploads_dir``.
     """
     fmt = sniff(data)
-    notes: list[str] = []
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError:
         raise IntakeError("too_large", _too_large_text(max_pixels)) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise IntakeError("corrupt", f"That {fmt} file is damaged and can't be read. {ALLOWED_TEXT}") from exc
+    try:
+        clean, notes, (source_w, source_h), (out_w, out_h) = _decode(image, fmt, target, max_pixels, min_side)
+    except Image.DecompressionBombError:
+        raise IntakeError("too_large", _too_large_text(max_pixels)) from None
+    except DECODE_ERRORS as exc:
+        message = str(exc).lower()
+        code: Literal["truncated", "corrupt"] = "truncated" if "truncat" in message or isinstance(
+            exc, struct.error | EOFError) else "corrupt"
+        raise IntakeError(code, f"That {fmt} file is incomplete or damaged; try uploading it again.") from exc
+    buffer = io.BytesIO()
+    clean.save(buffer, format="PNG", compress_level=6)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest()
+    path = _write_confined(uploads_dir, f"{digest}.png", payload)
+    return NormalisedImage(path, out_w, out_h, digest, source_w, source_h, notes)
+
+
+def _decode(
+    image: Image.Image, fmt: ImageFormat, target: TargetSize, max_pixels: int, min_side: int
+) -> tuple[Image.Image, list[str], tuple[int, int], tuple[int, int]]:
+    notes: list[str] = []
     with image:
         # The header's claimed size is checked before any pixel is decoded: a
         # decompression bomb or a lying header never gets to allocate.
@@ -116,27 +139,13 @@ def normalise_image(
             # JPEG can decode at 1/2, 1/4 or 1/8 scale directly: less memory and time.
             request = (out_h, out_w) if orientation in _TRANSPOSING_ORIENTATIONS else (out_w, out_h)
             image.draft("RGB", request)
-        try:
-            image.load()
-        except Image.DecompressionBombError:
-            raise IntakeError("too_large", _too_large_text(max_pixels)) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            message = str(exc).lower()
-            code: Literal["truncated", "corrupt"] = "truncated" if "truncat" in message else "corrupt"
-            raise IntakeError(
-                code, f"That {fmt} file is incomplete or damaged; try uploading it again."
-            ) from exc
+        image.load()
         oriented = ImageOps.exif_transpose(image)
         rgb = _to_rgb(oriented)
         fitted = ImageOps.fit(rgb, (out_w, out_h), Image.Resampling.LANCZOS)
         # Rebuilt from raw pixels: re-saving alone keeps ICC profiles and comments.
         clean = Image.frombytes("RGB", fitted.size, fitted.tobytes())
-    buffer = io.BytesIO()
-    clean.save(buffer, format="PNG", compress_level=6)
-    payload = buffer.getvalue()
-    digest = hashlib.sha256(payload).hexdigest()
-    path = _write_confined(uploads_dir, f"{digest}.png", payload)
-    return NormalisedImage(path, out_w, out_h, digest, source_w, source_h, notes)
+    return clean, notes, (source_w, source_h), (out_w, out_h)
 
 
 def _too_large_text(max_pixels: int) -> str:
