@@ -150,3 +150,58 @@ async def test_a_delivery_is_recorded_once(store: JobStore) -> None:
     assert not await store.mark_delivered(job.id, "222", "https://discord.com/channels/1/2/222")
     stored = await store.get(job.id)
     assert stored is not None and stored.posted_message_id == "111"
+
+
+async def test_limits_queries_count_one_user_and_the_right_window(store: JobStore) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    a1 = await store.create(new_job("alice"))
+    await store.create(new_job("alice"))
+    await store.create(new_job("bob"))
+    assert await store.active_count("alice") == 2
+    await store.cancel(a1.id, "alice")
+    assert await store.active_count("alice") == 1
+    assert await store.created_since("alice", before) == 2  # cancelled jobs still count toward the quota
+    assert await store.created_since("alice", datetime.now(UTC) + timedelta(seconds=1)) == 0
+    last = await store.last_created_at("alice")
+    assert last is not None and last.tzinfo is not None and before <= last <= datetime.now(UTC)
+    assert await store.last_created_at("nobody") is None
+    assert await store.queued_ids() == [2, 3]
+
+
+async def test_recent_durations_and_undelivered(store: JobStore) -> None:
+    job = await store.create(new_job(channel_id="c1"))
+    silent = await store.create(new_job())  # a local job: never posted anywhere
+    for expected in (job, silent):
+        claimed = await store.claim_next()
+        assert claimed is not None and claimed.id == expected.id
+        await store.finish(claimed.id, 1, output_path="/c.mp4", output_bytes=1, phases=[])
+    durations = await store.recent_durations()
+    assert len(durations) == 2 and all(d >= 0 for d in durations)
+    assert [j.id for j in await store.undelivered()] == [job.id]
+    await store.mark_delivered(job.id, "m1", "https://discord.com/channels/g/c1/m1")
+    assert await store.undelivered() == []
+
+
+async def test_purge_anonymises_and_keeps_images_other_users_share(store: JobStore) -> None:
+    shared = NewJob(user_id="bob", prompt="bob's", params={"prompt": "bob's"}, input_path="/up/shared.png",
+                    input_sha256="1" * 64)
+    mine = NewJob(user_id="alice", prompt="secret", params={"prompt": "secret"}, input_path="/up/shared.png",
+                  input_sha256="1" * 64)
+    own = NewJob(user_id="alice", prompt="secret 2", params={"prompt": "secret 2"}, input_path="/up/own.png",
+                 input_sha256="2" * 64)
+    await store.create(shared)
+    running = await store.create(mine)
+    queued = await store.create(own)
+    await store.claim_next(only_id=running.id)
+    result = await store.purge_user("alice")
+    assert sorted(result.jobs) == [running.id, queued.id]
+    assert result.images == ["/up/own.png"]  # the shared image is Bob's too
+    assert result.running == 1
+    for job_id in result.jobs:
+        job = await store.get(job_id)
+        assert job is not None and job.user_id == "purged" and job.prompt == "" and job.params["prompt"] == ""
+    assert (await store.get(queued.id)).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+    assert await store.cancel_requested(running.id)
+    assert await store.history("alice") == []

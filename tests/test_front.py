@@ -1,0 +1,184 @@
+"""Unit tests of the Discord front end's rules: access, limits, cards, and how a card is edited."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import discord
+import pytest
+
+from bot import cards
+from bot.access import Caller, Refusal, check_budget, check_place, is_admin
+from bot.config import DiscordSettings, Limits, Settings
+from bot.db.store import JobStore, NewJob
+from bot.service import CardRef, JobService
+from bot.worker import Worker
+
+
+def caller(user: int = 1, guild: int | None = 10, roles: tuple[str, ...] = (), owner: bool = False) -> Caller:
+    return Caller(user_id=user, guild_id=guild, role_names=frozenset(roles), role_ids=frozenset(), is_owner=owner)
+
+
+def test_place_rules() -> None:
+    open_bot = DiscordSettings()
+    check_place(open_bot, caller())
+    with pytest.raises(Refusal, match="direct messages"):
+        check_place(open_bot, caller(guild=None))
+    check_place(DiscordSettings(allow_dms=True), caller(guild=None))
+    with pytest.raises(Refusal, match="allowed servers"):
+        check_place(DiscordSettings(guilds=[11]), caller(guild=10))
+    gated = DiscordSettings(required_role="artist", admin_role="mods")
+    with pytest.raises(Refusal, match="artist"):
+        check_place(gated, caller(roles=("everyone",)))
+    check_place(gated, caller(roles=("artist",)))
+    check_place(gated, caller(roles=("mods",)))  # admins need no extra role
+
+
+def test_admins() -> None:
+    settings = DiscordSettings(admin_role="mods", admin_user_ids=[7])
+    assert is_admin(settings, caller(user=7))
+    assert is_admin(settings, caller(roles=("mods",)))
+    assert is_admin(settings, caller(owner=True))
+    assert not is_admin(settings, caller(roles=("artist",)))
+    assert not is_admin(settings, caller(roles=("mods",), guild=None))  # a role means nothing in DMs
+
+
+def _job(user: str = "1") -> NewJob:
+    return NewJob(user_id=user, prompt="p", params={}, input_path="/x.png", input_sha256="0" * 64)
+
+
+async def test_budget_cooldown_quota_and_queue(store: JobStore) -> None:
+    limits = Limits(max_queued_per_user=2, daily_quota=3, cooldown_seconds=60)
+    await check_budget(limits, store, caller(), admin=False)
+    first = await store.create(_job())
+    with pytest.raises(Refusal, match="between clips") as info:
+        await check_budget(limits, store, caller(), admin=False)
+    assert "<t:" in info.value.message  # a Discord timestamp the user sees in their own time zone
+    await check_budget(limits, store, caller(), admin=True)
+    no_cooldown = Limits(max_queued_per_user=2, daily_quota=3, cooldown_seconds=0)
+    await store.create(_job())
+    with pytest.raises(Refusal, match="already have 2 clips waiting"):
+        await check_budget(no_cooldown, store, caller(), admin=False)
+    await store.cancel(first.id, "1")
+    await check_budget(no_cooldown, store, caller(), admin=False)
+    await store.create(_job())
+    await store.cancel(3, "1")
+    with pytest.raises(Refusal, match="daily limit"):
+        await check_budget(no_cooldown, store, caller(), admin=False)
+    await check_budget(Limits(daily_quota=0, cooldown_seconds=0, max_queued_per_user=5), store, caller(), admin=False)
+
+
+def test_estimate_ready_uses_the_median_and_the_running_job() -> None:
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    assert cards.estimate_ready(1, [], None, now) is None
+    durations = [100.0, 60.0, 1000.0]  # median 100: one slow outlier does not move it
+    assert cards.estimate_ready(1, durations, None, now) == now + timedelta(seconds=100)
+    started = now - timedelta(seconds=40)
+    assert cards.estimate_ready(2, durations, started, now) == now + timedelta(seconds=60 + 200)
+    overdue = now - timedelta(seconds=500)
+    assert cards.estimate_ready(1, durations, overdue, now) == now + timedelta(seconds=10 + 100)
+
+
+def test_stage_text_and_shorten() -> None:
+    assert cards.stage_text(None) == "starting"
+    assert cards.stage_text({"stage": "refining", "step": 2, "total": 3}) == "refining 2/3"
+    assert cards.stage_text({"stage": "encoding", "step": 0, "total": 1}) == "encoding"
+    assert cards.shorten("a  b\nc", 10) == "a b c"
+    assert cards.shorten("x" * 50, 10) == "x" * 9 + "…"
+
+
+# --- how the card is edited ----------------------------------------------------------
+
+
+def _http_error(cls: type[discord.HTTPException], status: int) -> discord.HTTPException:
+    return cls(SimpleNamespace(status=status, reason="x"), {"message": "x", "code": 0})  # type: ignore[arg-type]
+
+
+class FakeChannel:
+    def __init__(self, fail_edit: bool = False) -> None:
+        self.edits: list[int] = []
+        self.sent: list[dict[str, Any]] = []
+        self.fail_edit = fail_edit
+
+    def get_partial_message(self, message_id: int) -> Any:
+        async def edit(**kwargs: Any) -> None:
+            if self.fail_edit:
+                raise _http_error(discord.NotFound, 404)
+            self.edits.append(message_id)
+
+        return SimpleNamespace(edit=edit)
+
+    async def send(self, **kwargs: Any) -> Any:
+        self.sent.append(kwargs)
+        return SimpleNamespace(id=999)
+
+
+class FakeInteraction:
+    def __init__(self, age: timedelta) -> None:
+        self.created_at = discord.utils.utcnow() - age
+        self.edits: list[int] = []
+
+        async def edit_message(message_id: int, **kwargs: Any) -> None:
+            self.edits.append(message_id)
+
+        self.followup = SimpleNamespace(edit_message=edit_message)
+
+
+@pytest.fixture
+async def service(make_settings: Callable[..., Settings], store: JobStore) -> Any:
+    settings = make_settings(discord={"progress_interval_seconds": 0.5})
+    channel = FakeChannel()
+    bot = SimpleNamespace(get_partial_messageable=lambda *a, **k: channel, user=None)
+    svc = JobService(bot, settings, store, Worker(settings, store))  # type: ignore[arg-type]
+    svc.channel = channel  # type: ignore[attr-defined]
+    yield svc
+    await svc.close()
+
+
+async def _card_job(store: JobStore) -> int:
+    job = await store.create(NewJob(user_id="1", prompt="p", input_path="/x.png", input_sha256="0" * 64,
+                                    channel_id="5", guild_id="6",
+                                    params={"width": 64, "height": 64, "frames": 9, "fps": 24, "seed": 1}))
+    await store.set_status_message(job.id, "42")
+    return job.id
+
+
+async def test_a_young_interaction_edits_through_its_token(service: Any, store: JobStore) -> None:
+    job_id = await _card_job(store)
+    interaction = FakeInteraction(timedelta(minutes=1))
+    service.cards[job_id] = CardRef(42, interaction)
+    await service._edit_card(await store.get(job_id))
+    assert interaction.edits == [42] and service.channel.edits == []
+
+
+async def test_after_fourteen_minutes_the_bot_token_edits_the_card(service: Any, store: JobStore) -> None:
+    job_id = await _card_job(store)
+    interaction = FakeInteraction(timedelta(minutes=14, seconds=5))
+    service.cards[job_id] = CardRef(42, interaction)
+    await service._edit_card(await store.get(job_id))
+    assert interaction.edits == [] and service.channel.edits == [42]
+
+
+async def test_a_card_that_cannot_be_edited_is_posted_again(service: Any, store: JobStore) -> None:
+    job_id = await _card_job(store)
+    service.channel.fail_edit = True
+    await service._edit_card(await store.get(job_id))
+    assert len(service.channel.sent) == 1
+    assert (await store.get(job_id)).status_message_id == "999"
+
+
+async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store: JobStore) -> None:
+    job_id = await _card_job(store)
+    for _ in range(20):
+        await service.refresh_card(job_id)
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert len(service.channel.edits) == 1  # the first at once, the rest wait for the interval
+    await asyncio.sleep(0.7)
+    assert len(service.channel.edits) == 2  # then one more, with the latest state
+    await asyncio.sleep(0.7)
+    assert len(service.channel.edits) == 2
