@@ -182,3 +182,23 @@ async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store:
     assert len(service.channel.edits) == 2  # then one more, with the latest state
     await asyncio.sleep(0.7)
     assert len(service.channel.edits) == 2
+
+
+async def test_a_failing_handler_answers_with_an_error_id_that_is_in_the_log(
+    service: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    answers: list[str] = []
+
+    async def send_message(text: str, **kwargs: Any) -> None:
+        assert kwargs.get("ephemeral") is True
+        answers.append(text)
+
+    interaction = SimpleNamespace(response=SimpleNamespace(is_done=lambda: False, send_message=send_message))
+
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    await service.guarded(interaction, broken())
+    assert len(answers) == 1 and "error id" in answers[0]
+    error_id = answers[0].split("`")[1]
+    assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
