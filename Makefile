@@ -19,12 +19,12 @@ run: $(STAMP)
 	$(BIN)/ltxbot run
 
 test: $(STAMP)
-	$(BIN)/ruff check bot generator tests
+	$(BIN)/ruff check bot generator bench tests
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check bot generator tests
+	$(BIN)/ruff check bot generator bench tests
 	$(BIN)/mypy
 
 clean:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ltx_core.loader.module_ops import ModuleOps
 from ltx_core.loader.sft_loader import SafetensorsModelStateDictLoader
+from ltx_core.model.transformer.feed_forward import FeedForward
 from ltx_core.text_encoders.gemma import EmbeddingsProcessorConfigurator, GemmaTextEncoder
 from ltx_core.text_encoders.gemma.encoders import encoder_configurator
 from ltx_core.text_encoders.gemma.encoders.encoder_configurator import GemmaTextEncoderConfigurator
@@ -25,6 +27,40 @@ from ltx_pipelines.utils.model_ledger import ModelLedger
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from generator.checks import ModelFilesError
+
+# Feed-forward layers run over at most this many tokens at once. The 4x-wide hidden
+# activation of a 2048x1536x97 stage-2 pass (39,936 tokens) is 1.2 GiB, twice with
+# the GELU; in 8,192-token chunks it is a quarter of that. Per-token math: same result.
+FEED_FORWARD_CHUNK_TOKENS = 8192
+
+
+def chunk_feed_forward(model: torch.nn.Module, chunk_tokens: int = FEED_FORWARD_CHUNK_TOKENS) -> torch.nn.Module:
+    """Make every FeedForward in ``model`` process long sequences in chunks of ``chunk_tokens``."""
+
+    def forward(self: FeedForward, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3 or x.shape[1] <= chunk_tokens:
+            return self.net(x)  # type: ignore[no-any-return]
+        out: torch.Tensor | None = None
+        for start in range(0, x.shape[1], chunk_tokens):
+            part = self.net(x[:, start : start + chunk_tokens])
+            if out is None:
+                out = part.new_empty((*x.shape[:2], *part.shape[2:]))
+            out[:, start : start + part.shape[1]] = part
+            del part
+        assert out is not None
+        return out
+
+    for module in model.modules():
+        if isinstance(module, FeedForward):
+            module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
+    return model
+
+
+CHUNKED_FEED_FORWARD = ModuleOps(
+    name="chunked_feed_forward",
+    matcher=lambda model: any(isinstance(m, FeedForward) for m in model.modules()),
+    mutator=chunk_feed_forward,
+)
 
 
 def gemma_config_path(gemma_root: Path) -> Path | None:
@@ -95,6 +131,10 @@ class LtxLedger(ModelLedger):
 
     def build_model_builders(self) -> None:
         super().build_model_builders()
+        if hasattr(self, "transformer_builder"):
+            self.transformer_builder: Any = replace(
+                self.transformer_builder, module_ops=(*self.transformer_builder.module_ops, CHUNKED_FEED_FORWARD)
+            )
         if self.gemma_root_path is None or not hasattr(self, "text_encoder_builder"):
             return
         root = Path(self.gemma_root_path)

@@ -157,22 +157,30 @@ def generate(
     emit: Emit,
     *,
     scope: Callable[[], contextlib.AbstractContextManager[Any]] = torch.inference_mode,
+    ledger_factory: Callable[..., LtxLedger] = LtxLedger,
 ) -> DoneEvent:
-    """Render one clip. ``scope`` is a parameter only so a test can prove what it guards."""
+    """Render one clip.
+
+    ``scope`` is a parameter only so a test can prove what it guards; ``ledger_factory``
+    only so the GPU benchmark can build full-size models with random weights
+    (``bench/random_weights.py``) and run this same phase sequence through them.
+    """
     device = pick_device(spec.device)
     tracker = PhaseTracker(device, emit)
     with scope():
-        return _generate(spec, device, tracker, emit)
+        return _generate(spec, device, tracker, emit, ledger_factory)
 
 
-def _generate(spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit) -> DoneEvent:
+def _generate(
+    spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
+) -> DoneEvent:
     req = spec.request
     kind = req.pipeline
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     checkpoint = main_checkpoint(spec)
     params = detect_params(str(checkpoint))
     steps = req.steps or params.num_inference_steps
-    ledger = LtxLedger(
+    ledger = ledger_factory(
         dtype=dtype,
         device=device,
         checkpoint_path=str(checkpoint),

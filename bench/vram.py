@@ -1,0 +1,402 @@
+"""Full-size LTX-2.3 memory and time per phase, through the generator's own pipeline code.
+
+    python -m bench.vram --out bench/results/h100        # on a CUDA machine (a few minutes)
+    python -m bench.vram --out /tmp/b --tiny --device cpu  # the same plumbing on tiny configs
+    python -m bench.vram --plot-only bench/results/h100    # redraw the table and plot from results.json
+
+Each configuration runs ``generator.pipeline.generate`` (the production phase
+sequence, phase tracker and memory release) with ``bench.random_weights.RandomLedger``
+in place of the checkpoint loader. Stage 1 runs ``--steps`` steps instead of the
+checkpoint's default; the time per step is reported so full-step times can be
+computed. Writes ``results.json``, ``table.md`` and ``peaks.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PHASES = ["text_encode", "embeddings", "image_encode", "stage_1", "upsample", "stage_2", "audio_decode",
+          "video_decode", "finalize"]
+DEFAULT_TILING = {"spatial_px": 512, "spatial_overlap_px": 64, "temporal_frames": 64, "temporal_overlap_frames": 24}
+TINY_TILING = {"spatial_px": 64, "spatial_overlap_px": 32, "temporal_frames": 16, "temporal_overlap_frames": 8}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    width: int
+    height: int
+    frames: int
+    fp8: bool
+
+
+FULL = [
+    Config("fp8 768x512x121", 768, 512, 121, True),
+    Config("fp8 1024x768x97", 1024, 768, 97, True),
+    Config("fp8 1280x768x97", 1280, 768, 97, True),
+    Config("fp8 1536x1152x97", 1536, 1152, 97, True),
+    Config("fp8 2048x1536x97", 2048, 1536, 97, True),
+    Config("bf16 1024x768x97", 1024, 768, 97, False),
+]
+TINY = [Config("tiny 128x64x9", 128, 64, 9, False), Config("tiny 256x128x17", 256, 128, 17, False)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.vram", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--configs", nargs="*", help="configuration names to run (default: all)")
+    parser.add_argument("--steps", type=int, default=4, help="stage-1 steps (default 4)")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs: test the plumbing on a CPU")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--skip-unscoped", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--plot-only", type=Path, metavar="DIR", help="redraw table.md and peaks.png from DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.plot_only is not None:
+        write_reports(args.plot_only, json.loads((args.plot_only / "results.json").read_text()))
+        return 0
+    if args.out is None:
+        print("--out is required", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results = run(args, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_reports(out, results)
+    failed = [c["name"] for c in results["configs"] if c.get("error")]
+    print(f"wrote {out}/results.json; failed: {failed or 'none'}", file=sys.stderr)
+    return 1 if results.get("size_problems") else 0
+
+
+def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import torch
+
+    from bench.random_weights import check_full_size, parameter_counts, write_header_models
+    from generator.checks import safetensors_metadata
+    from generator.tiny import write_tiny_models
+
+    work = out / "work"
+    tiny = write_tiny_models(work / "tiny")
+    tiny_configs = None
+    if args.tiny:
+        tiny_configs = {
+            "checkpoint": json.loads(safetensors_metadata(tiny.checkpoint)["config"]),
+            "upsampler": json.loads(safetensors_metadata(tiny.spatial_upsampler)["config"]),
+            "gemma": json.loads((tiny.gemma_root / "config.json").read_text()),
+        }
+    models = write_header_models(work / "models", tiny.gemma_root, tiny=tiny_configs)
+    counts = parameter_counts(models)
+    problems = [] if args.tiny else check_full_size(counts)
+    device = torch.device(args.device)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "stage_1_steps": args.steps,
+        "parameters_billions": counts,
+        "size_problems": problems,
+        "configs": [],
+    }
+    if problems:
+        print("refusing to run: the config does not build the full-size model:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return results
+    configs = TINY if args.tiny else FULL
+    if args.configs:
+        configs = [c for c in configs if c.name in args.configs]
+    tiling = TINY_TILING if args.tiny else DEFAULT_TILING
+    for config in configs:
+        print(f"running {config.name}", file=sys.stderr, flush=True)
+        results["configs"].append(run_config(config, models, work, tiling, args.steps, args.device))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    if not args.skip_unscoped and device.type == "cuda":
+        results["unscoped_decode"] = unscoped_decode(models, device, 1024, 768, 97, tiling)
+    if not args.skip_overhead:
+        results["overhead"] = per_job_overhead(tiny, work, args.device)
+    return results
+
+
+def run_config(
+    config: Config, models: dict[str, Path], work: Path, tiling: dict[str, int], steps: int, device: str
+) -> dict[str, Any]:
+    import torch
+    from PIL import Image
+
+    from bench.random_weights import RandomLedger
+    from generator.pipeline import generate
+    from generator.protocol import JobSpec, PhaseEvent, ProgressEvent
+
+    image = work / f"in-{config.width}x{config.height}.png"
+    Image.new("RGB", (config.width, config.height), (90, 140, 200)).save(image)
+    spec = JobSpec.model_validate({
+        "request": {"prompt": "a cat walks on the beach at sunset while waves roll in", "width": config.width,
+                    "height": config.height, "frames": config.frames, "steps": steps, "seed": 7,
+                    "pipeline": "two_stage", "audio": True},
+        "image_path": str(image), "output_path": str(work / f"{config.name.replace(' ', '-')}.mp4"),
+        "models": {k: str(v) for k, v in models.items()}, "tiling": tiling, "fp8_cast": config.fp8,
+        "device": device,
+    })
+    events: list[tuple[float, Any]] = []
+    builds: list[dict[str, Any]] = []
+    entry: dict[str, Any] = {"name": config.name, "width": config.width, "height": config.height,
+                             "frames": config.frames, "fp8_cast": config.fp8}
+    started = time.perf_counter()
+    try:
+        with _timed_builds(builds, device):
+            done = generate(spec, lambda event: events.append((time.perf_counter(), event)),
+                            ledger_factory=RandomLedger)
+        entry["leaked_models"] = done.leaked_models
+    except torch.OutOfMemoryError as exc:
+        entry["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+    entry["wall_seconds"] = round(time.perf_counter() - started, 2)
+    entry["phases"] = [e.model_dump(exclude={"event"}) for _, e in events if isinstance(e, PhaseEvent)]
+    entry["builds"] = builds
+    entry["step_seconds"] = _step_times([(t, e) for t, e in events if isinstance(e, ProgressEvent)])
+    return entry
+
+
+@contextlib.contextmanager
+def _timed_builds(builds: list[dict[str, Any]], device: str) -> Iterator[None]:
+    """Time every model build (random weights made on the device: no disk read is measured)."""
+    import torch
+
+    from bench.random_weights import RandomLedger
+
+    names = ["text_encoder", "gemma_embeddings_processor", "video_encoder", "transformer", "spatial_upsampler",
+             "audio_decoder", "vocoder", "video_decoder"]
+    originals = {name: getattr(RandomLedger, name) for name in names}
+
+    def wrap(name: str, original: Any) -> Any:
+        def timed(self: Any) -> Any:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model = original(self)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            builds.append({"model": name, "seconds": round(time.perf_counter() - t0, 3)})
+            return model
+
+        return timed
+
+    for name, original in originals.items():
+        setattr(RandomLedger, name, wrap(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(RandomLedger, name, original)
+
+
+def _step_times(progress: list[tuple[float, Any]]) -> dict[str, Any]:
+    """Seconds per denoising step by stage."""
+    by_stage: dict[str, list[float]] = {}
+    last: dict[str, float] = {}
+    for t, event in progress:
+        if event.stage not in ("generating", "refining"):
+            continue
+        if event.step > 0 and event.stage in last:
+            by_stage.setdefault(event.stage, []).append(t - last[event.stage])
+        last[event.stage] = t
+    # The first step of a stage pays for kernel selection and caches: kept apart from the median.
+    return {
+        stage: {"first": round(times[0], 3), "steps": [round(s, 3) for s in times[1:]],
+                "median": round(statistics.median(times[1:] or times), 3)}
+        for stage, times in by_stage.items()
+    }
+
+
+def unscoped_decode(
+    models: dict[str, Path], device: Any, width: int, height: int, frames: int, tiling: dict[str, int]
+) -> dict[str, Any]:
+    """The failure mode: the same decode consumed with autograd on, next to the production scope."""
+    import torch
+    from ltx_core.model.video_vae import SpatialTilingConfig, TemporalTilingConfig, TilingConfig
+    from ltx_core.model.video_vae import decode_video as vae_decode_video
+
+    from bench.random_weights import RandomLedger
+    from generator.phases import release_memory
+
+    ledger = RandomLedger(dtype=torch.bfloat16, device=device, checkpoint_path=str(models["checkpoint"]))
+    tiling_config = TilingConfig(
+        spatial_config=SpatialTilingConfig(tiling["spatial_px"], tiling["spatial_overlap_px"]),
+        temporal_config=TemporalTilingConfig(tiling["temporal_frames"], tiling["temporal_overlap_frames"]),
+    )
+    latent_shape = (1, 128, 1 + (frames - 1) // 8, height // 32, width // 32)
+    result: dict[str, Any] = {"size": f"{width}x{height}x{frames}", "tiling": tiling}
+
+    def consume(chunks: Any) -> int:
+        count = 0
+        for chunk in chunks:
+            count += int(chunk.shape[0])
+            chunk.cpu()
+        return count
+
+    for label in ("scoped", "unscoped"):
+        release_memory(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        generator = torch.Generator(device=device).manual_seed(1)
+        latent = torch.randn(latent_shape, dtype=torch.bfloat16, device=device, generator=generator)
+        started = time.perf_counter()
+        try:
+            if label == "scoped":
+                with torch.inference_mode():  # production: build, decode and consume in one scope
+                    decoder = ledger.video_decoder()
+                    frames_out = consume(vae_decode_video(latent, decoder, tiling_config, generator))
+            else:
+                with torch.no_grad():  # the bug: the lazy iterator is made in scope ...
+                    decoder = ledger.video_decoder()
+                    chunks = vae_decode_video(latent, decoder, tiling_config, generator)
+                frames_out = consume(chunks)  # ... and consumed outside it
+            result[label] = {"frames": frames_out}
+        except torch.OutOfMemoryError:
+            result[label] = {"out_of_memory": True}
+        torch.cuda.synchronize(device)
+        result[label]["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result[label]["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        result[label]["seconds"] = round(time.perf_counter() - started, 2)
+        with contextlib.suppress(NameError):
+            del decoder
+        with contextlib.suppress(NameError):
+            del chunks
+        del latent
+    release_memory(device)
+    return result
+
+
+def per_job_overhead(tiny: Any, work: Path, device: str, runs: int = 3) -> dict[str, Any]:
+    """Seconds from spawning ``python -m generator`` to its ``started`` event, and to its first phase's end."""
+    from generator.protocol import JobSpec, parse_event
+
+    image = work / "overhead.png"
+    from PIL import Image
+
+    Image.new("RGB", (128, 64), (90, 140, 200)).save(image)
+    spec = JobSpec.model_validate({
+        "request": {"prompt": "waves", "width": 128, "height": 64, "frames": 9, "steps": 1, "seed": 1,
+                    "pipeline": "two_stage", "audio": False},
+        "image_path": str(image), "output_path": str(work / "overhead.mp4"),
+        "models": {"checkpoint": str(tiny.checkpoint), "distilled_checkpoint": str(tiny.checkpoint),
+                   "distilled_lora": str(tiny.distilled_lora), "spatial_upsampler": str(tiny.spatial_upsampler),
+                   "gemma_root": str(tiny.gemma_root)},
+        "tiling": TINY_TILING, "fp8_cast": False, "device": device,
+    })
+    spec_path = work / "overhead.json"
+    spec_path.write_text(spec.model_dump_json())
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "generator", str(spec_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        sample: dict[str, Any] = {}
+        for line in proc.stdout:
+            event = parse_event(line)
+            now = time.perf_counter() - t0
+            if event.event == "started":
+                sample["to_started"] = round(now, 3)
+                sample["import_seconds"] = event.import_seconds
+                sample["to_first_phase_start"] = round(now, 3)
+            elif event.event == "phase" and "first_phase" not in sample:
+                sample["first_phase"] = event.name
+                sample["first_phase_seconds"] = event.seconds
+        sample["exit"] = proc.wait()
+        sample["total"] = round(time.perf_counter() - t0, 3)
+        samples.append(sample)
+    return {"runs": samples, "median_to_first_phase_start": statistics.median(s["to_started"] for s in samples)}
+
+
+# --- reports ----------------------------------------------------------------------------------
+
+
+def write_reports(out: Path, results: dict[str, Any]) -> None:
+    (out / "table.md").write_text(markdown_table(results))
+    try:
+        plot(out / "peaks.png", results)
+    except ImportError:
+        print("matplotlib is not installed: peaks.png skipped (run --plot-only where it is)", file=sys.stderr)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    configs = results["configs"]
+    lines = [f"GPU: {results['device']}; torch {results['torch']}; stage 1 ran {results['stage_1_steps']} steps. "
+             "Each cell: peak allocated / peak reserved GiB / seconds (model build included).", ""]
+    lines.append("| phase | " + " | ".join(c["name"] for c in configs) + " |")
+    lines.append("|---|" + "---|" * len(configs))
+    for phase in PHASES:
+        cells = []
+        for config in configs:
+            found = next((p for p in config["phases"] if p["name"] == phase), None)
+            cells.append("" if found is None else
+                         f"{_fmt(found['peak_allocated_gib'])} / {_fmt(found['peak_reserved_gib'])} / "
+                         f"{found['seconds']:.1f}")
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    peaks = []
+    for config in configs:
+        measured = [p for p in config["phases"] if p["peak_allocated_gib"] is not None]
+        top = max(measured, key=lambda p: p["peak_allocated_gib"], default=None)
+        peaks.append("error: " + config["error"] if config.get("error") else
+                     "-" if top is None else f"**{top['peak_allocated_gib']:.2f}** ({top['name']})")
+    lines.append("| **peak** | " + " | ".join(peaks) + " |")
+    steps = [
+        " / ".join(f"{stage} {v['median']:.2f}" for stage, v in config["step_seconds"].items()) or "-"
+        for config in configs
+    ]
+    lines.append("| s per step | " + " | ".join(steps) + " |")
+    unscoped = results.get("unscoped_decode")
+    if unscoped:
+        lines += ["", f"Decode {unscoped['size']} consumed inside the scope vs outside it (autograd on):", "",
+                  "| variant | peak allocated GiB | peak reserved GiB | result |", "|---|---|---|---|"]
+        for label in ("scoped", "unscoped"):
+            r = unscoped[label]
+            outcome = "out of memory" if r.get("out_of_memory") else f"{r.get('frames')} frames"
+            lines.append(f"| {label} | {r['peak_allocated_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {outcome} |")
+    overhead = results.get("overhead")
+    if overhead:
+        lines += ["", f"Per-job overhead, process spawn to first phase start (median of {len(overhead['runs'])}): "
+                  f"{overhead['median_to_first_phase_start']:.2f} s"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for config in results["configs"]:
+        values = []
+        for phase in PHASES:
+            found = next((p for p in config["phases"] if p["name"] == phase), None)
+            values.append(found["peak_allocated_gib"] if found and found["peak_allocated_gib"] is not None else 0.0)
+        ax.plot(PHASES, values, marker="o", label=config["name"])
+    ax.set_ylabel("peak allocated GiB")
+    ax.set_title(f"Peak GPU memory per phase, LTX-2.3 two-stage ({results['device']})")
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
