@@ -35,7 +35,7 @@ class LtxBot(commands.Bot):
         )
         self.settings = settings
         self.store = store
-        self.worker = Worker(settings, store)
+        self.worker = Worker(settings, store, standby=settings.generator.standby)
         self.service = JobService(self, settings, store, self.worker)
         self._worker_task: asyncio.Task[None] | None = None
         self.tree.error(self._on_app_command_error)
@@ -89,6 +89,7 @@ class LtxBot(commands.Bot):
     async def close(self) -> None:
         if self._worker_task is not None:
             self._worker_task.cancel()
+        await self.worker.close()
         await self.service.close()
         await super().close()
 

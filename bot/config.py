@@ -129,6 +129,8 @@ class GeneratorSettings(_Section):
     kill_grace_seconds: float = Field(default=10.0, ge=0)
     log_max_bytes: int = Field(default=1_000_000, ge=4096)
     expandable_segments: bool = True
+    # Keep the next generator process started and imported (about 13 s of imports) before its job.
+    standby: bool = True
 
 
 class DiscordSettings(_Section):

@@ -172,13 +172,58 @@ class BoundedLog:
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, *, standby: bool = False) -> None:
+        """``standby``: keep the next generator process started and imported, waiting for its job.
+
+        It cuts the per-job start from about 13 s to well under one; it holds no GPU memory
+        while it waits (CUDA starts only with the job) and still runs exactly one job.
+        """
         self.settings = settings
         self.store = store
         self.doorbell = asyncio.Event()
         self.listeners: list[Listener] = []
         self.current: tuple[int, asyncio.subprocess.Process] | None = None
         self._progress_saved_at = 0.0
+        self.standby_enabled = standby
+        self._standby: asyncio.subprocess.Process | None = None
+
+    # --- the standby generator --------------------------------------------------
+
+    def _python(self) -> str:
+        return str(self.settings.generator.python or sys.executable)
+
+    async def prepare_standby(self) -> None:
+        """Start the next job's generator now, so its imports are done when the job comes."""
+        if not self.standby_enabled or (self._standby is not None and self._standby.returncode is None):
+            return
+        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self._standby = await asyncio.create_subprocess_exec(
+            self._python(), "-m", "generator", "--standby",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=child_env(self.settings), cwd=str(self.settings.jobs_dir), start_new_session=True,
+        )
+
+    async def _start_generator(self, spec_path: Path, folder: Path) -> asyncio.subprocess.Process:
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.returncode is None and standby.stdin is not None:
+            try:
+                standby.stdin.write(f"{spec_path}\n".encode())
+                await standby.stdin.drain()
+                standby.stdin.close()
+                return standby
+            except (BrokenPipeError, ConnectionResetError):
+                log.warning("the standby generator had exited; starting a fresh one")
+        return await asyncio.create_subprocess_exec(
+            self._python(), "-m", "generator", str(spec_path),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=child_env(self.settings), cwd=str(folder), start_new_session=True,
+        )
+
+    async def close(self) -> None:
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.returncode is None:
+            kill_group(standby.pid)
+            await standby.wait()
 
     def ring(self) -> None:
         self.doorbell.set()
@@ -213,6 +258,7 @@ class Worker:
     async def run_forever(self, *, recover: bool = True) -> None:
         if recover:
             await self.recover()
+        await self.prepare_standby()
         while True:
             if await self.store.is_paused():
                 await self._wait_doorbell(5.0)
@@ -237,6 +283,7 @@ class Worker:
             # The bot is stopping: the job goes back to the queue on the next start.
             raise
         await asyncio.shield(self._record(job, ending))
+        await self.prepare_standby()
         final = await self.store.get(job.id)
         if final is not None:
             await self._notify(final, ending)
@@ -267,14 +314,9 @@ class Worker:
         spec_path = folder / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
         spec.output_path.unlink(missing_ok=True)
-        python = str(self.settings.generator.python or sys.executable)
         log_file = BoundedLog(folder / "generator.log", self.settings.generator.log_max_bytes)
         log_file.write(f"=== job {job.id} attempt {job.attempts} ===\n")
-        proc = await asyncio.create_subprocess_exec(
-            python, "-m", "generator", str(spec_path),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=child_env(self.settings), cwd=str(folder), start_new_session=True,
-        )
+        proc = await self._start_generator(spec_path, folder)
         self.current = (job.id, proc)
         await self.store.record_process(job.id, job.attempts, proc.pid, process_start_ticks(proc.pid))
         state: dict[str, Any] = {"done": None, "error": None, "phases": []}

@@ -192,6 +192,14 @@ class JobSpec(_Frozen):
 # --- events: one JSON object per line on stdout ---------------------------------
 
 
+class ReadyEvent(_Frozen):
+    """A standby generator (``--standby``) has done its imports and waits for a spec path on stdin."""
+
+    event: Literal["ready"] = "ready"
+    pid: int
+    import_seconds: float
+
+
 class StartedEvent(_Frozen):
     event: Literal["started"] = "started"
     pid: int
@@ -240,7 +248,9 @@ class ErrorEvent(_Frozen):
     message: str
 
 
-Event = Annotated[StartedEvent | PhaseEvent | ProgressEvent | DoneEvent | ErrorEvent, Field(discriminator="event")]
+Event = Annotated[
+    ReadyEvent | StartedEvent | PhaseEvent | ProgressEvent | DoneEvent | ErrorEvent, Field(discriminator="event")
+]
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 

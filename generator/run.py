@@ -1,5 +1,10 @@
 """``python -m generator SPEC``: render one clip, report JSON-lines events on stdout, exit.
 
+``python -m generator --standby`` does the slow imports first (torch, ltx-core,
+transformers: about 13 s), reports ``ready``, then reads the spec path from one line
+of stdin and goes on exactly as above. CUDA is not touched before the spec arrives,
+so a waiting standby holds no GPU memory; end of input makes it exit quietly.
+
 Exit codes (``protocol.ExitCode``): 0 done, 2 invalid spec, 3 out of memory,
 4 model files missing or wrong, 5 clip cannot fit the delivery limit, 1 anything
 else. stdout carries only events; logs and library chatter go to stderr.
@@ -22,6 +27,7 @@ from generator.protocol import (
     ErrorEvent,
     ExitCode,
     JobSpec,
+    ReadyEvent,
     StartedEvent,
     describe_validation_error,
 )
@@ -67,8 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     emit = EventWriter(_claim_stdout())
     if len(args) != 1:
-        usage = "usage: python -m generator SPEC.json (or - for stdin)"
+        usage = "usage: python -m generator SPEC.json (or - for stdin, or --standby)"
         return _fail(emit, "invalid_spec", usage, ExitCode.INVALID_SPEC)
+    imported_at: float | None = None
+    if args[0] == "--standby":
+        import generator.pipeline  # noqa: F401  (the slow imports, done before the job exists)
+
+        imported_at = time.perf_counter()
+        emit(ReadyEvent(pid=os.getpid(), import_seconds=round(imported_at - started, 3)))
+        line = sys.stdin.readline().strip()
+        if not line:
+            return int(ExitCode.OK)  # the worker went away before giving us a job
+        args = [line]
     try:
         spec = _read_spec(args[0])
     except ValidationError as exc:
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(spec.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     emit(StartedEvent(pid=os.getpid(), device=device.type, device_name=name, family=spec.family,
-                      import_seconds=round(time.perf_counter() - started, 3)))
+                      import_seconds=round((imported_at or time.perf_counter()) - started, 3)))
     try:
         done = generate(spec, emit)
     except torch.OutOfMemoryError:

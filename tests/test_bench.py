@@ -89,7 +89,9 @@ def test_benchmark_runs_tiny_configs_and_writes_its_reports(tmp_path: Path) -> N
     assert len(refining["steps"]) == 2  # stage 2 always runs its 3 distilled steps
     assert {b["model"] for b in config["builds"]} >= {"text_encoder", "transformer", "video_decoder"}
     overhead = results["overhead"]
-    assert all(run["exit"] == 0 and run["to_started"] > 0 for run in overhead["runs"])
+    assert all(run["exit"] == 0 for run in overhead["cold"] + overhead["standby"])
+    # The standby process did its imports before the job: the job waits far less.
+    assert overhead["median_standby"] < overhead["median_cold"] / 2
     table = (out / "table.md").read_text()
     assert "| stage_2 |" in table and "tiny 128x64x9" in table and "Per-job overhead" in table
     assert (out / "peaks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -228,3 +228,33 @@ async def test_clip_written_before_the_bot_died_is_kept_not_rendered_again(
     assert job is not None and job.status == JobStatus.SUCCEEDED and job.attempts == 1
     assert job.output_path == str(clip) and job.output_bytes == clip.stat().st_size
     assert await worker.step() is None  # nothing left to render
+
+
+async def test_standby_generator_takes_the_next_job_and_exits_when_released(
+    settings: Settings, store: JobStore
+) -> None:
+    first, second = await queue_job(settings, store), await queue_job(settings, store)
+    worker = Worker(settings, store, standby=True)
+    await worker.prepare_standby()
+    assert worker._standby is not None
+    waiting = worker._standby.pid
+    line = await asyncio.wait_for(worker._standby.stdout.readline(), 120)  # type: ignore[union-attr]
+    assert b'"event":"ready"' in line  # imports done before the job exists
+    started = time.monotonic()
+    await worker.step(only_job=first)
+    job = await store.get(first)
+    assert job is not None and job.status == JobStatus.SUCCEEDED
+    assert job.phases and (time.monotonic() - started) < 60
+    assert not alive(waiting)  # the standby ran exactly one job and exited
+    assert worker._standby is not None and worker._standby.pid != waiting  # the next one is already up
+    following = worker._standby.pid
+    await worker.step(only_job=second)
+    job2 = await store.get(second)
+    assert job2 is not None and job2.status == JobStatus.SUCCEEDED
+    log = (settings.jobs_dir / str(second) / "generator.log").read_text()
+    assert "=== job" in log
+    assert not alive(following)
+    last = worker._standby.pid
+    assert alive(last)
+    await worker.close()
+    assert worker._standby is None and not alive(last)
