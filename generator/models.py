@@ -30,8 +30,8 @@ from generator.checks import ModelFilesError
 
 # Feed-forward layers run over at most this many tokens at once. The 4x-wide hidden
 # activation of a 2048x1536x97 stage-2 pass (39,936 tokens) is 1.2 GiB, twice with
-# the GELU; in 8,192-token chunks it is a quarter of that. Per-token math: same result.
-FEED_FORWARD_CHUNK_TOKENS = 8192
+# the GELU; in 4,096-token chunks it is a tenth of that. Per-token math: same result.
+FEED_FORWARD_CHUNK_TOKENS = 4096
 
 
 def chunk_feed_forward(model: torch.nn.Module, chunk_tokens: int = FEED_FORWARD_CHUNK_TOKENS) -> torch.nn.Module:
