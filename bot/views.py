@@ -17,55 +17,52 @@ def service_of(interaction: discord.Interaction[Any]) -> JobService:
     return service
 
 
-class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:cancel:(?P<job>\d+)"):
+class _JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:(?P<action>[a-z]+):(?P<job>\d+)"):
+    """A button whose custom id names its action and job; subclasses say which action and what it does."""
+
+    action = ""
+    label = ""
+    emoji: str | None = None
+    style = discord.ButtonStyle.secondary
+
     def __init__(self, job_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Cancel", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"ltxbot:cancel:{job_id}"))
+        super().__init__(discord.ui.Button(label=self.label, emoji=self.emoji, style=self.style,
+                                           custom_id=f"ltxbot:{self.action}:{job_id}"))
         self.job_id = job_id
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
-    ) -> CancelButton:
-        return cls(int(match["job"]))
-
-    async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        await service_of(interaction).guarded(interaction, service_of(interaction).cancel_from_button(
-            interaction, self.job_id))
-
-
-class RerunButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:rerun:(?P<job>\d+)"):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Rerun", emoji="🔁", style=discord.ButtonStyle.primary,
-                                           custom_id=f"ltxbot:rerun:{job_id}"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
-    ) -> RerunButton:
+    ) -> _JobButton:
         return cls(int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         service = service_of(interaction)
-        await service.guarded(interaction, service.rerun(interaction, self.job_id))
+        await service.guarded(interaction, self.run(service, interaction))
+
+    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
+        raise NotImplementedError
 
 
-class TweakButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:tweak:(?P<job>\d+)"):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Tweak", emoji="✏️", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"ltxbot:tweak:{job_id}"))
-        self.job_id = job_id
+class CancelButton(_JobButton, template=r"ltxbot:cancel:(?P<job>\d+)"):
+    action, label = "cancel", "Cancel"
 
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str]
-    ) -> TweakButton:
-        return cls(int(match["job"]))
+    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
+        await service.cancel_from_button(interaction, self.job_id)
 
-    async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        service = service_of(interaction)
-        await service.guarded(interaction, service.open_tweak(interaction, self.job_id))
+
+class RerunButton(_JobButton, template=r"ltxbot:rerun:(?P<job>\d+)"):
+    action, label, emoji, style = "rerun", "Rerun", "🔁", discord.ButtonStyle.primary
+
+    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
+        await service.rerun(interaction, self.job_id)
+
+
+class TweakButton(_JobButton, template=r"ltxbot:tweak:(?P<job>\d+)"):
+    action, label, emoji = "tweak", "Tweak", "✏️"
+
+    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
+        await service.open_tweak(interaction, self.job_id)
 
 
 DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton)

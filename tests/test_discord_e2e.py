@@ -48,6 +48,11 @@ def _uploads(harness: Harness) -> list[Path]:
 async def test_animate_slash_command_delivers_the_clip(make_harness: Callable[..., Any]) -> None:
     h: Harness = await make_harness()
     fake = h.fake
+    # Commands were synced to the configured guild (instant), not globally.
+    synced = fake.find("PUT", rf"^/applications/{fake.app_id}/guilds/{fake.guild_id}/commands$")
+    assert synced and {c["name"] for c in synced[0].json} >= {"animate", "jobs", "job", "cancel", "queue", "admin",
+                                                             "Animate image"}
+    assert not fake.find("PUT", rf"^/applications/{fake.app_id}/commands$")
     attachment = fake.attachment(image_bytes(size=(320, 240)), "photo.png")
     interaction = await fake.slash(ALICE, "animate", {"prompt": "waves roll in"}, attachment=attachment)
     sent_at = asyncio.get_running_loop().time()
