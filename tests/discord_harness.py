@@ -48,8 +48,10 @@ def bot_config(data_dir: Path, tiny: Path, fake: FakeDiscord, **overrides: Any) 
 
 
 class Harness:
-    def __init__(self, fake: FakeDiscord, root: Path, tiny: Path, **overrides: Any) -> None:
+    def __init__(self, fake: FakeDiscord, root: Path, tiny: Path, *, env: dict[str, str] | None = None,
+                 **overrides: Any) -> None:
         self.fake = fake
+        self.extra_env = env or {}
         self.root = root
         self.data_dir = root / "data"
         self.config_path = root / "config.yaml"
@@ -63,6 +65,7 @@ class Harness:
         env = clean_env()
         env["DISCORD_TOKEN"] = "fake-token"
         env["PYTHONPATH"] = str(ROOT)
+        env.update(self.extra_env)
         self.fake.identify = None
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "tests" / "fake_bot.py"), self.fake.url, "--config", str(self.config_path),

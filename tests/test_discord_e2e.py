@@ -24,12 +24,12 @@ pytestmark = pytest.mark.timeout(600)
 async def make_harness(tmp_path: Path, tiny_models: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[tuple[Harness, FakeDiscord]] = []
 
-    async def factory(**overrides: Any) -> Harness:
+    async def factory(env: dict[str, str] | None = None, **overrides: Any) -> Harness:
         fake = FakeDiscord()
         await fake.start()
         root = tmp_path / f"bot{len(started)}"
         root.mkdir()
-        harness = Harness(fake, root, tiny_models, **overrides)
+        harness = Harness(fake, root, tiny_models, env=env, **overrides)
         started.append((harness, fake))
         await harness.start_bot()
         return harness
@@ -308,3 +308,20 @@ async def test_restart_during_a_render_posts_the_clip_exactly_once(make_harness:
     await fake.wait_for(lambda: "Job 1 · done" in h.card_titles(card["id"]), timeout=15)
     edits = fake.find("PATCH", rf"^/channels/\d+/messages/{card['id']}$")
     assert edits, "after a restart the card is edited with the bot token"
+
+
+async def test_a_failed_job_is_reported_in_the_channel_with_the_reason(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness(env={"LTXBOT_FAULT": "oom@stage_1"})
+    fake = h.fake
+    interaction = await fake.slash(ALICE, "animate", {"prompt": "too big"},
+                                   attachment=fake.attachment(image_bytes(), "a.png"))
+    await h.answer_text(interaction)
+    job = await h.wait_job(1, lambda j: j.posted_message_id is not None, timeout=120)
+    assert job.status == JobStatus.FAILED and job.error_code == "oom" and job.attempts == 1  # not retried
+    notice = fake.messages[job.posted_message_id]
+    assert notice["attachments"] == []
+    assert f"<@{ALICE.id}> job 1 could not be made" in notice["content"]
+    assert "ran out of memory" in notice["content"] and "fewer frames" in notice["content"]
+    card = h.card_for(1)
+    await fake.wait_for(lambda: "Job 1 · failed" in h.card_titles(card["id"]), timeout=15)
+    assert h.clip_posts() == []
