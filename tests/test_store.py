@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import update
+
 from bot.db.migrate import upgrade
-from bot.db.models import JobStatus
-from bot.db.store import CancelOutcome, DuplicateJobError, JobStore, NewJob
+from bot.db.models import Job, JobStatus
+from bot.db.store import DELIVERY_WINDOW, CancelOutcome, DuplicateJobError, JobStore, NewJob, utcnow
 
 
 def new_job(user: str = "u1", **extra: object) -> NewJob:
@@ -181,6 +184,15 @@ async def test_recent_durations_and_undelivered(store: JobStore) -> None:
     assert len(durations) == 2 and all(d >= 0 for d in durations)
     assert [j.id for j in await store.undelivered()] == [job.id]
     await store.mark_delivered(job.id, "m1", "https://discord.com/channels/g/c1/m1")
+    assert await store.undelivered() == []
+    # A clip that finished long ago is not posted into a channel that has moved on.
+    stale = await store.create(new_job(channel_id="c1"))
+    await store.claim_next()
+    await store.finish(stale.id, 1, output_path="/c.mp4", output_bytes=1, phases=[])
+    assert [j.id for j in await store.undelivered()] == [stale.id]
+    async with store.engine.begin() as conn:
+        await conn.execute(update(Job).where(Job.id == stale.id).values(
+            finished_at=utcnow() - DELIVERY_WINDOW - timedelta(hours=1)))
     assert await store.undelivered() == []
 
 
