@@ -159,7 +159,7 @@ def job_details(job: Job) -> dict[str, Any]:
 
 def _intake(settings: Settings, args: argparse.Namespace) -> int:
     from bot.intake import IntakeError
-    from bot.intake.image import normalise_image
+    from bot.intake.image import normalise_image, read_local_image
     from bot.intake.request import size_for_aspect
     from generator.protocol import size_multiple
 
@@ -168,7 +168,7 @@ def _intake(settings: Settings, args: argparse.Namespace) -> int:
         return code
 
     try:
-        data = _read_local_image(args.image, settings.limits.max_upload_bytes)
+        data = read_local_image(args.image, settings.limits.max_upload_bytes)
         multiple = size_multiple(settings.generation.pipeline)
         width, height = args.width, args.height
 
@@ -192,19 +192,6 @@ def _intake(settings: Settings, args: argparse.Namespace) -> int:
          "sha256": result.sha256, "notes": result.notes},
         0,
     )
-
-
-def _read_local_image(path: Path, max_bytes: int) -> bytes:
-    from bot.intake import IntakeError
-
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise IntakeError("too_many_bytes", f"That file is larger than {max_bytes / 2**20:.0f} MiB.")
-        with path.open("rb") as handle:
-            return handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise IntakeError("download_failed", f"That file could not be read ({exc.strerror}).") from None
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from bot.db.models import JobStatus
 from bot.db.store import NewJob
 from bot.intake import IntakeError
-from bot.intake.image import normalise_image
-from bot.intake.request import build_request
+from bot.intake.image import normalise_image, read_local_image
+from bot.intake.request import SizedRequest
 from bot.worker import Worker
 from generator.protocol import PhaseEvent, ProgressEvent
 
@@ -58,33 +58,21 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
 
 
 async def animate(settings: Settings, store: JobStore, args: argparse.Namespace) -> int:
+    limits = settings.limits
+    sized = SizedRequest(
+        settings, prompt=args.prompt, width=args.width, height=args.height, frames=args.frames,
+        seconds=args.seconds, seed=args.seed, pipeline=args.pipeline, audio=False if args.no_audio else None,
+    )
     try:
-        with args.image.open("rb") as handle:
-            data = handle.read(settings.limits.max_upload_bytes + 1)
-        if len(data) > settings.limits.max_upload_bytes:
-            raise IntakeError("too_many_bytes", "That file is larger than the upload limit.")
-        chosen: dict[str, Any] = {}
-
-        def target(w: int, h: int) -> tuple[int, int]:
-            request = build_request(
-                settings, prompt=args.prompt, source_size=(w, h), width=args.width, height=args.height,
-                frames=args.frames, seconds=args.seconds, seed=args.seed, pipeline=args.pipeline,
-                audio=False if args.no_audio else None,
-            )
-            chosen["request"] = request
-            return request.width, request.height
-
+        data = read_local_image(args.image, limits.max_upload_bytes)
         image = normalise_image(
-            data, target, settings.uploads_dir,
-            max_pixels=settings.limits.max_image_pixels, min_side=settings.limits.min_image_side,
+            data, sized, settings.uploads_dir, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side
         )
     except IntakeError as exc:
         print(f"Cannot animate that: {exc.message} ({exc.code})", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"Cannot read {args.image.name}: {exc.strerror}", file=sys.stderr)
-        return 2
-    request = chosen["request"]
+    request = sized.request
+    assert request is not None
     job = await store.create(
         NewJob(
             user_id=LOCAL_USER, prompt=request.prompt, negative_prompt=request.negative_prompt,

@@ -27,8 +27,8 @@ from bot.db.models import ACTIVE_STATUSES, JobStatus
 from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
-from bot.intake.image import ImageIntake
-from bot.intake.request import build_request
+from bot.intake.image import ImageIntake, confined_path
+from bot.intake.request import SizedRequest, build_request
 from bot.views import AnimateModal, TweakModal, card_view, delivery_view
 from bot.worker import Ending
 from generator.protocol import GenerationRequest, ProgressEvent, StartedEvent, describe_validation_error
@@ -174,15 +174,10 @@ class JobService:
             max_bytes=self.settings.limits.max_upload_bytes, allowed_hosts=d.cdn_hosts,
             allow_insecure=d.allow_insecure_cdn, timeout_seconds=self.settings.limits.download_timeout_seconds,
         )
-        chosen: dict[str, GenerationRequest] = {}
-
-        def target(w: int, h: int) -> tuple[int, int]:
-            request = build_request(self.settings, prompt=prompt, source_size=(w, h), **_options_for_request(options))
-            chosen["request"] = request
-            return request.width, request.height
-
-        image = await self.intake.normalise(data, target)
-        return chosen["request"], image
+        sized = SizedRequest(self.settings, prompt=prompt, **_options_for_request(options))
+        image = await self.intake.normalise(data, sized)
+        assert sized.request is not None
+        return sized.request, image
 
     async def _create(
         self, request: GenerationRequest, *, input_path: str, sha256: str, user_id: int, guild: discord.Guild | None,
@@ -374,8 +369,8 @@ class JobService:
     # --- status cards -------------------------------------------------------------------------
 
     async def queue_view(self, job: Job) -> cards.QueueView:
-        position = await self.store.queue_position(job.id)
         queued = await self.store.queued_ids()
+        position = queued.index(job.id) + 1 if job.id in queued else None
         eta = None
         if position is not None:
             running = await self.store.running()
@@ -512,10 +507,11 @@ class JobService:
         self, job: Job, channel: discord.PartialMessageable, reference: discord.MessageReference | None,
         mentions: discord.AllowedMentions, nonce: str,
     ) -> discord.Message:
-        clip = Path(job.output_path) if job.output_path else None
-        jobs_dir = self.settings.jobs_dir.resolve()
-        if job.status == JobStatus.SUCCEEDED and clip is not None and clip.resolve().is_relative_to(jobs_dir) \
-                and clip.is_file():
+        clip = None
+        if job.output_path:
+            with contextlib.suppress(ValueError):
+                clip = confined_path(self.settings.jobs_dir, job.output_path)
+        if job.status == JobStatus.SUCCEEDED and clip is not None and clip.is_file():
             return await channel.send(
                 cards.delivery_caption(job), file=discord.File(clip, filename=f"ltxbot-{job.id}.mp4"),
                 reference=reference or discord.utils.MISSING, allowed_mentions=mentions,

@@ -80,6 +80,9 @@ async def test_animate_slash_command_delivers_the_clip(make_harness: Callable[..
     assert job.posted_message_url.endswith(f"/{fake.guild_id}/{fake.channel_id}/{post.message_id}")
     card = h.card_for(1)
     assert str(post.json["message_reference"]["message_id"]) == card["id"]
+    # The card's last edit follows the delivery, at most one progress interval later.
+    await fake.wait_for(lambda: h.card_titles(card["id"])[-1] == "Job 1 · done", timeout=15)
+    card = h.card_for(1)
     titles = h.card_titles(card["id"])
     assert titles[0] == "Job 1 · queued"
     assert "Job 1 · rendering" in titles

@@ -12,6 +12,8 @@ from discord.ext import commands
 
 from bot import cards
 from bot.access import Refusal, check_place
+from bot.intake.image import confined_path
+from bot.worker import job_dir
 
 if TYPE_CHECKING:
     from bot.app import LtxBot
@@ -122,9 +124,9 @@ class Jobs(commands.Cog):
         result = await self.bot.store.purge_user(str(user.id))
         removed = 0
         for path, root in [(p, settings.uploads_dir) for p in result.images] + [
-            (str(settings.jobs_dir / str(job_id)), settings.jobs_dir) for job_id in result.jobs
+            (str(job_dir(settings, job_id)), settings.jobs_dir) for job_id in result.jobs
         ]:
-            removed += _remove_confined(Path(path), root)
+            removed += _remove_confined(path, root)
         log.info("purged %d jobs and %d files of one user", len(result.jobs), removed)
         running = " Their running clip is being stopped." if result.running else ""
         await interaction.response.send_message(
@@ -134,10 +136,11 @@ class Jobs(commands.Cog):
         )
 
 
-def _remove_confined(path: Path, root: Path) -> int:
+def _remove_confined(path: str, root: Path) -> int:
     """Delete a file or a job folder, only inside ``root``; the number of files removed."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()) or resolved == root.resolve():
+    try:
+        resolved = confined_path(root, path)
+    except ValueError:
         return 0
     if resolved.is_dir():
         count = 0

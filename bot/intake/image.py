@@ -171,6 +171,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_local_image(path: Path, max_bytes: int) -> bytes:
+    """A file from the owner's disk (``ltxbot intake``/``animate``), under the same byte limit as uploads."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise IntakeError("too_many_bytes", f"That file is larger than {max_bytes / 2**20:.0f} MiB.")
+        with path.open("rb") as handle:
+            return handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise IntakeError("download_failed", f"That file could not be read ({exc.strerror}).") from None
+
+
 def confined_path(root: Path, name: str) -> Path:
     """``root / name`` after checking it cannot escape ``root`` (DESIGN lesson 9)."""
     base = root.resolve()

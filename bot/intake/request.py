@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -89,3 +89,20 @@ def build_request(
         return GenerationRequest.model_validate(data, context=context)
     except ValidationError as exc:
         raise IntakeError("invalid_request", describe_validation_error(exc)) from None
+
+
+class SizedRequest:
+    """A ``normalise_image`` target: builds the request once the image's oriented size is known.
+
+    The size derived from the image is the one the image is fitted to, so both come from
+    one ``build_request`` call; ``request`` holds it afterwards.
+    """
+
+    def __init__(self, settings: Settings, **options: Any) -> None:
+        self.settings = settings
+        self.options = options
+        self.request: GenerationRequest | None = None
+
+    def __call__(self, width: int, height: int) -> tuple[int, int]:
+        self.request = build_request(self.settings, source_size=(width, height), **self.options)
+        return self.request.width, self.request.height
