@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.db.models import JobStatus
+from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
     from bot.db.models import Job
@@ -81,7 +82,8 @@ def stage_text(progress: dict[str, Any] | None) -> str:
 def _describe(job: Job) -> str:
     p = job.params
     seconds = p["frames"] / p["fps"]
-    return f"{p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
+    family = FAMILY_NAMES.get(p.get("family", "ltx2"), "LTX-2")
+    return f"{family} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
 
 
 def status_embed(job: Job, queue: QueueView | None = None, *, clip_url: str | None = None) -> discord.Embed:
@@ -150,7 +152,8 @@ def history_line(job: Job) -> str:
 def details_embed(job: Job) -> discord.Embed:
     embed = status_embed(job)
     p = job.params
-    embed.add_field(name="Pipeline", value=f"{p.get('pipeline')} · {p.get('steps') or 'default'} steps"
+    family = FAMILY_NAMES.get(p.get("family", "ltx2"), "LTX-2")
+    embed.add_field(name="Model", value=f"{family} {p.get('pipeline')} · {p.get('steps') or 'default'} steps"
                     f" · audio {'on' if p.get('audio') else 'off'}")
     embed.add_field(name="Created", value=timestamp(job.created_at, "f"))
     if job.attempts > 1:

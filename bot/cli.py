@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.config import ConfigError, Settings, ensure_config_file, load_settings
+from bot.config import ConfigError, LtxvSettings, Settings, ensure_config_file, load_settings
 
 if TYPE_CHECKING:
     from bot.db.models import Job
@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     job = sub.add_parser("job", help="one job in detail")
     job.add_argument("job_id", type=int)
     cfg = sub.add_parser("config", help="configuration")
-    cfg.add_argument("action", choices=["check"])
+    cfg.add_argument("action", choices=["check", "needs-ltxv-venv"],
+                     help="check: validate; needs-ltxv-venv: exit 0 when LTX-Video is enabled with the default venv")
     cfg.add_argument("path", nargs="?", type=Path, default=None)
     intake = sub.add_parser("intake", help="normalise one image as the bot would; prints JSON")
     intake.add_argument("image", type=Path)
@@ -50,10 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--height", type=int)
     animate.add_argument("--seed", type=int)
     animate.add_argument("--pipeline", choices=["two_stage", "distilled", "one_stage"])
+    animate.add_argument("--model", choices=["ltx2", "ltxv"], help="model family (default: generation.family)")
     animate.add_argument("--no-audio", action="store_true")
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
     models = sub.add_parser("models", help="model files")
-    models.add_argument("action", choices=["tiny"])
+    models.add_argument("action", choices=["tiny", "tiny-ltxv"],
+                        help="write tiny random-weight LTX-2 (tiny) or LTX-Video (tiny-ltxv) files for smoke tests")
     models.add_argument("dir", type=Path)
     return parser
 
@@ -79,10 +82,17 @@ def _settings(args: argparse.Namespace, *, create: bool = False) -> Settings:
 
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
+    if command == "config" and args.action == "needs-ltxv-venv":
+        path = args.path or args.config or DEFAULT_CONFIG
+        settings = load_settings(path if path.exists() else None)
+        default = Path(settings.interpreter("ltxv")) == (Path.cwd() / LtxvSettings().python)
+        return 0 if settings.ltxv.enabled and default else 1
     if command == "config":
         settings = load_settings(args.path or args.config or DEFAULT_CONFIG)
         print(f"OK: configuration is valid (data dir: {settings.data_path}).")
         return 0
+    if command == "models" and args.action == "tiny-ltxv":
+        return _tiny_ltxv(_settings(args), args.dir.resolve())
     if command == "models":
         from generator.tiny import write_tiny_models
 
@@ -157,6 +167,29 @@ def job_details(job: Job) -> dict[str, Any]:
     return {key: getattr(job, key) for key in keys}
 
 
+def _tiny_ltxv(settings: Settings, root: Path) -> int:
+    """The tiny LTX-Video files are written by the LTX-Video interpreter, with that package's classes."""
+    import subprocess
+
+    python = settings.interpreter("ltxv")
+    if not Path(python).exists():
+        print(f"No LTX-Video interpreter at {settings.ltxv.python}; run `make ltxv` first.", file=sys.stderr)
+        return 1
+    package_root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([python, "-m", "generator.tiny_ltxv", str(root)], capture_output=True, text=True,
+                          cwd=package_root, check=False)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return 1
+    files = json.loads(done.stdout.strip().splitlines()[-1])
+    print("# Tiny random-weight LTX-Video files for smoke tests; they render noise. Put these lines in config.yaml:")
+    print("ltxv:\n  enabled: true")
+    for key, value in files.items():
+        print(f"  {key}: {value}")
+    print("generator:\n  device: cpu")
+    return 0
+
+
 def _intake(settings: Settings, args: argparse.Namespace) -> int:
     from bot.intake import IntakeError
     from bot.intake.image import normalise_image, read_local_image
@@ -169,13 +202,16 @@ def _intake(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         data = read_local_image(args.image, settings.limits.max_upload_bytes)
-        multiple = size_multiple(settings.generation.pipeline)
+        family = settings.generation.family
+        pipeline = settings.ltxv.pipeline if family == "ltxv" else settings.generation.pipeline
+        multiple = size_multiple(pipeline, family)
         width, height = args.width, args.height
 
         def target(w: int, h: int) -> tuple[int, int]:
             if width and height:
                 return width, height
-            return size_for_aspect(w, h, settings.generation.pixel_budget, multiple)
+            budget = settings.ltxv.pixel_budget if family == "ltxv" else settings.generation.pixel_budget
+            return size_for_aspect(w, h, budget, multiple)
 
         if (width is None) != (height is None):
             raise IntakeError("invalid_request", "Give both --width and --height, or neither.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from generator.protocol import MAX_FRAMES, MIN_FRAMES, PipelineKind
+from generator.protocol import FAMILY_NAMES, MAX_FRAMES, MIN_FRAMES, ModelFamily, PipelineKind
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -67,6 +68,9 @@ def _default_presets() -> dict[str, SizePreset]:
 
 
 class GenerationDefaults(_Section):
+    family: ModelFamily = "ltx2"
+    # Guild id -> model family, for servers that should default to another family than ``family``.
+    guild_families: dict[int, ModelFamily] = Field(default_factory=dict)
     pipeline: PipelineKind = "two_stage"
     frames: int = Field(default=97, ge=MIN_FRAMES, le=MAX_FRAMES)
     fps: int = Field(default=24, ge=1, le=60)
@@ -118,6 +122,19 @@ class VaeTiling(_Section):
         return self
 
 
+class LtxvSettings(_Section):
+    """The LTX-Video 0.9.x family: its own interpreter (ltx-video pins transformers<4.52) and files."""
+
+    enabled: bool = False
+    python: Path = Path(".venv-ltxv/bin/python")
+    checkpoint: Path | None = None
+    distilled_checkpoint: Path | None = None
+    spatial_upsampler: Path | None = None
+    text_encoder_root: Path | None = None
+    pipeline: PipelineKind = "distilled"
+    pixel_budget: int = Field(default=768 * 512, ge=64 * 64)
+
+
 class GeneratorSettings(_Section):
     python: Path | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -163,6 +180,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     vae_tiling: VaeTiling = VaeTiling()
     generator: GeneratorSettings = GeneratorSettings()
+    ltxv: LtxvSettings = LtxvSettings()
     discord: DiscordSettings = DiscordSettings()
 
     @classmethod
@@ -193,6 +211,37 @@ class Settings(BaseSettings):
                 f"generation.frames ({self.generation.frames}) is above limits.max_frames ({self.limits.max_frames})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _families_enabled(self) -> Settings:
+        used = {"generation.family": self.generation.family} | {
+            f"generation.guild_families.{guild}": family for guild, family in self.generation.guild_families.items()
+        }
+        for key, family in used.items():
+            if family == "ltxv" and not self.ltxv.enabled:
+                raise ValueError(f"{key} is ltxv, but ltxv.enabled is false (set it true to use LTX-Video)")
+        return self
+
+    def enabled_families(self) -> list[ModelFamily]:
+        return ["ltx2", "ltxv"] if self.ltxv.enabled else ["ltx2"]
+
+    def family_for(self, guild_id: int | None) -> ModelFamily:
+        """The default model family of a guild (or of DMs and the local CLI when None)."""
+        if guild_id is not None and guild_id in self.generation.guild_families:
+            return self.generation.guild_families[guild_id]
+        return self.generation.family
+
+    def interpreter(self, family: ModelFamily) -> str:
+        """The generator's Python for this family, absolute (the generator runs in the job's folder).
+
+        Not ``resolve()``d: a virtualenv's python is a symlink, and following it leaves the venv.
+        """
+        path = self.ltxv.python if family == "ltxv" else self.generator.python
+        return str(path.expanduser().absolute()) if path is not None else sys.executable
+
+    @staticmethod
+    def family_name(family: str) -> str:
+        return FAMILY_NAMES.get(family, family)
 
     @property
     def data_path(self) -> Path:

@@ -62,6 +62,7 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     sized = SizedRequest(
         settings, prompt=args.prompt, width=args.width, height=args.height, frames=args.frames,
         seconds=args.seconds, seed=args.seed, pipeline=args.pipeline, audio=False if args.no_audio else None,
+        family=args.model,
     )
     try:
         data = read_local_image(args.image, limits.max_upload_bytes)
@@ -79,7 +80,8 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
             params=request.model_dump(mode="json"), input_path=str(image.path), input_sha256=image.sha256,
         )
     )
-    print(f"Job {job.id}: {request.width}x{request.height}, {request.frames} frames, {request.pipeline}, "
+    print(f"Job {job.id}: {settings.family_name(request.family)} {request.pipeline}, "
+          f"{request.width}x{request.height}, {request.frames} frames, "
           f"seed {request.seed}", file=sys.stderr)
     worker = Worker(settings, store)
     worker.listeners.append(ProgressBar())

@@ -67,7 +67,7 @@ def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachme
 
 
 def _options_for_request(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("preset", "width", "height", "frames", "seconds", "seed", "audio", "pipeline")
+    keys = ("preset", "width", "height", "frames", "seconds", "seed", "audio", "pipeline", "family", "guild_id")
     return {k: options[k] for k in keys if options.get(k) is not None}
 
 
@@ -228,6 +228,7 @@ class JobService:
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
         options: dict[str, Any],
     ) -> None:
+        options = {**options, "guild_id": interaction.guild_id}
         try:
             await self._admit(interaction.user, interaction.guild_id)
             self._prevalidate(prompt, options)
@@ -287,7 +288,8 @@ class JobService:
             return
         try:
             await self._admit(message.author, message.guild.id if message.guild else None)
-            request, image = await self._from_attachment(attachment, prompt, {})
+            guild_options = {"guild_id": message.guild.id} if message.guild else {}
+            request, image = await self._from_attachment(attachment, prompt, guild_options)
         except (Refusal, IntakeError) as problem:
             await message.reply(f"I can't animate that: {problem.message}", mention_author=False,
                                 allowed_mentions=quiet)
@@ -331,6 +333,10 @@ class JobService:
             return
         except ValidationError as exc:
             await self.tell(interaction, describe_validation_error(exc))
+            return
+        if request.family not in self.settings.enabled_families():
+            name = self.settings.family_name(request.family)
+            await self.tell(interaction, f"The {name} model is no longer set up on this bot; start a new /animate.")
             return
         if not job.input_path or not await asyncio.to_thread(Path(job.input_path).is_file):
             await self.tell(interaction, "The image for that clip is no longer stored; start a new /animate.")

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from generator.protocol import (
     ErrorEvent,
     GenerationRequest,
     JobSpec,
+    LtxvModelFiles,
+    ModelFamily,
     ModelFiles,
     PhaseEvent,
     ProgressEvent,
@@ -73,17 +74,27 @@ def timeout_for(settings: Settings, request: GenerationRequest) -> float:
     return g.timeout_base_seconds + g.timeout_seconds_per_mpx_frame * megapixel_frames
 
 
+def _absolute(paths: dict[str, Path | None]) -> dict[str, Path | None]:
+    """Model paths in the config are relative to where the bot runs; the generator runs in the job's folder."""
+    return {key: None if path is None else path.expanduser().absolute() for key, path in paths.items()}
+
+
 def build_spec(settings: Settings, job: Job) -> JobSpec:
     uploads = settings.uploads_dir.resolve()
     image = Path(job.input_path).resolve()
     if not image.is_relative_to(uploads):
         raise ValueError("the job's image is outside the uploads folder")
     t = settings.vae_tiling
+    request = GenerationRequest.model_validate(job.params)
+    if request.family not in settings.enabled_families():
+        raise ValueError(f"the {settings.family_name(request.family)} model family is not enabled on this bot")
+    ltxv = settings.ltxv
     return JobSpec(
-        request=GenerationRequest.model_validate(job.params),
+        request=request,
         image_path=image,
         output_path=job_dir(settings, job.id) / CLIP_NAME,
-        models=ModelFiles(**settings.models.model_dump()),
+        models=ModelFiles(**_absolute(settings.models.model_dump())),
+        ltxv_models=LtxvModelFiles(**_absolute(ltxv.model_dump(include=set(LtxvModelFiles.model_fields)))),
         tiling=Tiling(
             spatial_px=t.spatial_px, spatial_overlap_px=t.spatial_overlap_px,
             temporal_frames=t.temporal_frames, temporal_overlap_frames=t.temporal_overlap_frames,
@@ -100,6 +111,9 @@ def child_env(settings: Settings) -> dict[str, str]:
     if settings.generator.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in env:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     env["PYTHONUNBUFFERED"] = "1"
+    # Model files are local paths; nothing in a render may reach the network.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
 
 
@@ -186,26 +200,43 @@ class Worker:
         self._progress_saved_at = 0.0
         self.standby_enabled = standby
         self._standby: asyncio.subprocess.Process | None = None
+        self._standby_family: ModelFamily | None = None
 
     # --- the standby generator --------------------------------------------------
 
-    def _python(self) -> str:
-        return str(self.settings.generator.python or sys.executable)
+    async def _next_family(self) -> ModelFamily:
+        """The family of the next queued job, else the default: the standby is started for it."""
+        for job_id in (await self.store.queued_ids())[:1]:
+            job = await self.store.get(job_id)
+            if job is not None:
+                family = (job.params or {}).get("family", "ltx2")
+                if family in self.settings.enabled_families():
+                    return family  # type: ignore[no-any-return]
+        return self.settings.generation.family
 
-    async def prepare_standby(self) -> None:
-        """Start the next job's generator now, so its imports are done when the job comes."""
-        if not self.standby_enabled or (self._standby is not None and self._standby.returncode is None):
+    async def prepare_standby(self, family: ModelFamily | None = None) -> None:
+        """Start the next job's generator now, in its family's interpreter, so its imports are done."""
+        if not self.standby_enabled:
             return
+        family = family or await self._next_family()
+        if self._standby is not None and self._standby.returncode is None:
+            if self._standby_family == family:
+                return
+            await self.close()  # waiting in the other family's interpreter
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self._standby = await asyncio.create_subprocess_exec(
-            self._python(), "-m", "generator", "--standby",
+            self.settings.interpreter(family), "-m", "generator", "--standby", family,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=child_env(self.settings), cwd=str(self.settings.jobs_dir), start_new_session=True,
         )
+        self._standby_family = family
 
-    async def _start_generator(self, spec_path: Path, folder: Path) -> asyncio.subprocess.Process:
+    async def _start_generator(self, spec: JobSpec, spec_path: Path, folder: Path) -> asyncio.subprocess.Process:
         standby, self._standby = self._standby, None
-        if standby is not None and standby.returncode is None and standby.stdin is not None:
+        if standby is not None and standby.returncode is None and self._standby_family != spec.family:
+            kill_group(standby.pid)
+            await standby.wait()
+        elif standby is not None and standby.returncode is None and standby.stdin is not None:
             try:
                 standby.stdin.write(f"{spec_path}\n".encode())
                 await standby.stdin.drain()
@@ -214,7 +245,7 @@ class Worker:
             except (BrokenPipeError, ConnectionResetError):
                 log.warning("the standby generator had exited; starting a fresh one")
         return await asyncio.create_subprocess_exec(
-            self._python(), "-m", "generator", str(spec_path),
+            self.settings.interpreter(spec.family), "-m", "generator", str(spec_path),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=child_env(self.settings), cwd=str(folder), start_new_session=True,
         )
@@ -316,7 +347,7 @@ class Worker:
         spec.output_path.unlink(missing_ok=True)
         log_file = BoundedLog(folder / "generator.log", self.settings.generator.log_max_bytes)
         log_file.write(f"=== job {job.id} attempt {job.attempts} ===\n")
-        proc = await self._start_generator(spec_path, folder)
+        proc = await self._start_generator(spec, spec_path, folder)
         self.current = (job.id, proc)
         await self.store.record_process(job.id, job.attempts, proc.pid, process_start_ticks(proc.pid))
         state: dict[str, Any] = {"done": None, "error": None, "phases": []}

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from generator.protocol import JobSpec, ModelFiles
+from generator.protocol import JobSpec, LtxvModelFiles, ModelFiles
 
 
 class ModelFilesError(Exception):
@@ -33,6 +33,10 @@ def safetensors_metadata(path: Path) -> dict[str, Any]:
 
 def required_files(spec: JobSpec) -> list[str]:
     kind = spec.request.pipeline
+    if spec.family == "ltxv":
+        main = "distilled_checkpoint" if kind == "distilled" else "checkpoint"
+        upsampler = [] if kind == "one_stage" else ["spatial_upsampler"]
+        return [main, *upsampler, "text_encoder_root"]
     if kind == "two_stage":
         return ["checkpoint", "distilled_lora", "spatial_upsampler", "gemma_root"]
     if kind == "distilled":
@@ -41,36 +45,50 @@ def required_files(spec: JobSpec) -> list[str]:
 
 
 def main_checkpoint(spec: JobSpec) -> Path:
-    path = spec.models.distilled_checkpoint if spec.request.pipeline == "distilled" else spec.models.checkpoint
+    models = spec.ltxv_models if spec.family == "ltxv" else spec.models
+    path = models.distilled_checkpoint if spec.request.pipeline == "distilled" else models.checkpoint
     assert path is not None
     return path
 
 
 def check_model_files(spec: JobSpec) -> None:
     """Raise ModelFilesError for the first missing or wrong file of this job's pipeline."""
-    models: ModelFiles = spec.models
+    ltxv = spec.family == "ltxv"
+    models: ModelFiles | LtxvModelFiles = spec.ltxv_models if ltxv else spec.models
+    section, family = ("ltxv", "LTX-Video") if ltxv else ("models", "LTX-2")
+    pipeline = f"LTX-Video {spec.request.pipeline}" if ltxv else spec.request.pipeline
     for key in required_files(spec):
         path: Path | None = getattr(models, key)
         if path is None:
-            raise ModelFilesError(f"models.{key} is not set; the {spec.request.pipeline} pipeline needs it.")
-        if key == "gemma_root":
-            _check_gemma_root(path)
+            raise ModelFilesError(f"{section}.{key} is not set; the {pipeline} pipeline needs it.")
+        if key in {"gemma_root", "text_encoder_root"}:
+            (_check_t5_root if ltxv else _check_gemma_root)(path)
             continue
         if not path.is_file():
-            raise ModelFilesError(f"models.{key}: {path.name} was not found.")
+            raise ModelFilesError(f"{section}.{key}: {path.name} was not found.")
         try:
             meta = safetensors_metadata(path)
         except (OSError, ValueError) as exc:
-            raise ModelFilesError(f"models.{key}: {path.name} is not a readable safetensors file ({exc}).") from None
+            raise ModelFilesError(f"{section}.{key}: {path.name} is not a readable safetensors file ({exc}).") from None
         if key in {"checkpoint", "distilled_checkpoint", "spatial_upsampler"} and "config" not in meta:
             raise ModelFilesError(
-                f"models.{key}: {path.name} has no 'config' metadata; use the official LTX-2 file, "
+                f"{section}.{key}: {path.name} has no 'config' metadata; use the official {family} file, "
                 "not a converted one."
             )
         if key in {"checkpoint", "distilled_checkpoint"}:
-            config = json.loads(meta["config"])
-            if "transformer" not in config or "vae" not in config:
-                raise ModelFilesError(f"models.{key}: {path.name} is not an LTX-2 audio-video checkpoint.")
+            _check_checkpoint_config(f"{section}.{key}", path, json.loads(meta["config"]), ltxv)
+
+
+def _check_checkpoint_config(key: str, path: Path, config: dict[str, Any], ltxv: bool) -> None:
+    if not ltxv and ("transformer" not in config or "vae" not in config):
+        raise ModelFilesError(f"{key}: {path.name} is not an LTX-2 audio-video checkpoint.")
+    if ltxv and (not {"transformer", "vae"} <= config.keys() or "audio_vae" in config):
+        raise ModelFilesError(f"{key}: {path.name} is not an LTX-Video 0.9.x checkpoint.")
+    if ltxv and key == "ltxv.checkpoint" and config.get("allowed_inference_steps"):
+        raise ModelFilesError(
+            f"ltxv.checkpoint: {path.name} is a distilled checkpoint; set it as ltxv.distilled_checkpoint "
+            "and use the distilled pipeline, or point ltxv.checkpoint at a dev checkpoint."
+        )
 
 
 def _check_gemma_root(root: Path) -> None:
@@ -79,3 +97,13 @@ def _check_gemma_root(root: Path) -> None:
     for pattern in ("tokenizer.model", "preprocessor_config.json", "model*.safetensors"):
         if next(root.rglob(pattern), None) is None:
             raise ModelFilesError(f"models.gemma_root: {pattern} was not found in {root.name}.")
+
+
+def _check_t5_root(root: Path) -> None:
+    if not root.is_dir():
+        raise ModelFilesError(f"ltxv.text_encoder_root: folder {root.name} was not found.")
+    for pattern in ("text_encoder/config.json", "tokenizer/spiece.model"):
+        if not (root / pattern).is_file():
+            raise ModelFilesError(f"ltxv.text_encoder_root: {pattern} was not found in {root.name}.")
+    if next((root / "text_encoder").glob("*.safetensors"), None) is None:
+        raise ModelFilesError(f"ltxv.text_encoder_root: no text_encoder/*.safetensors weights in {root.name}.")

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 
+from generator.protocol import DoneEvent, JobSpec, PhaseEvent
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -27,6 +29,49 @@ AUDIO_BITRATE = 128_000
 
 class ClipTooLargeError(Exception):
     """The clip cannot fit the delivery limit at a watchable quality."""
+
+
+def partial_path(output: Path) -> Path:
+    """Written while encoding, renamed to ``output`` only on success: a crash leaves no clip."""
+    return output.with_name(f".{output.stem}.partial{output.suffix}")
+
+
+def finish_clip(spec: JobSpec, partial: Path, frames_written: int) -> tuple[dict[str, Any], bool]:
+    """Check the frame count, fit the delivery limit, move the clip into place; (probe, re-encoded)."""
+    if frames_written != spec.request.frames:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"the decoder produced {frames_written} frames, expected {spec.request.frames}")
+    reencoded = False
+    if spec.max_bytes is not None:
+        fitted = partial.with_name(partial.stem + ".fit.mp4")
+        try:
+            reencoded = fit_to_size(partial, fitted, spec.max_bytes, fps=spec.request.fps)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        if reencoded:
+            fitted.replace(partial)
+    partial.replace(spec.output_path)
+    return probe(spec.output_path), reencoded
+
+
+def done_event(
+    spec: JobSpec, info: dict[str, Any], reencoded: bool, phases: list[PhaseEvent], leaks: list[str]
+) -> DoneEvent:
+    req = spec.request
+    return DoneEvent(
+        output_path=spec.output_path,
+        bytes=spec.output_path.stat().st_size,
+        frames=info["frames"],
+        width=info["width"],
+        height=info["height"],
+        fps=req.fps,
+        duration_seconds=round(req.frames / req.fps, 3),
+        has_audio=info["has_audio"],
+        reencoded=reencoded,
+        phases=list(phases),
+        leaked_models=list(leaks),
+    )
 
 
 class ClipWriter:

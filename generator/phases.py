@@ -24,6 +24,12 @@ GIB = 2**30
 M = TypeVar("M")
 
 
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def release_memory(device: torch.device) -> None:
     """Drop garbage and hand cached blocks back; the caller must already have dropped its references."""
     gc.collect()

@@ -18,7 +18,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,9 +51,9 @@ from ltx_pipelines.utils.types import PipelineComponents
 
 from generator import faults
 from generator.checks import main_checkpoint
-from generator.encode import ClipWriter, fit_to_size, probe
+from generator.encode import ClipWriter, done_event, finish_clip, partial_path
 from generator.models import LtxLedger
-from generator.phases import PhaseTracker
+from generator.phases import PhaseTracker, pick_device
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
 log = logging.getLogger(__name__)
@@ -62,17 +61,6 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Any], None]
 # Called with each video decoder right after it is built (tests hook submodules here).
 DECODER_OBSERVERS: list[Callable[[torch.nn.Module], None]] = []
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def partial_path(output: Path) -> Path:
-    """Written while encoding, renamed to ``output`` only on success: a crash leaves no clip."""
-    return output.with_name(f".{output.stem}.partial{output.suffix}")
 
 
 @dataclass
@@ -298,34 +286,8 @@ def _generate(
 
     with run.phase("finalize"):
         run.progress("encoding", 0, 1)
-        if writer.frames != req.frames:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(f"the decoder produced {writer.frames} frames, expected {req.frames}")
-        reencoded = False
-        if spec.max_bytes is not None:
-            fitted = partial.with_name(partial.stem + ".fit.mp4")
-            try:
-                reencoded = fit_to_size(partial, fitted, spec.max_bytes, fps=req.fps)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            if reencoded:
-                fitted.replace(partial)
-        partial.replace(spec.output_path)
-        info = probe(spec.output_path)
+        info, reencoded = finish_clip(spec, partial, writer.frames)
 
     if tracker.leaks:
         log.warning("models outlived their phase: %s", ", ".join(tracker.leaks))
-    return DoneEvent(
-        output_path=spec.output_path,
-        bytes=spec.output_path.stat().st_size,
-        frames=info["frames"],
-        width=info["width"],
-        height=info["height"],
-        fps=req.fps,
-        duration_seconds=round(req.frames / req.fps, 3),
-        has_audio=info["has_audio"],
-        reencoded=reencoded,
-        phases=list(tracker.phases),
-        leaked_models=list(tracker.leaks),
-    )
+    return done_event(spec, info, reencoded, tracker.phases, tracker.leaks)

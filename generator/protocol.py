@@ -23,7 +23,10 @@ from pydantic import (
 
 PipelineKind = Literal["two_stage", "distilled", "one_stage"]
 PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage")
-ModelFamily = Literal["ltx2"]
+# ltx2: LTX-2 / LTX-2.3 through ltx-core; ltxv: LTX-Video 0.9.x through the ltx-video package.
+ModelFamily = Literal["ltx2", "ltxv"]
+MODEL_FAMILIES: tuple[ModelFamily, ...] = ("ltx2", "ltxv")
+FAMILY_NAMES: dict[str, str] = {"ltx2": "LTX-2", "ltxv": "LTX-Video"}
 ErrorCode = Literal["oom", "invalid_spec", "model_missing", "too_large", "internal"]
 
 MIN_FRAMES = 9
@@ -43,9 +46,13 @@ class ExitCode(IntEnum):
     TOO_LARGE = 5
 
 
-def size_multiple(pipeline: PipelineKind) -> int:
-    """Two-stage pipelines render stage 1 at half size, so the full size must divide by 64."""
-    return 32 if pipeline == "one_stage" else 64
+def size_multiple(pipeline: PipelineKind, family: ModelFamily = "ltx2") -> int:
+    """LTX-2's two-stage pipelines render stage 1 at half size, so the full size must divide by 64.
+
+    LTX-Video's multi-scale pipelines pick their first-pass size themselves and resize the
+    result back, so its sizes only need the VAE's 32.
+    """
+    return 32 if pipeline == "one_stage" or family == "ltxv" else 64
 
 
 def clean_prompt(text: str) -> str:
@@ -67,6 +74,7 @@ class GenerationRequest(_Frozen):
 
     prompt: str
     negative_prompt: str | None = None
+    family: ModelFamily = "ltx2"
     width: int = Field(ge=64, le=4096)
     height: int = Field(ge=64, le=4096)
     frames: int = Field(ge=MIN_FRAMES, le=MAX_FRAMES)
@@ -105,15 +113,22 @@ class GenerationRequest(_Frozen):
 
     @model_validator(mode="after")
     def _size_grid(self) -> GenerationRequest:
-        multiple = size_multiple(self.pipeline)
+        multiple = size_multiple(self.pipeline, self.family)
+        where = f"the {self.pipeline} pipeline" if self.family == "ltx2" else FAMILY_NAMES[self.family]
         for name in ("width", "height"):
             value = getattr(self, name)
             if value % multiple:
                 lower = value // multiple * multiple
                 raise ValueError(
-                    f"{name} must be a multiple of {multiple} for the {self.pipeline} pipeline; "
+                    f"{name} must be a multiple of {multiple} for {where}; "
                     f"got {value}, try {max(lower, multiple)} or {lower + multiple}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _family_features(self) -> GenerationRequest:
+        if self.family == "ltxv" and self.audio:
+            raise ValueError("LTX-Video makes silent clips: turn audio off, or choose the LTX-2 model for sound")
         return self
 
     @property
@@ -173,20 +188,33 @@ class ModelFiles(_Frozen):
     gemma_root: Path | None = None
 
 
+class LtxvModelFiles(_Frozen):
+    """Model files for the LTX-Video 0.9.x family, in the official layout; names match config keys."""
+
+    checkpoint: Path | None = None
+    distilled_checkpoint: Path | None = None
+    spatial_upsampler: Path | None = None
+    text_encoder_root: Path | None = None
+
+
 class JobSpec(_Frozen):
     """Everything one generator run needs; written by the worker as ``spec.json``."""
 
-    family: ModelFamily = "ltx2"
     request: GenerationRequest
     image_path: Path
     output_path: Path
-    models: ModelFiles
+    models: ModelFiles = ModelFiles()
+    ltxv_models: LtxvModelFiles = LtxvModelFiles()
     tiling: Tiling = Tiling()
     fp8_cast: bool = True
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     crf: int = Field(default=23, ge=0, le=51)
     max_bytes: int | None = Field(default=None, ge=4096)
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.request.family
 
 
 # --- events: one JSON object per line on stdout ---------------------------------
@@ -207,6 +235,8 @@ class StartedEvent(_Frozen):
     device_name: str
     family: ModelFamily
     import_seconds: float
+    # Versions of the libraries this interpreter renders with (each family has its own virtualenv).
+    libraries: dict[str, str] = {}
 
 
 class PhaseEvent(_Frozen):

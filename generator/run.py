@@ -1,7 +1,8 @@
 """``python -m generator SPEC``: render one clip, report JSON-lines events on stdout, exit.
 
-``python -m generator --standby`` does the slow imports first (torch, ltx-core,
-transformers: about 13 s), reports ``ready``, then reads the spec path from one line
+``python -m generator --standby [FAMILY]`` does the slow imports of that model
+family's backend first (torch, ltx-core or ltx-video, transformers: about 13 s),
+reports ``ready``, then reads the spec path from one line
 of stdin and goes on exactly as above. CUDA is not touched before the spec arrives,
 so a waiting standby holds no GPU memory; end of input makes it exit quietly.
 
@@ -12,10 +13,12 @@ else. stdout carries only events; logs and library chatter go to stderr.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -23,10 +26,14 @@ from pydantic import BaseModel, ValidationError
 
 from generator.checks import ModelFilesError, check_model_files
 from generator.protocol import (
+    FAMILY_NAMES,
+    MODEL_FAMILIES,
+    DoneEvent,
     ErrorCode,
     ErrorEvent,
     ExitCode,
     JobSpec,
+    ModelFamily,
     ReadyEvent,
     StartedEvent,
     describe_validation_error,
@@ -60,6 +67,28 @@ def _read_spec(arg: str) -> JobSpec:
     return JobSpec.model_validate_json(text)
 
 
+def backend(family: ModelFamily) -> Callable[[JobSpec, EventWriter], DoneEvent]:
+    """The family's ``generate``; importing it is the slow part (torch and the model package)."""
+    if family == "ltxv":
+        from generator import ltxv
+
+        return ltxv.generate
+    from generator import pipeline
+
+    return pipeline.generate
+
+
+def library_versions(family: ModelFamily) -> dict[str, str]:
+    names = ["torch", "transformers", "ltx-video" if family == "ltxv" else "ltx-core"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
 def _fail(emit: EventWriter, code: ErrorCode, message: str, status: ExitCode) -> int:
     emit(ErrorEvent(code=code, message=message))
     return int(status)
@@ -72,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     emit = EventWriter(_claim_stdout())
-    if len(args) != 1:
-        usage = "usage: python -m generator SPEC.json (or - for stdin, or --standby)"
+    standby = args[:1] == ["--standby"] and len(args) <= 2 and (args[1:] or ["ltx2"])[0] in MODEL_FAMILIES
+    if len(args) != 1 and not standby:
+        usage = "usage: python -m generator SPEC.json (or - for stdin, or --standby [ltx2|ltxv])"
         return _fail(emit, "invalid_spec", usage, ExitCode.INVALID_SPEC)
     imported_at: float | None = None
-    if args[0] == "--standby":
-        import generator.pipeline  # noqa: F401  (the slow imports, done before the job exists)
-
+    waiting_family: ModelFamily = "ltxv" if args[1:] == ["ltxv"] else "ltx2"
+    if standby:
+        backend(waiting_family)  # the slow imports, done before the job exists
         imported_at = time.perf_counter()
         emit(ReadyEvent(pid=os.getpid(), import_seconds=round(imported_at - started, 3)))
         line = sys.stdin.readline().strip()
@@ -91,20 +121,31 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(emit, "invalid_spec", describe_validation_error(exc), ExitCode.INVALID_SPEC)
     except (OSError, ValueError) as exc:
         return _fail(emit, "invalid_spec", f"the job spec could not be read: {exc}", ExitCode.INVALID_SPEC)
+    if imported_at is not None and spec.family != waiting_family:
+        message = f"this generator was started for the {waiting_family} family, not {spec.family}"
+        return _fail(emit, "invalid_spec", message, ExitCode.INVALID_SPEC)
     try:
         check_model_files(spec)
     except ModelFilesError as exc:
         return _fail(emit, "model_missing", str(exc), ExitCode.MODEL_MISSING)
 
+    try:
+        generate = backend(spec.family)
+    except ImportError as exc:
+        message = (f"The {FAMILY_NAMES[spec.family]} libraries are not installed for this generator's interpreter "
+                   f"({exc.name}); see the README's model families section.")
+        return _fail(emit, "model_missing", message, ExitCode.MODEL_MISSING)
+
     import torch
 
     from generator.encode import ClipTooLargeError
-    from generator.pipeline import generate, pick_device
+    from generator.phases import pick_device
 
     device = pick_device(spec.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     emit(StartedEvent(pid=os.getpid(), device=device.type, device_name=name, family=spec.family,
-                      import_seconds=round((imported_at or time.perf_counter()) - started, 3)))
+                      import_seconds=round((imported_at or time.perf_counter()) - started, 3),
+                      libraries=library_versions(spec.family)))
     try:
         done = generate(spec, emit)
     except torch.OutOfMemoryError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,27 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     subprocess.run([sys.executable, "-c", _TINY_SCRIPT, str(root)], check=True, capture_output=True)
     return root
+
+
+# Built by `make test` (the Makefile's ltxv target): the LTX-Video family's own interpreter.
+LTXV_PYTHON = ROOT / ".venv-ltxv" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def ltxv_python() -> Path:
+    if not LTXV_PYTHON.exists():
+        pytest.fail(f"no LTX-Video interpreter at {LTXV_PYTHON}: run `make test` (or `make ltxv`) to build it")
+    return LTXV_PYTHON
+
+
+@pytest.fixture(scope="session")
+def tiny_ltxv(tmp_path_factory: pytest.TempPathFactory, ltxv_python: Path) -> dict[str, str]:
+    """Tiny LTX-Video files, written by the LTX-Video interpreter with that package's own classes."""
+    root = tmp_path_factory.mktemp("tiny-ltxv")
+    done = subprocess.run([str(ltxv_python), "-m", "generator.tiny_ltxv", str(root)], check=True,
+                          capture_output=True, text=True, cwd=ROOT)
+    files: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
+    return files
 
 
 def tiny_model_settings(root: Path) -> dict[str, Any]:

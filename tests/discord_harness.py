@@ -43,7 +43,7 @@ def bot_config(data_dir: Path, tiny: Path, fake: FakeDiscord, **overrides: Any) 
                     "message_content_intent": True},
     }
     for key, value in overrides.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     return config
 
 

@@ -57,3 +57,15 @@ def test_token_is_not_printed_when_discord_rejects_it(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert "SECRET123" not in result.stdout + result.stderr
+
+
+def test_make_run_builds_the_ltxv_venv_only_when_the_config_enables_it(tmp_path: Path) -> None:
+    assert ltxbot("config", "needs-ltxv-venv", cwd=tmp_path).returncode == 1  # no config.yaml: the example's off
+    (tmp_path / "config.yaml").write_text("ltxv:\n  enabled: false\n")
+    assert ltxbot("config", "needs-ltxv-venv", cwd=tmp_path).returncode == 1
+    (tmp_path / "config.yaml").write_text("ltxv:\n  enabled: true\n")
+    assert ltxbot("config", "needs-ltxv-venv", cwd=tmp_path).returncode == 0
+    # An owner who points ltxv.python at their own interpreter builds it themselves.
+    (tmp_path / "config.yaml").write_text("ltxv:\n  enabled: true\n  python: /opt/ltxv/bin/python\n")
+    assert ltxbot("config", "needs-ltxv-venv", cwd=tmp_path).returncode == 1
+    assert "needs-ltxv-venv" in (ROOT / "Makefile").read_text()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,20 @@ def test_token_never_comes_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_ltxv_as_a_default_needs_the_family_enabled(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"generation.guild_families.5 is ltxv, but ltxv.enabled is false"):
+        load_settings(None, generation={"guild_families": {5: "ltxv"}})
+    settings = load_settings(None, ltxv={"enabled": True}, generation={"family": "ltxv"})
+    assert settings.family_for(None) == "ltxv" and settings.enabled_families() == ["ltx2", "ltxv"]
+
+
+def test_interpreters_are_absolute_and_keep_the_venv_symlink(tmp_path: Path) -> None:
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    settings = load_settings(None, ltxv={"enabled": True, "python": str(venv_python)})
+    assert settings.interpreter("ltxv") == str(venv_python)  # not the symlink's target
+    assert Path(load_settings(None).interpreter("ltxv")).is_absolute()
+    assert load_settings(None).interpreter("ltx2") == sys.executable

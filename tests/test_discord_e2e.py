@@ -328,3 +328,34 @@ async def test_a_failed_job_is_reported_in_the_channel_with_the_reason(make_harn
     card = h.card_for(1)
     await fake.wait_for(lambda: "Job 1 · failed" in h.card_titles(card["id"]), timeout=15)
     assert h.clip_posts() == []
+
+
+async def test_the_servers_default_family_and_the_model_option_pick_the_interpreter(
+    make_harness: Callable[..., Any], ltxv_python: Path, tiny_ltxv: dict[str, str]
+) -> None:
+    h: Harness = await make_harness(
+        ltxv={"enabled": True, "python": str(ltxv_python), "pixel_budget": 8192, **tiny_ltxv},
+        generation={"family": "ltxv"},
+    )
+    fake = h.fake
+    options = {c["name"]: c for c in fake.commands["animate"]["options"]}
+    assert [c["value"] for c in options["model"]["choices"]] == ["ltx2", "ltxv"]
+    photo = image_bytes(size=(320, 240))
+    silent = await fake.slash(ALICE, "animate", {"prompt": "waves roll in"},
+                              attachment=fake.attachment(photo, "photo.png"))
+    assert "is queued" in await h.answer_text(silent)
+    first = (await h.wait_clip_post())[0]
+    assert decode_mp4(first.files[0].data) == (9, 96, 64)  # LTX-Video: multiples of 32
+    assert "LTX-Video · 96×64" in first.json["content"]
+    job = await h.wait_job(1, lambda j: j.status == JobStatus.SUCCEEDED)
+    assert job.params["family"] == "ltxv" and job.params["audio"] is False
+    assert [p["name"] for p in job.phases or []][:2] == ["text_encode", "stage_1"]
+
+    chosen = await fake.slash(BOB, "animate", {"prompt": "waves roll in", "model": "ltx2"},
+                              attachment=fake.attachment(photo, "photo.png"))
+    assert "is queued" in await h.answer_text(chosen)
+    second = (await h.wait_clip_post(count=2))[1]
+    assert "LTX-2 · " in second.json["content"]
+    job = await h.wait_job(2, lambda j: j.status == JobStatus.SUCCEEDED)
+    assert job.params["family"] == "ltx2"
+    assert "embeddings" in [p["name"] for p in job.phases or []]  # the Gemma path: LTX-2's interpreter

@@ -202,3 +202,16 @@ async def test_a_failing_handler_answers_with_an_error_id_that_is_in_the_log(
     assert len(answers) == 1 and "error id" in answers[0]
     error_id = answers[0].split("`")[1]
     assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+async def test_cards_and_captions_name_the_model_family(store: JobStore) -> None:
+    params = {"width": 768, "height": 512, "frames": 97, "fps": 24, "seed": 5, "pipeline": "distilled",
+              "audio": False, "family": "ltxv"}
+    job = await store.create(NewJob(user_id="1", prompt="waves", input_path="/x.png", input_sha256="0" * 64,
+                                    params=params))
+    assert "LTX-Video · 768×512 · 4.0 s (97 frames) · seed 5" in cards.delivery_caption(job)
+    fields = {f.name: f.value for f in cards.details_embed(job).fields}
+    assert fields["Model"].startswith("LTX-Video distilled") and "audio off" in fields["Model"]
+    older = await store.create(NewJob(user_id="1", prompt="waves", input_path="/x.png", input_sha256="0" * 64,
+                                      params={k: v for k, v in params.items() if k != "family"}))
+    assert "LTX-2 · 768×512" in cards.delivery_caption(older)  # jobs from before the second family

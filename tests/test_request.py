@@ -73,3 +73,36 @@ def test_default_size_follows_the_image_aspect(make_settings: Callable[..., Sett
     portrait = build_request(SETTINGS, prompt="x", source_size=(3000, 4000))
     assert portrait.height > portrait.width
     assert portrait.width * portrait.height <= SETTINGS.generation.pixel_budget
+
+
+LTXV_SETTINGS: Settings = load_settings(
+    None, ltxv={"enabled": True}, generation={"guild_families": {42: "ltxv"}},
+)
+
+
+def test_ltxv_requests_take_that_familys_defaults() -> None:
+    request = build_request(LTXV_SETTINGS, prompt="waves", source_size=(1600, 900), family="ltxv")
+    assert request.family == "ltxv" and request.pipeline == "distilled" and request.audio is False
+    assert request.width % 32 == 0 and request.height % 32 == 0
+    assert request.width * request.height <= LTXV_SETTINGS.ltxv.pixel_budget
+    ltx2 = build_request(LTXV_SETTINGS, prompt="waves", source_size=(1600, 900))
+    assert ltx2.family == "ltx2" and ltx2.pipeline == "two_stage" and ltx2.audio is True
+
+
+def test_the_guild_default_family_applies_and_a_choice_overrides_it() -> None:
+    assert build_request(LTXV_SETTINGS, prompt="waves", guild_id=42).family == "ltxv"
+    assert build_request(LTXV_SETTINGS, prompt="waves", guild_id=7).family == "ltx2"
+    assert build_request(LTXV_SETTINGS, prompt="waves", guild_id=42, family="ltx2").family == "ltx2"
+
+
+def test_ltxv_sizes_need_32_and_sound_is_refused_kindly() -> None:
+    assert build_request(LTXV_SETTINGS, prompt="waves", width=800, height=480, family="ltxv").width == 800
+    with pytest.raises(IntakeError, match="multiple of 32 for LTX-Video"):
+        build_request(LTXV_SETTINGS, prompt="waves", width=810, height=480, family="ltxv")
+    with pytest.raises(IntakeError, match="silent clips"):
+        build_request(LTXV_SETTINGS, prompt="waves", family="ltxv", audio=True)
+
+
+def test_a_family_that_is_not_enabled_is_refused_with_the_alternatives() -> None:
+    with pytest.raises(IntakeError, match="LTX-Video model is not set up on this bot; choose LTX-2"):
+        build_request(SETTINGS, prompt="waves", family="ltxv")

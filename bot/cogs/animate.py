@@ -33,7 +33,12 @@ class Animate(commands.Cog):
         seed="Seed, to repeat a result",
         audio="Generate a sound track",
         pipeline="two_stage (best), distilled (fast) or one_stage",
+        model="LTX-2 (sound, best quality) or LTX-Video (silent, lighter); default: this server's choice",
     )
+    @app_commands.choices(model=[
+        app_commands.Choice(name="LTX-2", value="ltx2"),
+        app_commands.Choice(name="LTX-Video", value="ltxv"),
+    ])
     async def animate(
         self,
         interaction: discord.Interaction[Any],
@@ -47,9 +52,10 @@ class Animate(commands.Cog):
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
         audio: bool | None = None,
         pipeline: Literal["two_stage", "distilled", "one_stage"] | None = None,
+        model: app_commands.Choice[str] | None = None,
     ) -> None:
         options = {"preset": size, "seconds": seconds, "frames": frames, "width": width, "height": height,
-                   "seed": seed, "audio": audio, "pipeline": pipeline}
+                   "seed": seed, "audio": audio, "pipeline": pipeline, "family": model.value if model else None}
         await self.bot.service.animate_from_command(interaction, image, prompt, options)
 
     @animate.autocomplete("size")

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from bot.intake.errors import IntakeError
-from generator.protocol import GenerationRequest, PipelineKind, describe_validation_error, size_multiple
+from generator.protocol import (
+    GenerationRequest,
+    ModelFamily,
+    PipelineKind,
+    describe_validation_error,
+    size_multiple,
+)
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -55,10 +61,25 @@ def build_request(
     audio: bool | None = None,
     pipeline: PipelineKind | None = None,
     negative_prompt: str | None = None,
+    family: ModelFamily | None = None,
+    guild_id: int | None = None,
 ) -> GenerationRequest:
-    """Fill defaults from the config and validate; problems raise IntakeError('invalid_request')."""
+    """Fill defaults from the config and validate; problems raise IntakeError('invalid_request').
+
+    The model family is the one asked for, else the guild's default; each family has its
+    own default pipeline and pixel budget, and LTX-Video clips are silent.
+    """
     gen = settings.generation
-    kind: PipelineKind = pipeline or gen.pipeline
+    family = family or settings.family_for(guild_id)
+    if family not in settings.enabled_families():
+        raise IntakeError(
+            "invalid_request",
+            f"The {settings.family_name(family)} model is not set up on this bot; choose "
+            f"{' or '.join(settings.family_name(f) for f in settings.enabled_families())}, or ask the owner.",
+        )
+    ltxv = family == "ltxv"
+    kind: PipelineKind = pipeline or (settings.ltxv.pipeline if ltxv else gen.pipeline)
+    budget = settings.ltxv.pixel_budget if ltxv else gen.pixel_budget
     if preset is not None:
         if preset not in gen.presets:
             names = ", ".join(sorted(gen.presets))
@@ -68,7 +89,7 @@ def build_request(
         if source_size is None:
             width, height = gen.presets["landscape"].width, gen.presets["landscape"].height
         else:
-            width, height = size_for_aspect(*source_size, gen.pixel_budget, size_multiple(kind))
+            width, height = size_for_aspect(*source_size, budget, size_multiple(kind, family))
     if frames is None:
         frames = frames_for_seconds(seconds, gen.fps) if seconds is not None else gen.frames
     data = {
@@ -81,7 +102,8 @@ def build_request(
         "steps": gen.steps,
         "seed": choose_seed(settings, seed),
         "pipeline": kind,
-        "audio": gen.audio if audio is None else audio,
+        "family": family,
+        "audio": (gen.audio and not ltxv) if audio is None else audio,
         "image_strength": gen.image_strength,
     }
     context = {"max_frames": settings.limits.max_frames, "max_prompt_chars": settings.limits.max_prompt_chars}
