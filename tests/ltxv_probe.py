@@ -5,6 +5,9 @@ as recorded by a forward hook on the VAE decoder's last conv at every decode.
 
 ``stream``: decode one set of tiny latents in one window and in small windows with
 enough context, print the frame counts and the largest pixel difference.
+
+``loaders CHECKPOINT``: load the transformer and the VAE with the package's own
+``from_pretrained`` and with the generator's per-model reads; print whether they match.
 """
 
 from __future__ import annotations
@@ -59,8 +62,34 @@ def stream(checkpoint: str) -> dict[str, Any]:
     }
 
 
+def loaders(checkpoint: str) -> dict[str, Any]:
+    from ltx_video.models.autoencoders.causal_video_autoencoder import CausalVideoAutoencoder
+    from ltx_video.models.transformers.transformer3d import Transformer3DModel
+
+    from generator.checks import safetensors_metadata
+
+    path = Path(checkpoint)
+    config = json.loads(safetensors_metadata(path)["config"])
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    pairs = {
+        "transformer": (Transformer3DModel.from_pretrained(path), ltxv.load_transformer(path, config, cpu, bf16)),
+        "vae": (CausalVideoAutoencoder.from_pretrained(path), ltxv.load_vae(path, config, cpu, bf16)),
+    }
+    result: dict[str, Any] = {}
+    for name, (official, ours) in pairs.items():
+        theirs, mine = official.state_dict(), ours.state_dict()
+        result[name] = {
+            "tensors": len(theirs),
+            "same_keys": sorted(theirs) == sorted(mine),
+            "equal": all(torch.equal(theirs[k].to(torch.bfloat16), mine[k]) for k in theirs if k in mine),
+        }
+    return result
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "scope":
         print(json.dumps(scope(sys.argv[2], sys.argv[3])))
+    elif sys.argv[1] == "loaders":
+        print(json.dumps(loaders(sys.argv[2])))
     else:
         print(json.dumps(stream(sys.argv[2])))

@@ -110,6 +110,16 @@ def test_windowed_decode_matches_the_one_shot_decode(ltxv_python: Path, tiny_ltx
     assert result["narrow_max_diff"] > result["max_diff"]  # and the context is what makes it so
 
 
+def test_the_generators_loaders_read_what_the_packages_own_loaders_read(
+    ltxv_python: Path, tiny_ltxv: dict[str, str]
+) -> None:
+    done = subprocess.run([str(ltxv_python), "tests/ltxv_probe.py", "loaders", tiny_ltxv["checkpoint"]],
+                          capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=240, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("transformer", "vae"):
+        assert result[name]["tensors"] > 10 and result[name]["same_keys"] and result[name]["equal"], result
+
+
 @pytest.mark.parametrize(
     ("request_change", "message"),
     [
