@@ -55,6 +55,7 @@ FULL = [
     Case("2B distilled 768x512x97", "2b", "distilled", 768, 512, 97),
     Case("2B distilled 1216x704x121", "2b", "distilled", 1216, 704, 121),
     Case("2B distilled 768x512x257", "2b", "distilled", 768, 512, 257),
+    Case("2B distilled 768x512x481", "2b", "distilled", 768, 512, 481),
     Case("13B distilled 768x512x97", "13b", "distilled", 768, 512, 97),
     Case("13B distilled 1216x704x121", "13b", "distilled", 1216, 704, 121),
     Case("13B dev two_stage 768x512x97", "13b", "two_stage", 768, 512, 97, steps=4),
