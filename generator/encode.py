@@ -108,6 +108,10 @@ class ClipWriter:
 
     def write_frames(self, chunk: np.ndarray) -> None:
         """``chunk``: uint8 (frames, height, width, 3)."""
+        if tuple(chunk.shape[1:3]) != (self.video.height, self.video.width):
+            # PyAV would rescale such frames silently, stretching the picture.
+            raise ValueError(f"frames of {chunk.shape[2]}x{chunk.shape[1]} for a "
+                             f"{self.video.width}x{self.video.height} clip")
         for rgb in chunk:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             self.container.mux(self.video.encode(frame))

@@ -214,3 +214,27 @@ def test_the_ltxv_benchmark_runs_its_cases_through_the_production_phases(tmp_pat
         assert set(result["step_seconds"]) == {"generating", "refining"}
     table = (tmp_path / "table.md").read_text()
     assert "| stage_2 |" in table and "peak allocated / reserved" in table
+
+
+async def test_a_standby_waiting_in_the_other_familys_interpreter_is_replaced(
+    both_families: Settings, store: JobStore
+) -> None:
+    worker = Worker(both_families, store, standby=True)
+    started: list[StartedEvent] = []
+
+    async def listen(job: Any, event: Any) -> None:
+        if isinstance(event, StartedEvent):
+            started.append(event)
+
+    worker.listeners.append(listen)
+    try:
+        await worker.prepare_standby()  # nothing queued: it waits in the default (LTX-2) interpreter
+        waiting = worker._standby
+        assert waiting is not None and worker._standby_family == "ltx2"
+        job_id = await queue_job(both_families, store, frames=17, family="ltxv", pipeline="distilled")
+        job = await worker.step()
+    finally:
+        await worker.close()
+    assert job is not None and job.id == job_id and job.status == JobStatus.SUCCEEDED, job and job.error_message
+    assert waiting.returncode is not None  # the LTX-2 standby was stopped, not handed the job
+    assert [e.family for e in started] == ["ltxv"] and started[0].pid != waiting.pid
