@@ -113,10 +113,8 @@ class RandomModels:
         return _materialize(model, device, dtype, 2)
 
     def vae(self, path: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
-        from ltx_video.models.autoencoders.causal_video_autoencoder import CausalVideoAutoencoder
-
         with torch.device("meta"):
-            model = CausalVideoAutoencoder.from_config(json.loads(json.dumps(config["vae"])))
+            model = ltxv.build_vae(config["vae"])
         self._count("vae", model)
         model = _materialize(model, device, dtype, 3)
         channels = config["vae"]["latent_channels"]
@@ -143,7 +141,7 @@ def _files(work: Path, tiny: bool) -> dict[str, Any]:
 
     work.mkdir(parents=True, exist_ok=True)
     text_root = work / "t5"
-    tiny_ltxv._write_text_encoder(text_root)  # its tokenizer serves; the encoder is built at full size
+    tiny_ltxv.write_text_encoder(text_root)  # its tokenizer serves; the encoder is built at full size
     checkpoints: dict[tuple[str, str], Path] = {}
     if tiny:
         config = {"transformer": tiny_ltxv.TINY_TRANSFORMER, "vae": tiny_ltxv.TINY_VAE,

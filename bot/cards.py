@@ -79,11 +79,15 @@ def stage_text(progress: dict[str, Any] | None) -> str:
     return str(stage)
 
 
+def _family(params: dict[str, Any]) -> str:
+    """Jobs from before the second family have none in their parameters: they are LTX-2."""
+    return FAMILY_NAMES[params.get("family", "ltx2")]
+
+
 def _describe(job: Job) -> str:
     p = job.params
     seconds = p["frames"] / p["fps"]
-    family = FAMILY_NAMES.get(p.get("family", "ltx2"), "LTX-2")
-    return f"{family} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
+    return f"{_family(p)} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
 
 
 def status_embed(job: Job, queue: QueueView | None = None, *, clip_url: str | None = None) -> discord.Embed:
@@ -152,8 +156,7 @@ def history_line(job: Job) -> str:
 def details_embed(job: Job) -> discord.Embed:
     embed = status_embed(job)
     p = job.params
-    family = FAMILY_NAMES.get(p.get("family", "ltx2"), "LTX-2")
-    embed.add_field(name="Model", value=f"{family} {p.get('pipeline')} · {p.get('steps') or 'default'} steps"
+    embed.add_field(name="Model", value=f"{_family(p)} {p.get('pipeline')} · {p.get('steps') or 'default'} steps"
                     f" · audio {'on' if p.get('audio') else 'off'}")
     embed.add_field(name="Created", value=timestamp(job.created_at, "f"))
     if job.attempts > 1:

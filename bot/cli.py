@@ -203,15 +203,13 @@ def _intake(settings: Settings, args: argparse.Namespace) -> int:
     try:
         data = read_local_image(args.image, settings.limits.max_upload_bytes)
         family = settings.generation.family
-        pipeline = settings.ltxv.pipeline if family == "ltxv" else settings.generation.pipeline
-        multiple = size_multiple(pipeline, family)
+        multiple = size_multiple(settings.default_pipeline(family), family)
         width, height = args.width, args.height
 
         def target(w: int, h: int) -> tuple[int, int]:
             if width and height:
                 return width, height
-            budget = settings.ltxv.pixel_budget if family == "ltxv" else settings.generation.pixel_budget
-            return size_for_aspect(w, h, budget, multiple)
+            return size_for_aspect(w, h, settings.pixel_budget(family), multiple)
 
         if (width is None) != (height is None):
             raise IntakeError("invalid_request", "Give both --width and --height, or neither.")

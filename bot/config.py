@@ -20,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from generator.protocol import FAMILY_NAMES, MAX_FRAMES, MIN_FRAMES, ModelFamily, PipelineKind
+from generator.protocol import MAX_FRAMES, MIN_FRAMES, ModelFamily, PipelineKind
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -239,9 +239,12 @@ class Settings(BaseSettings):
         path = self.ltxv.python if family == "ltxv" else self.generator.python
         return str(path.expanduser().absolute()) if path is not None else sys.executable
 
-    @staticmethod
-    def family_name(family: str) -> str:
-        return FAMILY_NAMES.get(family, family)
+    def default_pipeline(self, family: ModelFamily) -> PipelineKind:
+        return self.ltxv.pipeline if family == "ltxv" else self.generation.pipeline
+
+    def pixel_budget(self, family: ModelFamily) -> int:
+        """The size budget for a size derived from the image's aspect."""
+        return self.ltxv.pixel_budget if family == "ltxv" else self.generation.pixel_budget
 
     @property
     def data_path(self) -> Path:

@@ -14,7 +14,7 @@ from bot.intake import IntakeError
 from bot.intake.image import normalise_image, read_local_image
 from bot.intake.request import SizedRequest
 from bot.worker import Worker
-from generator.protocol import PhaseEvent, ProgressEvent
+from generator.protocol import FAMILY_NAMES, PhaseEvent, ProgressEvent
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -80,7 +80,7 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
             params=request.model_dump(mode="json"), input_path=str(image.path), input_sha256=image.sha256,
         )
     )
-    print(f"Job {job.id}: {settings.family_name(request.family)} {request.pipeline}, "
+    print(f"Job {job.id}: {FAMILY_NAMES[request.family]} {request.pipeline}, "
           f"{request.width}x{request.height}, {request.frames} frames, "
           f"seed {request.seed}", file=sys.stderr)
     worker = Worker(settings, store)

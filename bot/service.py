@@ -31,7 +31,13 @@ from bot.intake.image import ImageIntake, confined_path
 from bot.intake.request import SizedRequest, build_request
 from bot.views import AnimateModal, TweakModal, card_view, delivery_view
 from bot.worker import Ending
-from generator.protocol import GenerationRequest, ProgressEvent, StartedEvent, describe_validation_error
+from generator.protocol import (
+    FAMILY_NAMES,
+    GenerationRequest,
+    ProgressEvent,
+    StartedEvent,
+    describe_validation_error,
+)
 
 if TYPE_CHECKING:
     from bot.app import LtxBot
@@ -335,7 +341,7 @@ class JobService:
             await self.tell(interaction, describe_validation_error(exc))
             return
         if request.family not in self.settings.enabled_families():
-            name = self.settings.family_name(request.family)
+            name = FAMILY_NAMES[request.family]
             await self.tell(interaction, f"The {name} model is no longer set up on this bot; start a new /animate.")
             return
         if not job.input_path or not await asyncio.to_thread(Path(job.input_path).is_file):

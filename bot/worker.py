@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from generator.protocol import (
+    FAMILY_NAMES,
     DoneEvent,
     ErrorEvent,
     GenerationRequest,
@@ -87,7 +88,7 @@ def build_spec(settings: Settings, job: Job) -> JobSpec:
     t = settings.vae_tiling
     request = GenerationRequest.model_validate(job.params)
     if request.family not in settings.enabled_families():
-        raise ValueError(f"the {settings.family_name(request.family)} model family is not enabled on this bot")
+        raise ValueError(f"the {FAMILY_NAMES[request.family]} model family is not enabled on this bot")
     ltxv = settings.ltxv
     return JobSpec(
         request=request,

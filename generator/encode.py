@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 
+from generator import faults
 from generator.protocol import DoneEvent, JobSpec, PhaseEvent
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
+
+    from generator.phases import PhaseTracker
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,46 @@ def finish_clip(spec: JobSpec, partial: Path, frames_written: int) -> tuple[dict
             fitted.replace(partial)
     partial.replace(spec.output_path)
     return probe(spec.output_path), reencoded
+
+
+def stream_clip(
+    spec: JobSpec,
+    tracker: PhaseTracker,
+    chunks: Iterable[np.ndarray],
+    progress: Callable[[str, int, int], None],
+    audio: tuple[np.ndarray, int] | None = None,
+) -> DoneEvent:
+    """Encode the decoded frames in the ``video_decode`` phase, then fit and place the clip.
+
+    ``chunks`` is lazy: the decoder runs here, as the encoder pulls each chunk, so this
+    must be called inside the backend's no-grad scope. It should hold the only references
+    to the decoder and the latents, so they are freed when it is exhausted.
+    """
+    req = spec.request
+    partial = partial_path(spec.output_path)
+    spec.output_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = ClipWriter(partial, width=req.width, height=req.height, fps=req.fps, crf=spec.crf)
+    try:
+        with tracker.phase("video_decode"):
+            if audio is not None:
+                writer.write_audio(*audio)
+            progress("decoding video", 0, req.frames)
+            for chunk in chunks:
+                writer.write_frames(chunk)
+                progress("decoding video", writer.frames, req.frames)
+                faults.mid_decode()
+            writer.close()
+            del chunks
+    except BaseException:
+        writer.abort()
+        raise
+
+    with tracker.phase("finalize"):
+        progress("encoding", 0, 1)
+        info, reencoded = finish_clip(spec, partial, writer.frames)
+    if tracker.leaks:
+        log.warning("models outlived their phase: %s", ", ".join(tracker.leaks))
+    return done_event(spec, info, reencoded, tracker.phases, tracker.leaks)
 
 
 def done_event(

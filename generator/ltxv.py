@@ -20,6 +20,7 @@ switches raise on 0.9.1+ VAEs (``shared/notes/ltx-video-0.9.md`` §4).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -43,9 +44,8 @@ from ltx_video.utils.skip_layer_strategy import SkipLayerStrategy
 from safetensors import safe_open
 from transformers import T5EncoderModel, T5Tokenizer
 
-from generator import faults
 from generator.checks import main_checkpoint, safetensors_metadata
-from generator.encode import ClipWriter, done_event, finish_clip, partial_path
+from generator.encode import stream_clip
 from generator.phases import PhaseTracker, pick_device
 from generator.protocol import DoneEvent, JobSpec, PipelineKind, ProgressEvent, Tiling
 
@@ -106,15 +106,14 @@ def pass_settings(kind: PipelineKind, steps: int | None, layers: int) -> list[di
     else:
         n = steps or DEV_STEPS
         # The official skips are for 30 steps; keep their share when the owner asks for fewer.
-        first = {**DEV_FIRST_PASS, "num_inference_steps": n,
-                 "skip_final_inference_steps": round(DEV_FIRST_PASS["skip_final_inference_steps"] * n / DEV_STEPS)}
-        # The second pass starts from the upsampled latents, so it must skip at least its first (pure noise) step.
-        n_2 = max(n, 2)
-        skip_2 = max(1, round(DEV_SECOND_PASS["skip_initial_inference_steps"] * n_2 / DEV_STEPS))
-        second = {**DEV_SECOND_PASS, "num_inference_steps": n_2, "skip_initial_inference_steps": skip_2}
-        passes = [first] if kind == "one_stage" else [first, second]
-        if kind == "one_stage":
-            passes[0]["skip_final_inference_steps"] = 0
+        # one_stage runs the whole schedule; the multi-scale first pass leaves its end to the second.
+        skip_1 = 0 if kind == "one_stage" else round(DEV_FIRST_PASS["skip_final_inference_steps"] * n / DEV_STEPS)
+        passes = [{**DEV_FIRST_PASS, "num_inference_steps": n, "skip_final_inference_steps": skip_1}]
+        if kind == "two_stage":
+            # The second pass starts from the upsampled latents, so it must skip at least its first (pure noise) step.
+            n_2 = max(n, 2)
+            skip_2 = max(1, round(DEV_SECOND_PASS["skip_initial_inference_steps"] * n_2 / DEV_STEPS))
+            passes.append({**DEV_SECOND_PASS, "num_inference_steps": n_2, "skip_initial_inference_steps": skip_2})
     for settings in passes:
         settings["skip_block_list"] = _only_blocks_below(settings["skip_block_list"], layers)
     return passes
@@ -156,8 +155,13 @@ def load_transformer(path: Path, config: dict[str, Any], device: torch.device, d
     return transformer.to(device=device, dtype=dtype).eval()
 
 
+def build_vae(vae_config: dict[str, Any]) -> Any:
+    # from_config rewrites the config's "dims" in place: give it a copy.
+    return CausalVideoAutoencoder.from_config(copy.deepcopy(vae_config))
+
+
 def load_vae(path: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
-    vae = CausalVideoAutoencoder.from_config(json.loads(json.dumps(config["vae"])))
+    vae = build_vae(config["vae"])
     vae.load_state_dict(_read_tensors(path, "vae.", device))
     return vae.to(device=device, dtype=dtype).eval()
 
@@ -226,13 +230,7 @@ def _generate(spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: 
     def progress(stage: str, step: int, total: int) -> None:
         emit(ProgressEvent(stage=stage, step=step, total=total))
 
-    @contextlib.contextmanager
-    def phase(name: str) -> Iterator[None]:
-        with tracker.phase(name):
-            faults.at_phase_start(name)
-            yield
-
-    with phase("text_encode"):
+    with tracker.phase("text_encode"):
         progress("reading the prompt", 0, 1)
         assert files.text_encoder_root is not None
         root = str(files.text_encoder_root)
@@ -244,7 +242,7 @@ def _generate(spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: 
         )
         del text_encoder, tokenizer
 
-    with phase("stage_1"):
+    with tracker.phase("stage_1"):
         # The VAE stays to the decode: the pipeline encodes the conditioning image inside each pass.
         vae = tracker.watch(loaders.vae(checkpoint, config, device, dtype), "video VAE", until="video_decode")
         transformer = tracker.watch(
@@ -284,7 +282,7 @@ def _generate(spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: 
             del pipe, transformer
 
     if multi_scale:
-        with phase("upsample"):
+        with tracker.phase("upsample"):
             progress("upsampling", 0, 1)
             assert files.spatial_upsampler is not None
             upsampler = tracker.watch(loaders.upsampler(files.spatial_upsampler, device, dtype), "spatial upsampler")
@@ -297,35 +295,16 @@ def _generate(spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: 
             upsampled = adain_filter_latent(latents=upsampled, reference_latents=latents)
             del upsampler, latents
 
-        with phase("stage_2"):
+        with tracker.phase("stage_2"):
             latents = run_pass("refining", passes[1], width_1 * 2, height_1 * 2, latents=upsampled)
             del pipe, transformer, upsampled
 
-    partial = partial_path(spec.output_path)
-    spec.output_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = ClipWriter(partial, width=req.width, height=req.height, fps=req.fps, crf=spec.crf)
-    try:
-        with phase("video_decode"):
-            for observe in DECODER_OBSERVERS:
-                observe(vae)
-            progress("decoding video", 0, req.frames)
-            for frames in decode_stream(vae, latents, spec.tiling, generator, (req.height, req.width)):
-                writer.write_frames(frames)
-                progress("decoding video", writer.frames, req.frames)
-                faults.mid_decode()
-            writer.close()
-            del vae, latents
-    except BaseException:
-        writer.abort()
-        raise
-
-    with phase("finalize"):
-        progress("encoding", 0, 1)
-        info, reencoded = finish_clip(spec, partial, writer.frames)
-
-    if tracker.leaks:
-        log.warning("models outlived their phase: %s", ", ".join(tracker.leaks))
-    return done_event(spec, info, reencoded, tracker.phases, tracker.leaks)
+    for observe in DECODER_OBSERVERS:
+        observe(vae)
+    # Lazy: the windows are decoded inside stream_clip, as the encoder consumes them, inside the scope.
+    frames = decode_stream(vae, latents, spec.tiling, generator, (req.height, req.width))
+    del vae, latents
+    return stream_clip(spec, tracker, frames, progress)
 
 
 # --- the decode: latent-time windows with context, spatial tiles, streamed -------------------

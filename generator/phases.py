@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import torch
 
+from generator import faults
 from generator.protocol import PhaseEvent
 
 GIB = 2**30
@@ -91,6 +92,7 @@ class PhaseTracker:
         _reset_rss_peak()
         self.current = name
         start = time.perf_counter()
+        faults.at_phase_start(name)
         yield
         release_memory(self.device)
         seconds = time.perf_counter() - start

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from ltx_core.components.diffusion_steps import EulerDiffusionStep
 from ltx_core.components.guiders import create_multimodal_guider_factory
@@ -49,9 +50,8 @@ from ltx_pipelines.utils.helpers import (
 from ltx_pipelines.utils.samplers import euler_denoising_loop
 from ltx_pipelines.utils.types import PipelineComponents
 
-from generator import faults
 from generator.checks import main_checkpoint
-from generator.encode import ClipWriter, done_event, finish_clip, partial_path
+from generator.encode import stream_clip
 from generator.models import LtxLedger
 from generator.phases import PhaseTracker, pick_device
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
@@ -77,12 +77,6 @@ class _Run:
 
     def progress(self, stage: str, step: int, total: int) -> None:
         self.emit(ProgressEvent(stage=stage, step=step, total=total))
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        with self.tracker.phase(name):
-            faults.at_phase_start(name)
-            yield
 
     def denoise(
         self,
@@ -187,18 +181,18 @@ def _generate(
     images = [ImageConditioningInput(str(spec.image_path), 0, req.image_strength)]
     width_1, height_1 = (req.width // 2, req.height // 2) if two_stages else (req.width, req.height)
 
-    with run.phase("text_encode"):
+    with tracker.phase("text_encode"):
         run.progress("reading the prompt", 0, 1)
         text_encoder = tracker.watch(ledger.text_encoder(), "text encoder")
         hidden = [text_encoder.encode(p) for p in prompts]
         del text_encoder
 
-    with run.phase("embeddings"):
+    with tracker.phase("embeddings"):
         processor = tracker.watch(ledger.gemma_embeddings_processor(), "embeddings processor")
         run.contexts = [processor.process_hidden_states(states, mask) for states, mask in hidden]
         del processor, hidden
 
-    with run.phase("image_encode"):
+    with tracker.phase("image_encode"):
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
         cond_1 = combined_image_conditionings(images, height_1, width_1, encoder, dtype, device)
         cond_2 = (
@@ -206,7 +200,7 @@ def _generate(
         )
         del encoder
 
-    with run.phase("stage_1"):
+    with tracker.phase("stage_1"):
         keep_until = "stage_2" if kind == "distilled" else None
         transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
         if guided:
@@ -222,14 +216,14 @@ def _generate(
             del transformer
 
     if two_stages:
-        with run.phase("upsample"):
+        with tracker.phase("upsample"):
             run.progress("upsampling", 0, 1)
             encoder = tracker.watch(ledger.video_encoder(), "video encoder")
             upsampler = tracker.watch(ledger.spatial_upsampler(), "spatial upsampler")
             upscaled = upsample_video(latent=video_state.latent[:1], video_encoder=encoder, upsampler=upsampler)
             del encoder, upsampler, video_state
 
-        with run.phase("stage_2"):
+        with tracker.phase("stage_2"):
             if kind == "two_stage":
                 assert spec.models.distilled_lora is not None
                 lora = LoraPathStrengthAndSDOps(str(spec.models.distilled_lora), 1.0, LTXV_LORA_COMFY_RENAMING_MAP)
@@ -242,52 +236,30 @@ def _generate(
             )
             del transformer, upscaled
 
-    waveform = None
-    sampling_rate = 0
+    audio_track: tuple[np.ndarray, int] | None = None
     if req.audio:
-        with run.phase("audio_decode"):
+        with tracker.phase("audio_decode"):
             run.progress("decoding audio", 0, 1)
             audio_decoder = tracker.watch(ledger.audio_decoder(), "audio decoder")
             vocoder = tracker.watch(ledger.vocoder(), "vocoder")
             audio = vae_decode_audio(audio_state.latent, audio_decoder, vocoder)
-            waveform = audio.waveform.float().cpu().numpy()
-            sampling_rate = int(audio.sampling_rate)
+            audio_track = (audio.waveform.float().cpu().numpy(), int(audio.sampling_rate))
             del audio_decoder, vocoder, audio
     del audio_state
 
-    partial = partial_path(spec.output_path)
-    spec.output_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = ClipWriter(partial, width=req.width, height=req.height, fps=req.fps, crf=spec.crf)
-    try:
-        with run.phase("video_decode"):
-            decoder = tracker.watch(ledger.video_decoder(), "video decoder")
-            for observe in DECODER_OBSERVERS:
-                observe(decoder)
-            tiling = TilingConfig(
-                spatial_config=SpatialTilingConfig(spec.tiling.spatial_px, spec.tiling.spatial_overlap_px),
-                temporal_config=TemporalTilingConfig(spec.tiling.temporal_frames, spec.tiling.temporal_overlap_frames),
-            )
-            if waveform is not None:
-                writer.write_audio(waveform, sampling_rate)
-            # The decoder is lazy: it runs here, as the encoder consumes it, inside the scope.
-            chunks = vae_decode_video(video_state.latent, decoder, tiling, run.generator)
-            run.progress("decoding video", 0, req.frames)
-            for chunk in chunks:
-                if chunk.shape[0] == 0:
-                    continue
-                writer.write_frames(chunk.cpu().numpy())
-                run.progress("decoding video", writer.frames, req.frames)
-                faults.mid_decode()
-            writer.close()
-            del decoder, chunks, video_state
-    except BaseException:
-        writer.abort()
-        raise
+    def decoded(latent: torch.Tensor) -> Iterator[np.ndarray]:
+        decoder = tracker.watch(ledger.video_decoder(), "video decoder")
+        for observe in DECODER_OBSERVERS:
+            observe(decoder)
+        tiling = TilingConfig(
+            spatial_config=SpatialTilingConfig(spec.tiling.spatial_px, spec.tiling.spatial_overlap_px),
+            temporal_config=TemporalTilingConfig(spec.tiling.temporal_frames, spec.tiling.temporal_overlap_frames),
+        )
+        for chunk in vae_decode_video(latent, decoder, tiling, run.generator):
+            if chunk.shape[0]:
+                yield chunk.cpu().numpy()
 
-    with run.phase("finalize"):
-        run.progress("encoding", 0, 1)
-        info, reencoded = finish_clip(spec, partial, writer.frames)
-
-    if tracker.leaks:
-        log.warning("models outlived their phase: %s", ", ".join(tracker.leaks))
-    return done_event(spec, info, reencoded, tracker.phases, tracker.leaks)
+    # The decoder is lazy: it is built and runs inside stream_clip, as the encoder consumes it, inside the scope.
+    frames = decoded(video_state.latent)
+    del video_state
+    return stream_clip(spec, tracker, frames, run.progress, audio_track)

@@ -67,6 +67,11 @@ def _read_spec(arg: str) -> JobSpec:
     return JobSpec.model_validate_json(text)
 
 
+STANDBY_ARGS: dict[tuple[str, ...], ModelFamily] = {
+    ("--standby",): "ltx2", **{("--standby", family): family for family in MODEL_FAMILIES}
+}
+
+
 def backend(family: ModelFamily) -> Callable[[JobSpec, EventWriter], DoneEvent]:
     """The family's ``generate``; importing it is the slow part (torch and the model package)."""
     if family == "ltxv":
@@ -101,13 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     emit = EventWriter(_claim_stdout())
-    standby = args[:1] == ["--standby"] and len(args) <= 2 and (args[1:] or ["ltx2"])[0] in MODEL_FAMILIES
-    if len(args) != 1 and not standby:
+    waiting_family = STANDBY_ARGS.get(tuple(args))
+    if len(args) != 1 and waiting_family is None:
         usage = "usage: python -m generator SPEC.json (or - for stdin, or --standby [ltx2|ltxv])"
         return _fail(emit, "invalid_spec", usage, ExitCode.INVALID_SPEC)
     imported_at: float | None = None
-    waiting_family: ModelFamily = "ltxv" if args[1:] == ["ltxv"] else "ltx2"
-    if standby:
+    if waiting_family is not None:
         backend(waiting_family)  # the slow imports, done before the job exists
         imported_at = time.perf_counter()
         emit(ReadyEvent(pid=os.getpid(), import_seconds=round(imported_at - started, 3)))
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(emit, "invalid_spec", describe_validation_error(exc), ExitCode.INVALID_SPEC)
     except (OSError, ValueError) as exc:
         return _fail(emit, "invalid_spec", f"the job spec could not be read: {exc}", ExitCode.INVALID_SPEC)
-    if imported_at is not None and spec.family != waiting_family:
+    if waiting_family is not None and spec.family != waiting_family:
         message = f"this generator was started for the {waiting_family} family, not {spec.family}"
         return _fail(emit, "invalid_spec", message, ExitCode.INVALID_SPEC)
     try:

@@ -239,7 +239,7 @@ def _fill(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Ten
     return torch.randn(shape, generator=generator) * 0.02
 
 
-def _random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
     state = module.state_dict(keep_vars=True)
     return {
         name: _fill(name, tensor.shape, generator).to(torch.bfloat16)
@@ -274,12 +274,12 @@ def write_tiny_models(root: Path, seed: int = SEED) -> TinyModels:
 
     tensors: dict[str, torch.Tensor] = {}
     transformer = _meta(LTXModelConfigurator, config)
-    transformer_state = _random_state(transformer, generator)
+    transformer_state = random_state(transformer, generator)
     tensors |= {f"model.diffusion_model.{k}": v for k, v in transformer_state.items()}
 
     video_vae = (("vae.encoder.", VideoEncoderConfigurator), ("vae.decoder.", VideoDecoderConfigurator))
     for prefix, configurator in video_vae:
-        for key, value in _random_state(_meta(configurator, config), generator).items():
+        for key, value in random_state(_meta(configurator, config), generator).items():
             if key.startswith("per_channel_statistics."):
                 tensors[f"vae.{key}"] = value
             else:
@@ -288,15 +288,15 @@ def write_tiny_models(root: Path, seed: int = SEED) -> TinyModels:
         ("audio_vae.encoder.", AudioEncoderConfigurator),
         ("audio_vae.decoder.", AudioDecoderConfigurator),
     ):
-        for key, value in _random_state(_meta(configurator, config), generator).items():
+        for key, value in random_state(_meta(configurator, config), generator).items():
             if key.startswith("per_channel_statistics."):
                 tensors[f"audio_vae.{key}"] = value
             else:
                 tensors[prefix + key] = value
-    tensors |= {f"vocoder.{k}": v for k, v in _random_state(_meta(VocoderConfigurator, config), generator).items()}
+    tensors |= {f"vocoder.{k}": v for k, v in random_state(_meta(VocoderConfigurator, config), generator).items()}
 
     processor_configurator = EmbeddingsProcessorForGemma.for_root(gemma_root)
-    for key, value in _random_state(_meta(processor_configurator, config), generator).items():
+    for key, value in random_state(_meta(processor_configurator, config), generator).items():
         if key.startswith("feature_extractor."):
             tensors["text_embedding_projection." + key.removeprefix("feature_extractor.")] = value
         elif key.startswith("video_connector."):
@@ -308,7 +308,7 @@ def write_tiny_models(root: Path, seed: int = SEED) -> TinyModels:
     save_file(tensors, str(checkpoint), metadata={"config": json.dumps(config), "model_version": MODEL_VERSION})
 
     upsampler = root / "ltx-2.3-tiny-spatial-upscaler-x2.safetensors"
-    upsampler_state = _random_state(_meta(LatentUpsamplerConfigurator, TINY_UPSAMPLER), generator)
+    upsampler_state = random_state(_meta(LatentUpsamplerConfigurator, TINY_UPSAMPLER), generator)
     save_file(upsampler_state, str(upsampler), metadata={"config": json.dumps(TINY_UPSAMPLER)})
 
     lora = root / "ltx-2.3-tiny-distilled-lora.safetensors"
@@ -350,7 +350,7 @@ def write_tiny_gemma(root: Path, generator: torch.Generator) -> Path:
     with torch.device("meta"):
         model = Gemma3ForConditionalGeneration(Gemma3Config.from_dict(TINY_GEMMA))
     weights: dict[str, torch.Tensor] = {}
-    for key, value in _random_state(model, generator).items():
+    for key, value in random_state(model, generator).items():
         if key.startswith("lm_head."):
             continue  # tied to embed_tokens; the official files do not carry it
         # Official key names (the layout of google/gemma-3-12b-it's safetensors).

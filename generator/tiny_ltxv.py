@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from generator.tiny import SEED, _fill
+from generator.ltxv import DISTILLED_FIRST_PASS, DISTILLED_SECOND_PASS, build_vae
+from generator.tiny import SEED, random_state
 
 T5_D_MODEL = 32
 LATENT_CHANNELS = 32
@@ -122,8 +123,10 @@ TINY_T5: dict[str, Any] = {
     "feed_forward_proj": "gated-gelu",
 }
 
-# Every timestep of the distilled schedules (generator/ltxv.py), rounded as the pipeline checks them.
-ALLOWED_DISTILLED_STEPS = [1.0, 0.9937, 0.9875, 0.9812, 0.975, 0.9094, 0.725, 0.4219]
+# Every timestep of the distilled schedules, as a distilled checkpoint lists them.
+ALLOWED_DISTILLED_STEPS = sorted(
+    {*DISTILLED_FIRST_PASS["timesteps"], *DISTILLED_SECOND_PASS["timesteps"]}, reverse=True
+)
 
 _CORPUS = (
     "a cat walks across the garden. the camera pans slowly to the left. waves roll onto a sandy beach. "
@@ -148,17 +151,8 @@ class TinyLtxv:
         }
 
 
-def _random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    return {
-        name: _fill(name, tensor.shape, generator).to(torch.bfloat16)
-        for name, tensor in module.state_dict(keep_vars=True).items()
-        if tensor.is_floating_point()
-    }
-
-
 def write_tiny_ltxv(root: Path, seed: int = SEED) -> TinyLtxv:
     """Write the tiny dev and distilled checkpoints, the upsampler and the T5 folder under ``root``."""
-    from ltx_video.models.autoencoders.causal_video_autoencoder import CausalVideoAutoencoder
     from ltx_video.models.autoencoders.latent_upsampler import LatentUpsampler
     from ltx_video.models.transformers.transformer3d import Transformer3DModel
 
@@ -167,10 +161,10 @@ def write_tiny_ltxv(root: Path, seed: int = SEED) -> TinyLtxv:
     with torch.device("meta"):
         transformer = Transformer3DModel.from_config(TINY_TRANSFORMER)
         upsampler = LatentUpsampler.from_config(TINY_UPSAMPLER)
-    vae = CausalVideoAutoencoder.from_config(json.loads(json.dumps(TINY_VAE)))
+    vae = build_vae(TINY_VAE)
 
-    tensors = {f"model.diffusion_model.{k}": v for k, v in _random_state(transformer, generator).items()}
-    tensors |= {f"vae.{k}": v for k, v in _random_state(vae, generator).items()}
+    tensors = {f"model.diffusion_model.{k}": v for k, v in random_state(transformer, generator).items()}
+    tensors |= {f"vae.{k}": v for k, v in random_state(vae, generator).items()}
     channels = (LATENT_CHANNELS,)
     tensors["vae.per_channel_statistics.std-of-means"] = (torch.rand(channels, generator=generator) + 0.5).bfloat16()
     tensors["vae.per_channel_statistics.mean-of-means"] = (torch.randn(channels, generator=generator) * 0.1).bfloat16()
@@ -183,15 +177,15 @@ def write_tiny_ltxv(root: Path, seed: int = SEED) -> TinyLtxv:
     save_file(tensors, str(distilled), metadata={"config": json.dumps(config_distilled)})
 
     upsampler_path = root / "ltxv-tiny-spatial-upscaler.safetensors"
-    save_file(_random_state(upsampler, generator), str(upsampler_path),
+    save_file(random_state(upsampler, generator), str(upsampler_path),
               metadata={"config": json.dumps(TINY_UPSAMPLER)})
 
     text_root = root / "t5"
-    _write_text_encoder(text_root)
+    write_text_encoder(text_root)
     return TinyLtxv(dev, distilled, upsampler_path, text_root)
 
 
-def _write_text_encoder(root: Path) -> None:
+def write_text_encoder(root: Path) -> None:
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 

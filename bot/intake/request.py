@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from bot.intake.errors import IntakeError
 from generator.protocol import (
+    FAMILY_NAMES,
     GenerationRequest,
     ModelFamily,
     PipelineKind,
@@ -74,12 +75,10 @@ def build_request(
     if family not in settings.enabled_families():
         raise IntakeError(
             "invalid_request",
-            f"The {settings.family_name(family)} model is not set up on this bot; choose "
-            f"{' or '.join(settings.family_name(f) for f in settings.enabled_families())}, or ask the owner.",
+            f"The {FAMILY_NAMES[family]} model is not set up on this bot; choose "
+            f"{' or '.join(FAMILY_NAMES[f] for f in settings.enabled_families())}, or ask the owner.",
         )
-    ltxv = family == "ltxv"
-    kind: PipelineKind = pipeline or (settings.ltxv.pipeline if ltxv else gen.pipeline)
-    budget = settings.ltxv.pixel_budget if ltxv else gen.pixel_budget
+    kind: PipelineKind = pipeline or settings.default_pipeline(family)
     if preset is not None:
         if preset not in gen.presets:
             names = ", ".join(sorted(gen.presets))
@@ -89,7 +88,7 @@ def build_request(
         if source_size is None:
             width, height = gen.presets["landscape"].width, gen.presets["landscape"].height
         else:
-            width, height = size_for_aspect(*source_size, budget, size_multiple(kind, family))
+            width, height = size_for_aspect(*source_size, settings.pixel_budget(family), size_multiple(kind, family))
     if frames is None:
         frames = frames_for_seconds(seconds, gen.fps) if seconds is not None else gen.frames
     data = {
@@ -103,7 +102,7 @@ def build_request(
         "seed": choose_seed(settings, seed),
         "pipeline": kind,
         "family": family,
-        "audio": (gen.audio and not ltxv) if audio is None else audio,
+        "audio": (gen.audio and family != "ltxv") if audio is None else audio,
         "image_strength": gen.image_strength,
     }
     context = {"max_frames": settings.limits.max_frames, "max_prompt_chars": settings.limits.max_prompt_chars}
