@@ -381,6 +381,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             r = unscoped[label]
             outcome = "out of memory" if r.get("out_of_memory") else f"{r.get('frames')} frames"
             lines.append(f"| {label} | {r['peak_allocated_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {outcome} |")
+    lines += target_lines(results)
     overhead = results.get("overhead")
     if overhead and "median_standby" in overhead:
         lines += ["", f"Per-job overhead before the first phase (median of {len(overhead['cold'])}): "
@@ -390,6 +391,48 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += ["", "Per-job overhead, process spawn to first phase start: "
                   f"{overhead['median_to_first_phase_start']:.2f} s"]
     return "\n".join(lines) + "\n"
+
+
+def _peak(config: dict[str, Any]) -> float | None:
+    measured = [p["peak_allocated_gib"] for p in config["phases"] if p["peak_allocated_gib"] is not None]
+    return None if config.get("error") or not measured else max(measured)
+
+
+def target_lines(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, judged from the figures themselves (never typed in by hand)."""
+    # The ratio compares two runs of one process when the results have them (``side_by_side``).
+    pool = {c["name"]: c for c in results["configs"]} | {c["name"]: c for c in results.get("side_by_side", [])}
+    small, large = pool.get("fp8 1024x768x97"), pool.get("fp8 2048x1536x97")
+    rows: list[tuple[str, str, str]] = []
+    small_peak = _peak(small) if small else None
+    if small_peak is not None:
+        rows.append(("fp8 1024x768x97 peak <= 24 GiB", f"{small_peak:.3f} GiB",
+                     "met" if small_peak <= 24 else f"missed by {small_peak - 24:.3f} GiB"))
+    large_peak = _peak(large) if large else None
+    if small_peak is not None and large_peak is not None:
+        ratio, limit = large_peak / small_peak, 1.05 * small_peak
+        rows.append(("2048x1536x97 peak <= 1.05 x 1024x768x97 peak",
+                     f"{large_peak:.3f} / {small_peak:.3f} = {ratio:.4f}",
+                     f"met ({(limit - large_peak) * 1024:.1f} MiB under)" if large_peak <= limit
+                     else f"missed by {(large_peak - limit) * 1024:.1f} MiB"))
+    unscoped = results.get("unscoped_decode")
+    if unscoped:
+        scoped_peak = unscoped["scoped"]["peak_allocated_gib"]
+        unscoped_peak = unscoped["unscoped"]["peak_allocated_gib"]
+        fatal = " (ran out of memory)" if unscoped["unscoped"].get("out_of_memory") else ""
+        rows.append(("unscoped decode blows up (several x scoped)",
+                     f"{unscoped_peak:.2f} vs {scoped_peak:.2f} GiB{fatal}",
+                     f"met, {unscoped_peak / scoped_peak:.1f}x" if unscoped_peak >= 3 * scoped_peak else "missed"))
+    overhead = results.get("overhead")
+    if overhead and "median_standby" in overhead:
+        cold, standby = overhead["median_cold"], overhead["median_standby"]
+        rows.append(("per-job overhead before the first phase <= 5 s", f"cold {cold:.2f} s, standby {standby:.2f} s",
+                     ("met" if standby <= 5 else "missed") + (" with standby; cold " + ("met" if cold <= 5 else
+                                                                                       f"missed by {cold - 5:.1f} s"))))
+    if not rows:
+        return []
+    return ["", "Targets, judged from the figures above:", "", "| target | measured | result |", "|---|---|---|",
+            *(f"| {name} | {measured} | {result} |" for name, measured, result in rows)]
 
 
 def plot(path: Path, results: dict[str, Any]) -> None:

@@ -95,3 +95,25 @@ def test_benchmark_runs_tiny_configs_and_writes_its_reports(tmp_path: Path) -> N
     table = (out / "table.md").read_text()
     assert "| stage_2 |" in table and "tiny 128x64x9" in table and "Per-job overhead" in table
     assert (out / "peaks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_are_judged_from_the_figures() -> None:
+    from bench.vram import target_lines
+
+    def config(name: str, peaks: dict[str, float]) -> dict[str, object]:
+        return {"name": name, "phases": [{"name": k, "peak_allocated_gib": v} for k, v in peaks.items()]}
+
+    results = {
+        "configs": [config("fp8 1024x768x97", {"text_encode": 23.9, "stage_2": 20.0}),
+                    config("fp8 2048x1536x97", {"text_encode": 23.9, "stage_2": 25.2})],
+        "unscoped_decode": {"scoped": {"peak_allocated_gib": 3.3}, "unscoped": {"peak_allocated_gib": 6.0}},
+        "overhead": {"median_cold": 15.0, "median_standby": 0.02},
+    }
+    text = "\n".join(target_lines(results))
+    assert "| fp8 1024x768x97 peak <= 24 GiB | 23.900 GiB | met |" in text
+    assert "25.200 / 23.900 = 1.0544 | missed by " in text
+    assert "| 6.00 vs 3.30 GiB | missed |" in text  # under 3x is no blow-up
+    assert "met with standby; cold missed by 10.0 s" in text
+    # A one-process pair in side_by_side is what the ratio uses.
+    results["side_by_side"] = [config("fp8 2048x1536x97", {"stage_2": 25.0})]
+    assert "25.000 / 23.900 = 1.0460 | met (" in "\n".join(target_lines(results))
