@@ -1,67 +1,151 @@
-"""Run the real generator on the tiny checkpoint on CUDA, once per pipeline kind.
+"""Run the real generator on the tiny checkpoints on CUDA and check each clip as the CPU tests do.
 
-``python -m bench.tiny_cuda OUT_DIR`` writes ``tiny_cuda.json``: per run, the exit
-status, the mp4's frames/size/audio as read back, and every phase's peaks.
+    python -m bench.tiny_cuda OUT_DIR                  # LTX-2: every pipeline kind, fp8 on and off
+    python -m bench.tiny_cuda OUT_DIR --family ltxv    # LTX-Video, in its own interpreter
+
+Writes ``OUT_DIR/tiny_cuda[-ltxv].json``: the GPU, and per run the exit status, the
+checks that failed (none is the pass), the mp4's frames/size/fps/audio as read back
+and every phase's peaks. Exits 1 when any check fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
-from generator.encode import probe
-from generator.protocol import JobSpec, parse_event
-from generator.tiny import write_tiny_models
+from generator.protocol import DoneEvent, JobSpec, PhaseEvent, StartedEvent, parse_event
 
-RUNS = [
-    ("two_stage", True, True),
-    ("two_stage", False, True),
-    ("distilled", True, False),
-    ("one_stage", True, True),
-]
+_LTX2_HEAD = ["text_encode", "embeddings", "image_encode", "stage_1"]
+_LTXV_MULTI_SCALE = ["text_encode", "stage_1", "upsample", "stage_2", "video_decode", "finalize"]
+# (family, pipeline, audio) -> the phases a run must report, once each, in this order.
+EXPECTED_PHASES: dict[tuple[str, str, bool], list[str]] = {
+    ("ltx2", "two_stage", True): [*_LTX2_HEAD, "upsample", "stage_2", "audio_decode", "video_decode", "finalize"],
+    ("ltx2", "two_stage", False): [*_LTX2_HEAD, "upsample", "stage_2", "video_decode", "finalize"],
+    ("ltx2", "distilled", False): [*_LTX2_HEAD, "upsample", "stage_2", "video_decode", "finalize"],
+    ("ltx2", "one_stage", True): [*_LTX2_HEAD, "audio_decode", "video_decode", "finalize"],
+    ("ltxv", "distilled", False): _LTXV_MULTI_SCALE,
+    ("ltxv", "two_stage", False): _LTXV_MULTI_SCALE,
+    ("ltxv", "one_stage", False): ["text_encode", "stage_1", "video_decode", "finalize"],
+}
+# (pipeline, fp8 cast, audio); LTX-Video has no sound and no fp8 cast.
+RUNS = {
+    "ltx2": [("two_stage", True, True), ("two_stage", False, True), ("distilled", True, False),
+             ("one_stage", True, True)],
+    "ltxv": [("distilled", False, False), ("two_stage", False, False), ("one_stage", False, False)],
+}
+SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
+FRAMES = 25
+FPS = 24
 
 
-def main() -> int:
-    out = Path(sys.argv[1])
-    work = out.parent / "tiny-work"
+def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: list[Any],
+              clip: dict[str, Any] | None) -> list[str]:
+    """What differs from the CPU tests' expectations; empty when the run passes."""
+    width, height = SIZE[family]
+    failures = [] if exit_code == 0 else [f"exit {exit_code}"]
+    if not events or not isinstance(events[0], StartedEvent) or events[0].device != "cuda":
+        failures.append("the first event is not `started` on cuda")
+    if not events or not isinstance(events[-1], DoneEvent):
+        failures.append("the last event is not `done`")
+    else:
+        done = events[-1]
+        if done.leaked_models:
+            failures.append(f"models kept alive across phases: {done.leaked_models}")
+        if (done.frames, done.width, done.height, done.has_audio) != (FRAMES, width, height, audio):
+            failures.append(f"done reports {done.frames} frames {done.width}x{done.height} audio {done.has_audio}")
+    phases = [e for e in events if isinstance(e, PhaseEvent)]
+    expected = EXPECTED_PHASES[(family, pipeline, audio)]
+    if [p.name for p in phases] != expected:
+        failures.append(f"phases {[p.name for p in phases]}, expected {expected}")
+    for phase in phases:
+        figures = (phase.seconds, phase.peak_allocated_gib, phase.peak_reserved_gib, phase.peak_rss_gib)
+        if any(value is None or value < 0 for value in figures):
+            failures.append(f"phase {phase.name} has a missing or negative figure: {figures}")
+    if clip is None:
+        failures.append("no clip to read back")
+    elif (clip["frames"], clip["width"], clip["height"], clip["fps"], clip["has_audio"]) != (
+            FRAMES, width, height, float(FPS), audio):
+        failures.append(f"the clip reads back as {clip}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tiny_cuda", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--family", choices=sorted(RUNS), default="ltx2")
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    work = out / f"work-{args.family}"
     work.mkdir(parents=True, exist_ok=True)
-    models = write_tiny_models(work / "models")
+    width, height = SIZE[args.family]
     image = work / "in.png"
-    Image.new("RGB", (256, 192), (90, 140, 200)).save(image)
-    results = []
-    for kind, fp8, audio in RUNS:
+    Image.new("RGB", (width + 40, height + 20), (90, 140, 200)).save(image)
+    files = _tiny_files(args.family, work / "models")
+    import torch
+
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                              "family": args.family, "runs": []}
+    for pipeline, fp8, audio in RUNS[args.family]:
         spec = JobSpec.model_validate({
-            "request": {"prompt": "a cat walks on the beach", "width": 256, "height": 192, "frames": 25,
-                        "steps": 4, "seed": 7, "pipeline": kind, "audio": audio},
-            "image_path": str(image), "output_path": str(work / f"{kind}-{fp8}.mp4"),
-            "models": {"checkpoint": str(models.checkpoint), "distilled_checkpoint": str(models.checkpoint),
-                       "distilled_lora": str(models.distilled_lora),
-                       "spatial_upsampler": str(models.spatial_upsampler), "gemma_root": str(models.gemma_root)},
+            "request": {"prompt": "a cat walks on the beach", "family": args.family, "width": width,
+                        "height": height, "frames": FRAMES, "fps": FPS, "steps": 4, "seed": 7,
+                        "pipeline": pipeline, "audio": audio},
+            "image_path": str(image), "output_path": str(work / f"{pipeline}-{fp8}.mp4"),
+            "models" if args.family == "ltx2" else "ltxv_models": files,
             "tiling": {"spatial_px": 64, "spatial_overlap_px": 32, "temporal_frames": 16,
                        "temporal_overlap_frames": 8},
             "fp8_cast": fp8, "device": "cuda",
         })
-        spec_path = work / f"{kind}-{fp8}.json"
+        spec_path = work / f"{pipeline}-{fp8}.json"
         spec_path.write_text(spec.model_dump_json())
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "generator", str(spec_path)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "generator", str(spec_path)], capture_output=True, text=True,
+                              check=False)
         wall = time.perf_counter() - started
-        events = [parse_event(line).model_dump(mode="json") for line in proc.stdout.splitlines() if line.strip()]
-        entry = {"pipeline": kind, "fp8_cast": fp8, "audio": audio, "exit": proc.returncode, "wall_seconds": wall,
-                 "events": [e for e in events if e["event"] in {"started", "phase", "error"}]}
-        if proc.returncode == 0:
-            entry["probe"] = probe(spec.output_path)
-        else:
+        events = [parse_event(line) for line in proc.stdout.splitlines() if line.strip()]
+        clip = _probe(spec.output_path) if proc.returncode == 0 else None
+        failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip)
+        entry: dict[str, Any] = {
+            "pipeline": pipeline, "fp8_cast": fp8, "audio": audio, "exit": proc.returncode,
+            "wall_seconds": round(wall, 1), "failed_checks": failures, "clip": clip,
+            "events": [e.model_dump(mode="json") for e in events if e.event in {"started", "phase", "error"}],
+        }
+        if failures:
             entry["stderr_tail"] = proc.stderr[-3000:]
-        results.append(entry)
-        print(kind, fp8, proc.returncode, f"{wall:.1f}s", entry.get("probe"), flush=True)
-    (out / "tiny_cuda.json").write_text(json.dumps(results, indent=2))
-    return 0 if all(r["exit"] == 0 for r in results) else 1
+        report["runs"].append(entry)
+        print(pipeline, f"fp8={fp8}", f"exit={proc.returncode}", f"{wall:.1f}s",
+              "passed" if not failures else f"FAILED: {failures}", flush=True)
+    name = "tiny_cuda.json" if args.family == "ltx2" else f"tiny_cuda-{args.family}.json"
+    (out / name).write_text(json.dumps(report, indent=2))
+    return 0 if all(not run["failed_checks"] for run in report["runs"]) else 1
+
+
+def _tiny_files(family: str, root: Path) -> dict[str, str]:
+    if family == "ltxv":
+        from generator.tiny_ltxv import write_tiny_ltxv
+
+        tiny_ltxv = write_tiny_ltxv(root)
+        return {key: str(getattr(tiny_ltxv, key))
+                for key in ("checkpoint", "distilled_checkpoint", "spatial_upsampler", "text_encoder_root")}
+    from generator.tiny import write_tiny_models
+
+    models = write_tiny_models(root)
+    return {"checkpoint": str(models.checkpoint), "distilled_checkpoint": str(models.checkpoint),
+            "distilled_lora": str(models.distilled_lora), "spatial_upsampler": str(models.spatial_upsampler),
+            "gemma_root": str(models.gemma_root)}
+
+
+def _probe(path: Path) -> dict[str, Any]:
+    from generator.encode import probe
+
+    return probe(path)
 
 
 if __name__ == "__main__":

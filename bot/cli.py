@@ -134,7 +134,12 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
             if job is None:
                 print(f"No job {args.job_id}.", file=sys.stderr)
                 return 1
-            print(json.dumps(job_details(job), indent=2, default=str))
+            from bot.db.models import JobStatus
+
+            details = job_details(job)
+            if job.status == JobStatus.QUEUED:
+                details["queue_position"] = await store.queue_position(job.id)
+            print(json.dumps(details, indent=2, default=str))
             return 0
         if args.command == "animate":
             from bot.local import animate

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
@@ -94,7 +95,8 @@ class JobService:
         self._dirty: set[int] = set()
         self._flushers: dict[int, asyncio.Task[None]] = {}
         self._last_edit: dict[int, float] = {}
-        self._delivery_locks: dict[int, asyncio.Lock] = {}
+        # A lock lives while a delivery of its job holds it, then drops out of the map by itself.
+        self._delivery_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         worker.listeners.append(self.on_worker_event)
 
     async def start(self) -> None:
@@ -512,7 +514,6 @@ class JobService:
             url = self._message_url(fresh, message.id)
             await self.store.mark_delivered(fresh.id, str(message.id), url)
             log.info("job %s posted as message %s", fresh.id, message.id)
-        self._delivery_locks.pop(job.id, None)
         await self.refresh_card(job.id)
 
     async def _post_result(

@@ -117,3 +117,35 @@ def test_targets_are_judged_from_the_figures() -> None:
     # A one-process pair in side_by_side is what the ratio uses.
     results["side_by_side"] = [config("fp8 2048x1536x97", {"stage_2": 25.0})]
     assert "25.000 / 23.900 = 1.0460 | met (" in "\n".join(target_lines(results))
+
+
+def test_tiny_cuda_checks_catch_what_the_cpu_tests_catch() -> None:
+    from bench.tiny_cuda import EXPECTED_PHASES, FRAMES, check_run
+    from generator.protocol import DoneEvent, PhaseEvent, StartedEvent
+
+    names = EXPECTED_PHASES[("ltx2", "two_stage", True)]
+    phases = [PhaseEvent(name=n, seconds=0.1, device="cuda", peak_allocated_gib=0.04, peak_reserved_gib=0.06,
+                         peak_rss_gib=1.6) for n in names]
+    started = StartedEvent(pid=1, device="cuda", device_name="GPU", family="ltx2", import_seconds=9.0)
+
+    def done(**changes: object) -> DoneEvent:
+        fields: dict[str, object] = {"output_path": "c.mp4", "bytes": 1, "frames": FRAMES, "width": 256,
+                                     "height": 192, "fps": 24, "duration_seconds": 1.04, "has_audio": True,
+                                     "reencoded": False, "phases": phases}
+        return DoneEvent.model_validate(fields | changes)
+
+    clip = {"frames": FRAMES, "width": 256, "height": 192, "fps": 24.0, "has_audio": True}
+    assert check_run("ltx2", "two_stage", True, 0, [started, *phases, done()], clip) == []
+    broken = [
+        (1, [started, *phases, done()], clip),
+        (0, [started, *phases[:-1], done()], clip),  # a phase missing
+        (0, [started, *phases, done(leaked_models=["transformer"])], clip),
+        (0, [started, *phases, done()], clip | {"frames": FRAMES - 1}),
+        (0, [started, *phases, done()], clip | {"has_audio": False}),
+        (0, [started, *phases], clip),  # no done event
+        (0, [started, *phases, done()], None),
+    ]
+    for exit_code, events, read_back in broken:
+        assert check_run("ltx2", "two_stage", True, exit_code, events, read_back), (exit_code, read_back)
+    missing_peak = phases[0].model_copy(update={"peak_allocated_gib": None})
+    assert check_run("ltx2", "two_stage", True, 0, [started, missing_peak, *phases[1:], done()], clip)

@@ -46,6 +46,16 @@ def test_db_upgrade_creates_the_schema_in_a_new_data_dir(tmp_path: Path) -> None
     assert {"jobs", "settings"} <= tables
     listing = ltxbot("jobs", cwd=tmp_path)
     assert listing.returncode == 0 and "No jobs yet" in listing.stdout
+    queued = subprocess.run(
+        [sys.executable, "-c", "import asyncio\nfrom bot.db.store import JobStore, NewJob\n"
+         "async def main():\n    store = JobStore.from_url('sqlite+aiosqlite:///fresh/ltxbot.db')\n"
+         "    for _ in range(2):\n        await store.create(NewJob('u', 'waves', {}, 'x.png', '0' * 64))\n"
+         "    await store.close()\nasyncio.run(main())"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert queued.returncode == 0, queued.stderr
+    detail = ltxbot("job", "2", cwd=tmp_path)
+    assert '"status": "queued"' in detail.stdout and '"queue_position": 2' in detail.stdout
 
 
 def test_token_is_not_printed_when_discord_rejects_it(tmp_path: Path) -> None:

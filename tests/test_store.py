@@ -129,6 +129,9 @@ async def test_queue_position_and_pause(store: JobStore) -> None:
     await store.claim_next()
     assert await store.queue_position(a.id) is None
     assert await store.queue_position(b.id) == 1
+    c = await store.create(new_job("bob"))
+    assert await store.queued_ids() == [b.id, c.id]
+    assert await store.queued_ids("bob") == [c.id] and await store.queued_ids("nobody") == []
     assert not await store.is_paused()
     await store.set_paused(True)
     assert await store.is_paused()

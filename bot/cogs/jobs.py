@@ -86,9 +86,9 @@ class Jobs(commands.Cog):
             live = self.bot.service.live.get(job.id) or job.progress
             lines.append(f"Rendering job {job.id}: {cards.stage_text(live)}")
         mine = [
-            f"job {job.id}: {queued.index(job.id) + 1} of {len(queued)}"
-            for job in await store.history(str(interaction.user.id), page_size=50)
-            if job.id in queued
+            f"job {job_id}: {queued.index(job_id) + 1} of {len(queued)}"
+            for job_id in await store.queued_ids(str(interaction.user.id))
+            if job_id in queued  # it may have started between the two queries
         ]
         if mine:
             lines.append("Yours: " + ", ".join(mine))

@@ -146,10 +146,13 @@ class JobStore:
             )
         return int(ahead or 0) + 1
 
-    async def queued_ids(self) -> list[int]:
-        """Queued job ids in the order they will run."""
+    async def queued_ids(self, user_id: str | None = None) -> list[int]:
+        """Queued job ids in the order they will run (only ``user_id``'s when given)."""
+        query = select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
+        if user_id is not None:
+            query = query.where(Job.user_id == user_id)
         async with self._sessions() as session:
-            return list(await session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.id)))
+            return list(await session.scalars(query))
 
     async def active_count(self, user_id: str) -> int:
         """Queued plus running jobs of one user."""
