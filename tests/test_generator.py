@@ -163,3 +163,34 @@ def test_generator_stdout_is_only_events_even_with_library_prints(tmp_path: Path
     code, events = run_generator(tmp_path, make_spec(tmp_path, tiny_models, audio=False, frames=9))
     assert code == 0 and all(e.event in {"started", "phase", "progress", "done"} for e in events)
     assert (tmp_path / "out" / "clip.mp4").stat().st_size > 0
+
+
+def test_default_steps_follow_the_checkpoints_version(tmp_path: Path, tiny_models: Path) -> None:
+    """ltx-pipelines reads `model_version` from the checkpoint: 2.3 schedules 30 steps, 2.0 40."""
+    totals = {}
+    for version in ("2.3.0", "2.0.0"):
+        work = tmp_path / version
+        work.mkdir()
+        checkpoint = work / "ltx-tiny-dev.safetensors"
+        subprocess.run(
+            [sys.executable, "-c", "import sys\nfrom safetensors import safe_open\n"
+             "from safetensors.torch import save_file\nwith safe_open(sys.argv[1], 'pt') as f:\n"
+             "    meta = f.metadata() | {'model_version': sys.argv[3]}\n"
+             "    save_file({k: f.get_tensor(k) for k in f.keys()}, sys.argv[2], metadata=meta)",
+             str(tiny_models / "ltx-2.3-tiny-dev.safetensors"), str(checkpoint), version],
+            check=True, env=clean_env(), timeout=120,
+        )
+        models = tiny_model_settings(tiny_models) | {"checkpoint": str(checkpoint)}
+        spec = make_spec(work, tiny_models, pipeline="one_stage", steps=None, width=96, height=64, frames=9,
+                         models=models)
+        (work / "spec.json").write_text(spec.model_dump_json())
+        with subprocess.Popen([sys.executable, "-m", "generator", str(work / "spec.json")],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env()) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the first step of stage 1 announces the schedule's length
+                event = parse_event(line)
+                if event.event == "progress" and event.stage == "generating":
+                    totals[version] = event.total
+                    break
+            proc.kill()
+    assert totals == {"2.3.0": 30, "2.0.0": 40}
