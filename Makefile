@@ -33,7 +33,7 @@ ltxv: $(LTXV_STAMP)
 
 run: $(STAMP)
 	@if $(BIN)/ltxbot config needs-ltxv-venv 2>/dev/null; then $(MAKE) --no-print-directory ltxv; fi
-	$(BIN)/ltxbot run
+	@$(BIN)/ltxbot run
 
 test: $(STAMP) $(LTXV_STAMP)
 	$(BIN)/ruff check bot generator bench tests
