@@ -1,9 +1,12 @@
-"""Model building for LTX-2: ltx-core's ModelLedger, with Gemma read from its own config.json.
+"""Model building for LTX-2: ltx-core's ModelLedger, with our Gemma builder and two memory ops.
 
 ltx-core 1.0.0 hard-codes the 12B Gemma 3 layout (encoder_configurator.py:25-30,
-69-72). We keep every stock builder and replace only two: the text encoder is built
-from the Gemma root's ``config.json`` (identical to the hard-coded one for the real
-model), and the embeddings processor takes its input width from the same file.
+69-72). We keep every stock builder and change these: the text encoder is built from
+the Gemma root's ``config.json`` (identical to the hard-coded one for the real model)
+and without its vision tower, which prompt encoding never calls; the embeddings
+processor takes its input width from the same file; the transformer runs its
+feed-forward in token chunks and keeps per-token AdaLN values as their distinct rows.
+Each change gives ltx-core's own numbers (``tests/test_models.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ltx_core.loader import KeyValueOperationResult
 from ltx_core.loader.module_ops import ModuleOps
+from ltx_core.loader.sd_ops import SDOps
 from ltx_core.loader.sft_loader import SafetensorsModelStateDictLoader
 from ltx_core.model.transformer.feed_forward import FeedForward
+from ltx_core.model.transformer.model import LTXModel
+from ltx_core.model.transformer.transformer import BasicAVTransformerBlock
+from ltx_core.model.transformer.transformer_args import TransformerArgsPreprocessor
 from ltx_core.text_encoders.gemma import EmbeddingsProcessorConfigurator, GemmaTextEncoder
 from ltx_core.text_encoders.gemma.encoders import encoder_configurator
-from ltx_core.text_encoders.gemma.encoders.encoder_configurator import GemmaTextEncoderConfigurator
+from ltx_core.text_encoders.gemma.encoders.encoder_configurator import (
+    GEMMA_MODEL_OPS,
+    GemmaTextEncoderConfigurator,
+)
 from ltx_pipelines.utils.model_ledger import ModelLedger
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from generator.checks import ModelFilesError
 
@@ -63,6 +75,77 @@ CHUNKED_FEED_FORWARD = ModuleOps(
 )
 
 
+class TokenTimesteps:
+    """Per-token AdaLN coefficients kept as their few distinct rows plus an index per token.
+
+    With image conditioning every token carries its own timestep, so ltx-core keeps a
+    (batch, tokens, 9 x 4096) tensor through the whole forward: 2.7 GiB at 2048x1536x97
+    in stage 2. The tokens take two or three distinct values (conditioned or not), so we
+    keep those rows and gather per block, which is the tensor each block built anyway.
+    """
+
+    def __init__(self, rows: torch.Tensor, index: torch.Tensor) -> None:
+        self.rows = rows  # (distinct values, coefficients)
+        self.index = index  # (batch, tokens) -> row
+        self.shape = torch.Size((*index.shape, rows.shape[-1]))
+        self.device = rows.device
+        self.dtype = rows.dtype
+
+
+def _prepare_timestep_by_value(
+    self: TransformerArgsPreprocessor,
+    timestep: torch.Tensor,
+    adaln: torch.nn.Module,
+    batch_size: int,
+    hidden_dtype: torch.dtype,
+) -> tuple[Any, torch.Tensor]:
+    per_token = timestep.reshape(batch_size, -1)
+    if per_token.shape[1] == 1:
+        shared: tuple[Any, torch.Tensor] = TransformerArgsPreprocessor._prepare_timestep(
+            self, timestep, adaln, batch_size, hidden_dtype  # type: ignore[arg-type]
+        )
+        return shared
+    values, index = torch.unique(per_token * self.timestep_scale_multiplier, return_inverse=True)
+    rows, embedded = adaln(values, hidden_dtype=hidden_dtype)
+    return TokenTimesteps(rows, index), embedded[index]
+
+
+def _ada_values_by_value(
+    self: BasicAVTransformerBlock, scale_shift_table: torch.Tensor, batch_size: int, timestep: Any, indices: slice
+) -> tuple[torch.Tensor, ...]:
+    if not isinstance(timestep, TokenTimesteps):
+        dense: tuple[torch.Tensor, ...] = BasicAVTransformerBlock.get_ada_values(
+            self, scale_shift_table, batch_size, timestep, indices
+        )
+        return dense
+    rows = timestep.rows.reshape(timestep.rows.shape[0], scale_shift_table.shape[0], -1)[:, indices, :]
+    table = scale_shift_table[indices].unsqueeze(0).to(device=rows.device, dtype=rows.dtype)
+    return (table + rows)[timestep.index].unbind(dim=2)
+
+
+def timesteps_by_value(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model``'s per-token AdaLN coefficients :class:`TokenTimesteps` (same values, less memory)."""
+    for module in model.modules():
+        if isinstance(module, BasicAVTransformerBlock):
+            module.get_ada_values = types.MethodType(_ada_values_by_value, module)  # type: ignore[method-assign]
+        if isinstance(module, LTXModel):
+            for name in ("video_args_preprocessor", "audio_args_preprocessor"):
+                preprocessor = getattr(module, name, None)
+                simple = getattr(preprocessor, "simple_preprocessor", preprocessor)
+                if isinstance(simple, TransformerArgsPreprocessor):
+                    simple._prepare_timestep = types.MethodType(  # type: ignore[method-assign]
+                        _prepare_timestep_by_value, simple
+                    )
+    return model
+
+
+TIMESTEPS_BY_VALUE = ModuleOps(
+    name="timesteps_by_value",
+    matcher=lambda model: any(isinstance(m, LTXModel) for m in model.modules()),
+    mutator=timesteps_by_value,
+)
+
+
 def gemma_config_path(gemma_root: Path) -> Path | None:
     found = sorted(gemma_root.rglob("config.json"))
     return found[0] if found else None
@@ -80,13 +163,57 @@ class GemmaRootLoader(SafetensorsModelStateDictLoader):
 
 
 class GemmaFromConfigJson(GemmaTextEncoderConfigurator):
+    """Gemma 3 from the root's config.json, text only.
+
+    Prompt encoding runs ``model.model`` on token ids alone: the vision tower and its
+    projector (0.42 B parameters, 0.78 GiB in bf16) are never called, so they are not
+    built and their weights are never read (``GEMMA_TEXT_KEY_OPS``).
+    """
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GemmaTextEncoder:
         if not config:
             return super().from_config(config)
         with torch.device("meta"):
             model = Gemma3ForConditionalGeneration(Gemma3Config.from_dict(config))
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None
         return GemmaTextEncoder(model=model)
+
+
+# ltx-core's GEMMA_LLM_KEY_OPS less the vision tower and projector keys; the tied lm_head
+# still takes embed_tokens (the same tensor, no copy), or the builder would find it on meta.
+GEMMA_TEXT_KEY_OPS = (
+    SDOps("GEMMA_TEXT_KEY_OPS")
+    .with_matching(prefix="language_model.model.")
+    .with_replacement("language_model.model.", "model.model.language_model.")
+    .with_kv_operation(
+        operation=lambda key, value: [
+            KeyValueOperationResult(key, value),
+            KeyValueOperationResult("model.lm_head.weight", value),
+        ],
+        key_prefix="model.model.language_model.embed_tokens.weight",
+    )
+)
+
+
+def populate_language_model(module: GemmaTextEncoder) -> GemmaTextEncoder:
+    """ltx-core's ``create_and_populate`` less its vision-tower buffer: the tower is not built."""
+    model = module.model
+    language_model = model.model.language_model
+    config = model.config.text_config
+    dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+    local_rope_freqs = 1.0 / (config.rope_local_base_freq**exponents)
+    inv_freqs, _ = ROPE_INIT_FUNCTIONS[config.rope_scaling["rope_type"]](config)
+    embed_scale = torch.tensor(config.hidden_size**0.5, device="cpu")
+    language_model.embed_tokens.register_buffer("embed_scale", embed_scale)
+    language_model.rotary_emb_local.register_buffer("inv_freq", local_rope_freqs)
+    language_model.rotary_emb.register_buffer("inv_freq", inv_freqs)
+    return module
+
+
+GEMMA_TEXT_MODEL_OPS = GEMMA_MODEL_OPS._replace(name="GemmaTextModel", mutator=populate_language_model)
 
 
 @contextlib.contextmanager
@@ -133,7 +260,8 @@ class LtxLedger(ModelLedger):
         super().build_model_builders()
         if hasattr(self, "transformer_builder"):
             self.transformer_builder: Any = replace(
-                self.transformer_builder, module_ops=(*self.transformer_builder.module_ops, CHUNKED_FEED_FORWARD)
+                self.transformer_builder,
+                module_ops=(*self.transformer_builder.module_ops, CHUNKED_FEED_FORWARD, TIMESTEPS_BY_VALUE),
             )
         if self.gemma_root_path is None or not hasattr(self, "text_encoder_builder"):
             return
@@ -144,6 +272,10 @@ class LtxLedger(ModelLedger):
             self.text_encoder_builder,
             model_class_configurator=GemmaFromConfigJson,
             model_loader=GemmaRootLoader(config),
+            model_sd_ops=GEMMA_TEXT_KEY_OPS,
+            module_ops=tuple(
+                GEMMA_TEXT_MODEL_OPS if op is GEMMA_MODEL_OPS else op for op in self.text_encoder_builder.module_ops
+            ),
         )
         self.embeddings_processor_builder: Any = replace(
             self.embeddings_processor_builder, model_class_configurator=EmbeddingsProcessorForGemma.for_root(root)
@@ -163,7 +295,11 @@ class LtxLedger(ModelLedger):
         )
 
     def transformer(self) -> Any:
-        return _loaded(super().transformer, "transformer", "checkpoint")
+        model = _loaded(super().transformer, "transformer", "checkpoint")
+        if self.quantization is None:
+            # ltx-core casts the state dict to the ledger's dtype only when no LoRA is fused.
+            model = model.to(self.dtype)
+        return model
 
     def video_encoder(self) -> Any:
         return _loaded(super().video_encoder, "video VAE encoder", "checkpoint")

@@ -108,3 +108,11 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (320, 240), mode: str 
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LTXBOT_", "DISCORD_"))}
     return env
+
+
+def run_python(code: str, *args: str) -> str:
+    """Run ``code`` in a fresh interpreter from the repository root; its last line of output."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]

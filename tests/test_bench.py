@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_python
 
 COUNTS = """
 import json, sys
@@ -31,42 +31,14 @@ broken = parameter_counts(models)
 print(json.dumps({"full": full, "full_problems": check_full_size(full), "broken_problems": check_full_size(broken)}))
 """
 
-CHUNKED = """
-import torch
-from ltx_core.model.transformer.feed_forward import FeedForward
-from generator.models import chunk_feed_forward
-torch.manual_seed(0)
-ff = FeedForward(16, 16)
-x = torch.randn(2, 50, 16)
-with torch.inference_mode():
-    reference = ff(x)
-    chunk_feed_forward(ff, chunk_tokens=16)
-    chunked = ff(x)
-    short = ff(x[:, :10])
-import json
-print(json.dumps([float((reference - chunked).abs().max()), list(chunked.shape), list(short.shape)]))
-"""
-
-
-def _python(code: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
-
-
 def test_full_size_config_builds_the_released_parameter_counts(tmp_path: Path) -> None:
-    result = json.loads(_python(COUNTS, str(tmp_path)))
+    result = json.loads(run_python(COUNTS, str(tmp_path)))
     full = result["full"]
     assert result["full_problems"] == []
-    assert 18.5 < full["transformer_blocks"] < 18.6 and 12.1 < full["gemma"] < 12.3
+    # Gemma 3 12B less its vision tower (0.42 B): the generator builds the language model alone.
+    assert 18.5 < full["transformer_blocks"] < 18.6 and 11.7 < full["gemma"] < 11.85
     # One missing key builds a smaller model without any error from ltx-core; the check catches it.
     assert any(p.startswith("embeddings_processor") for p in result["broken_problems"])
-
-
-def test_chunked_feed_forward_gives_the_same_result() -> None:
-    difference, shape, short = json.loads(_python(CHUNKED))
-    assert difference < 1e-6
-    assert shape == [2, 50, 16] and short == [2, 10, 16]
 
 
 def test_benchmark_runs_tiny_configs_and_writes_its_reports(tmp_path: Path) -> None:
