@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -87,8 +88,10 @@ class LtxBot(commands.Bot):
         log.exception("error in %s; the bot carries on", event_method)
 
     async def close(self) -> None:
-        if self._worker_task is not None:
+        if self._worker_task is not None and not self._worker_task.done():
             self._worker_task.cancel()
+            # Wait for it: it ends the running generator's group and puts its job back in the queue.
+            await asyncio.gather(self._worker_task, return_exceptions=True)
         await self.worker.close()
         await self.service.close()
         await super().close()
@@ -102,6 +105,18 @@ async def _serve(settings: Settings, token: str) -> None:
     await upgrade(store.engine)
     try:
         async with LtxBot(settings, store) as bot:
+            loop = asyncio.get_running_loop()
+            stopping: list[asyncio.Task[None]] = []
+
+            def stop(name: str) -> None:
+                # SIGTERM (systemd, docker stop) and Ctrl-C stop the bot the same way: the running
+                # generator is ended at once, so no process outlives the bot holding GPU memory.
+                if not stopping:
+                    log.info("%s: stopping; the running clip goes back to the queue", name)
+                    stopping.append(asyncio.create_task(bot.close()))
+
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
             await bot.start(token)
     finally:
         await store.close()

@@ -312,7 +312,10 @@ class Worker:
         try:
             ending = await self._attempt(job)
         except asyncio.CancelledError:
-            # The bot is stopping: the job goes back to the queue on the next start.
+            # The bot is stopping and _attempt has ended the generator's group. The job goes back
+            # to the queue now; a clip already written stays for recover() to deliver on the next start.
+            if not (job_dir(self.settings, job.id) / CLIP_NAME).is_file():
+                await asyncio.shield(self.store.release(job.id, job.attempts))
             raise
         await asyncio.shield(self._record(job, ending))
         await self.prepare_standby()

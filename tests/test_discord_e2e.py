@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bot.db.models import JobStatus
+from bot.worker import process_start_ticks
 from tests.conftest import image_bytes
 from tests.discord_harness import ADMIN, ALICE, BOB, CAROL, Harness, decode_mp4
 from tests.fake_discord import FakeDiscord, custom_ids
@@ -311,6 +313,35 @@ async def test_restart_during_a_render_posts_the_clip_exactly_once(make_harness:
     await fake.wait_for(lambda: "Job 1 · done" in h.card_titles(card["id"]), timeout=15)
     edits = fake.find("PATCH", rf"^/channels/\d+/messages/{card['id']}$")
     assert edits, "after a restart the card is edited with the bot token"
+
+
+async def test_sigterm_ends_the_running_generator_and_the_job_waits_in_the_queue(
+    make_harness: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "hung-once"  # the first attempt hangs in stage 2, so SIGTERM finds it mid-render
+    h: Harness = await make_harness(env={"LTXBOT_FAULT": "hang@stage_2", "LTXBOT_FAULT_ONCE": str(marker)})
+    fake = h.fake
+    interaction = await fake.slash(ALICE, "animate", {"prompt": "stop and go"},
+                                   attachment=fake.attachment(image_bytes(), "a.png"))
+    await h.answer_text(interaction)
+    await h.wait_job(1, lambda j: marker.exists(), timeout=120)
+    running = await h.job(1)
+    assert running.status == JobStatus.RUNNING and running.generator_pid is not None
+    assert h.proc is not None
+    h.proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(h.proc.wait(), 30)
+    assert h.proc.returncode == 0
+    assert process_start_ticks(running.generator_pid) is None  # no generator outlives the bot
+    stopped = await h.job(1)
+    assert stopped.status == JobStatus.QUEUED and stopped.attempts == 0 and stopped.generator_pid is None
+    assert [entry["code"] for entry in stopped.history or []] == ["stopped"]
+    assert h.clip_posts() == []
+
+    await h.start_bot()
+    await h.wait_clip_post()
+    done = await h.wait_job(1, lambda j: j.posted_message_id is not None)
+    assert done.status == JobStatus.SUCCEEDED and done.attempts == 1  # the stop cost no attempt
+    assert len(h.clip_posts()) == 1
 
 
 async def test_a_failed_job_is_reported_in_the_channel_with_the_reason(make_harness: Callable[..., Any]) -> None:

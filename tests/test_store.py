@@ -220,3 +220,21 @@ async def test_purge_anonymises_and_keeps_images_other_users_share(store: JobSto
     assert (await store.get(queued.id)).status == JobStatus.CANCELLED  # type: ignore[union-attr]
     assert await store.cancel_requested(running.id)
     assert await store.history("alice") == []
+
+
+async def test_release_on_a_deliberate_stop_requeues_and_returns_the_attempt(store: JobStore) -> None:
+    job = await store.create(new_job())
+    claimed = await store.claim_next()
+    assert claimed is not None and claimed.attempts == 1
+    assert not await store.release(job.id, attempt=2)  # a stale attempt changes nothing
+    assert await store.release(job.id, attempt=1)
+    back = await store.get(job.id)
+    assert back is not None and back.status == JobStatus.QUEUED and back.attempts == 0
+    assert back.started_at is None and [h["code"] for h in back.history or []] == ["stopped"]
+    assert not await store.release(job.id, attempt=1)  # no longer running
+    again = await store.claim_next()
+    assert again is not None and again.id == job.id and again.attempts == 1
+    await store.cancel(job.id, None)  # a cancel asked for while running wins over the stop
+    assert await store.release(job.id, attempt=1)
+    ended = await store.get(job.id)
+    assert ended is not None and ended.status == JobStatus.CANCELLED

@@ -283,6 +283,26 @@ class JobStore:
             job.generator_pid = None
             return True
 
+    async def release(self, job_id: int, attempt: int) -> bool:
+        """The bot is stopping on purpose: a running job goes back to the queue with its attempt returned."""
+        async with self._sessions.begin() as session:
+            job = await session.get(Job, job_id)
+            if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
+                return False
+            message = "The bot was stopped while this clip was rendering; it renders again when the bot is back."
+            job.history = [*(job.history or []), _history_entry(attempt, "stopped", message)]
+            job.generator_pid = None
+            job.generator_start_ticks = None
+            if job.cancel_requested:
+                job.status = JobStatus.CANCELLED
+                job.error_code, job.error_message = "cancelled", "Cancelled."
+                job.finished_at = utcnow()
+            else:
+                job.status = JobStatus.QUEUED
+                job.attempts = attempt - 1
+                job.started_at = None
+            return True
+
     async def cancel(self, job_id: int, user_id: str | None, *, is_admin: bool = False) -> CancelOutcome:
         """Cancel a queued job at once, or ask the worker to stop a running one."""
         async with self._sessions.begin() as session:
