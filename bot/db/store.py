@@ -290,14 +290,7 @@ class JobStore:
             if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
                 return False
             message = "The bot was stopped while this clip was rendering; it renders again when the bot is back."
-            job.history = [*(job.history or []), _history_entry(attempt, "stopped", message)]
-            job.generator_pid = None
-            job.generator_start_ticks = None
-            if job.cancel_requested:
-                job.status = JobStatus.CANCELLED
-                job.error_code, job.error_message = "cancelled", "Cancelled."
-                job.finished_at = utcnow()
-            else:
+            if not _interrupted(job, "stopped", message):
                 job.status = JobStatus.QUEUED
                 job.attempts = attempt - 1
                 job.started_at = None
@@ -333,14 +326,9 @@ class JobStore:
             orphans = list(await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
             for job in orphans:
                 message = "The bot stopped while this clip was rendering."
-                job.history = [*(job.history or []), _history_entry(job.attempts, "interrupted", message)]
-                job.generator_pid = None
-                job.generator_start_ticks = None
-                if job.cancel_requested:
-                    job.status = JobStatus.CANCELLED
-                    job.error_code, job.error_message = "cancelled", "Cancelled."
-                    job.finished_at = utcnow()
-                elif job.attempts >= max_attempts:
+                if _interrupted(job, "interrupted", message):
+                    continue
+                if job.attempts >= max_attempts:
                     job.status = JobStatus.FAILED
                     job.error_code = "interrupted"
                     job.error_message = f"{message} It was tried {job.attempts} times; please try again."
@@ -442,6 +430,19 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def _interrupted(job: Job, code: str, message: str) -> bool:
+    """Record a run that ended without a result; True when that ends the job (its owner cancelled it)."""
+    job.history = [*(job.history or []), _history_entry(job.attempts, code, message)]
+    job.generator_pid = None
+    job.generator_start_ticks = None
+    if not job.cancel_requested:
+        return False
+    job.status = JobStatus.CANCELLED
+    job.error_code, job.error_message = "cancelled", "Cancelled."
+    job.finished_at = utcnow()
+    return True
 
 
 def _history_entry(attempt: int, code: str, message: str) -> dict[str, Any]:
