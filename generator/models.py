@@ -87,9 +87,6 @@ class TokenTimesteps:
     def __init__(self, rows: torch.Tensor, index: torch.Tensor) -> None:
         self.rows = rows  # (distinct values, coefficients)
         self.index = index  # (batch, tokens) -> row
-        self.shape = torch.Size((*index.shape, rows.shape[-1]))
-        self.device = rows.device
-        self.dtype = rows.dtype
 
 
 def _prepare_timestep_by_value(
