@@ -181,8 +181,8 @@ def parameter_counts(models: dict[str, Path]) -> dict[str, float]:
     return counts
 
 
-# What the official files measure (../shared/notes/gpu-h100.md): a config with a missing key
-# builds a different model silently, so the full-size run refuses to start when these are off.
+# What the official files measure (docs/LIBRARIES.md, 'Measurements that set the defaults'): a config
+# with a missing key builds a different model silently, so the full-size run refuses to start when these are off.
 EXPECTED_BILLIONS = {
     "transformer": (18.9, 19.1), "transformer_blocks": (18.5, 18.6), "embeddings_processor": (3.1, 3.25),
     # Gemma 3 12B is 12.19 B with its vision tower; the generator builds the language model alone.

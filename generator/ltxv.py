@@ -14,7 +14,7 @@ the passes are called one by one with precomputed T5 embeddings and
 upsampler gets its own phase, and the decode is ours: latent-time windows with
 context, spatial tiles with blended overlaps, each window streamed into the mp4
 encoder, so decode memory stays flat in clip length. The package's own tiling
-switches raise on 0.9.1+ VAEs (``shared/notes/ltx-video-0.9.md`` §4).
+switches raise on 0.9.1+ VAEs (docs/LIBRARIES.md, 'ltx-video 0.1.2').
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 The stock pipeline classes call ``torch.cuda.synchronize()`` unconditionally and
 pick their device at import time; this composition runs the same steps on CUDA
 and on CPU with one code path. Each phase builds its model, runs, and frees it
-before the next model is built (DESIGN lessons 3 to 5).
+before the next model is built (docs/DESIGN.md, 'Free between models' and 'fp8-cast and tiles').
 
 The whole run, including the encoder consuming the lazy decoder iterator, sits
-inside one ``torch.inference_mode()`` scope (lesson 1). inference_mode rather than
+inside one ``torch.inference_mode()`` scope (docs/DESIGN.md, 'Scope'). inference_mode rather than
 no_grad: it records no autograd state at all, the loaders accept it, and a decode
 that escaped the scope fails loudly ("Inference tensors cannot be saved for
 backward") instead of silently building a 54 GiB graph.

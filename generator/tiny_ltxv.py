@@ -10,7 +10,7 @@ Runs in the LTX-Video interpreter (``.venv-ltxv``): it builds the models with th
 - a PixArt-style text encoder folder: ``text_encoder/`` (T5EncoderModel) and
   ``tokenizer/`` (the slow sentencepiece T5Tokenizer).
 
-The shapes follow the 0.9.8 configs with tiny widths; see ``shared/notes/ltx-video-0.9.md`` §3.
+The shapes follow the 0.9.8 configs with tiny widths; see docs/LIBRARIES.md, 'ltx-video 0.1.2'.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The real, unmodified discord.py client connects to it once ``discord.http.Route.BASE``
 and ``DiscordWebSocket.DEFAULT_GATEWAY`` point here (``tests/fake_bot.py`` does that
-in the bot process). Wire details follow ``../shared/notes/fake-discord.md``: exact
+in the bot process). Wire details follow docs/LIBRARIES.md, 'discord.py 2.7 against a loopback fake': exact
 ``application/json`` content type, JSON bodies for interaction callbacks, 404 (never
 5xx) for unknown routes, text gateway frames, heartbeat ACKs, no rate-limit headers.
 

@@ -1,4 +1,4 @@
-"""DESIGN lesson 1: the lazy decoder must be consumed inside the no-grad scope.
+"""docs/DESIGN.md, 'Scope': the lazy decoder must be consumed inside the no-grad scope.
 
 The decoded chunks are uint8 and can never carry a grad, so the guard records
 ``torch.is_grad_enabled()`` in a forward hook on a decoder submodule (the tiled
