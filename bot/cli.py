@@ -21,28 +21,39 @@ DEFAULT_CONFIG = Path("config.yaml")
 EXIT_USAGE = 2
 
 
+CONFIG_HELP = "config file (default: ./config.yaml)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltxbot", description="Animate still images with LTX-2 on your own GPU.")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default: ./config.yaml)")
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
+    # Every subcommand takes --config too (`ltxbot run --config c.yaml`). SUPPRESS keeps a subcommand
+    # that was not given one from overwriting the top-level value with its own default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the Discord bot (applies migrations first)")
-    db = sub.add_parser("db", help="database maintenance")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, parents=[common])
+
+    command("run", "run the Discord bot (applies migrations first)")
+    db = command("db", "database maintenance")
     db.add_argument("action", choices=["upgrade"])
-    jobs = sub.add_parser("jobs", help="job history, newest first")
+    jobs = command("jobs", "job history, newest first")
     jobs.add_argument("--user", default=None, help="only this user's jobs (Discord id, or 'local')")
     jobs.add_argument("--page", type=int, default=1)
-    job = sub.add_parser("job", help="one job in detail")
+    job = command("job", "one job in detail")
     job.add_argument("job_id", type=int)
-    cfg = sub.add_parser("config", help="configuration")
+    cfg = command("config", "configuration")
     cfg.add_argument("action", choices=["check", "needs-ltxv-venv"],
                      help="check: validate; needs-ltxv-venv: exit 0 when LTX-Video is enabled with the default venv")
     cfg.add_argument("path", nargs="?", type=Path, default=None)
-    intake = sub.add_parser("intake", help="normalise one image as the bot would; prints JSON")
+    intake = command("intake", "normalise one image as the bot would; prints JSON")
     intake.add_argument("image", type=Path)
     intake.add_argument("--width", type=int)
     intake.add_argument("--height", type=int)
     intake.add_argument("--out", type=Path, default=None, help="folder for the result (default: <data>/uploads)")
-    animate = sub.add_parser("animate", help="render one clip locally, through the same queue and generator")
+    animate = command("animate", "render one clip locally, through the same queue and generator")
     animate.add_argument("image", type=Path)
     animate.add_argument("prompt")
     animate.add_argument("--frames", type=int)
@@ -54,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--model", choices=["ltx2", "ltxv"], help="model family (default: generation.family)")
     animate.add_argument("--no-audio", action="store_true")
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
-    models = sub.add_parser("models", help="model files")
+    models = command("models", "model files")
     models.add_argument("action", choices=["tiny", "tiny-ltxv"],
                         help="write tiny random-weight LTX-2 (tiny) or LTX-Video (tiny-ltxv) files for smoke tests")
     models.add_argument("dir", type=Path)
