@@ -105,13 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "models" and args.action == "tiny-ltxv":
         return _tiny_ltxv(_settings(args), args.dir.resolve())
     if command == "models":
-        from generator.tiny import write_tiny_models
-
-        tiny = write_tiny_models(args.dir.resolve())
-        print("# Tiny random-weight models for smoke tests; they render noise. Put these lines in config.yaml:")
-        print(tiny.config_lines())
-        print("generator:\n  device: cpu\n  fp8_cast: false")
-        return 0
+        return _tiny_ltx2(_settings(args), args.dir.resolve())
     if command == "run":
         from bot.app import run_bot
 
@@ -183,21 +177,43 @@ def job_details(job: Job) -> dict[str, Any]:
     return {key: getattr(job, key) for key in keys}
 
 
-def _tiny_ltxv(settings: Settings, root: Path) -> int:
-    """The tiny LTX-Video files are written by the LTX-Video interpreter, with that package's classes."""
+def _run_writer(python: str, module: str, root: Path) -> str | None:
+    """Run a tiny-model writer in a generator interpreter: torch never enters the bot's own process."""
     import subprocess
 
+    package_root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([python, "-m", module, str(root)], capture_output=True, text=True,
+                          cwd=package_root, check=False)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return done.stdout
+
+
+def _tiny_ltx2(settings: Settings, root: Path) -> int:
+    python = settings.interpreter("ltx2")
+    if not Path(python).exists():
+        print(f"No generator interpreter at {python}; check generator.python.", file=sys.stderr)
+        return 1
+    lines = _run_writer(python, "generator.tiny", root)
+    if lines is None:
+        return 1
+    print("# Tiny random-weight models for smoke tests; they render noise. Put these lines in config.yaml:")
+    print(lines.strip())
+    print("generator:\n  device: cpu\n  fp8_cast: false")
+    return 0
+
+
+def _tiny_ltxv(settings: Settings, root: Path) -> int:
+    """The tiny LTX-Video files are written by the LTX-Video interpreter, with that package's classes."""
     python = settings.interpreter("ltxv")
     if not Path(python).exists():
         print(f"No LTX-Video interpreter at {settings.ltxv.python}; run `make ltxv` first.", file=sys.stderr)
         return 1
-    package_root = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run([python, "-m", "generator.tiny_ltxv", str(root)], capture_output=True, text=True,
-                          cwd=package_root, check=False)
-    if done.returncode != 0:
-        print(done.stderr[-2000:], file=sys.stderr)
+    output = _run_writer(python, "generator.tiny_ltxv", root)
+    if output is None:
         return 1
-    files = json.loads(done.stdout.strip().splitlines()[-1])
+    files = json.loads(output.strip().splitlines()[-1])
     print("# Tiny random-weight LTX-Video files for smoke tests; they render noise. Put these lines in config.yaml:")
     print("ltxv:\n  enabled: true")
     for key, value in files.items():
