@@ -42,8 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     jobs = command("jobs", "job history, newest first")
     jobs.add_argument("--user", default=None, help="only this user's jobs (Discord id, or 'local')")
     jobs.add_argument("--page", type=int, default=1)
+    jobs.add_argument("--json", action="store_true", help="print the page as JSON, for scripts")
     job = command("job", "one job in detail")
     job.add_argument("job_id", type=int)
+    job.add_argument("--json", action="store_true", help="print every stored field as JSON, for scripts")
     cfg = command("config", "configuration")
     cfg.add_argument("action", choices=["check", "needs-ltxv-venv"],
                      help="check: validate; needs-ltxv-venv: exit 0 when LTX-Video is enabled with the default venv")
@@ -132,7 +134,7 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
             print(f"Database is at the newest schema ({settings.db_url.split('///')[-1]}).")
             return 0
         if args.command == "jobs":
-            _print_jobs(await store.history(args.user, args.page, page_size=20))
+            _print_jobs(await store.history(args.user, args.page, page_size=20), as_json=args.json)
             return 0
         if args.command == "job":
             job = await store.get(args.job_id)
@@ -141,10 +143,16 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             from bot.db.models import JobStatus
 
-            details = job_details(job)
-            if job.status == JobStatus.QUEUED:
-                details["queue_position"] = await store.queue_position(job.id)
-            print(json.dumps(details, indent=2, default=str))
+            position = await store.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+            if args.json:
+                details = job_details(job)
+                if position is not None:
+                    details["queue_position"] = position
+                print(json.dumps(details, indent=2, default=str))
+            else:
+                from bot.terminal import job_view, make_console
+
+                make_console().print(job_view(job, position))
             return 0
         if args.command == "animate":
             from bot.local import animate
@@ -155,17 +163,17 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
-def _print_jobs(jobs: list[Job]) -> None:
+def _print_jobs(jobs: list[Job], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([job_details(job) for job in jobs], indent=2, default=str))
+        return
     if not jobs:
         print("No jobs yet.")
         return
-    print(f"{'id':>5}  {'status':<10} {'user':<20} {'created':<19} {'secs':>6}  prompt")
-    for job in jobs:
-        duration = job.duration_seconds
-        secs = f"{duration:6.1f}" if duration is not None else "     -"
-        prompt = job.prompt if len(job.prompt) <= 40 else job.prompt[:39] + "…"
-        created = job.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{job.id:>5}  {job.status:<10} {job.user_id:<20} {created:<19} {secs}  {prompt}")
+    from bot.terminal import jobs_table, make_console
+
+    console = make_console()
+    console.print(jobs_table(jobs, console.width))
 
 
 def job_details(job: Job) -> dict[str, Any]:

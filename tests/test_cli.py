@@ -58,7 +58,7 @@ def test_db_upgrade_creates_the_schema_in_a_new_data_dir(tmp_path: Path) -> None
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
     )
     assert queued.returncode == 0, queued.stderr
-    detail = ltxbot("job", "2", cwd=tmp_path)
+    detail = ltxbot("job", "2", "--json", cwd=tmp_path)
     assert '"status": "queued"' in detail.stdout and '"queue_position": 2' in detail.stdout
 
 
