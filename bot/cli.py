@@ -21,28 +21,41 @@ DEFAULT_CONFIG = Path("config.yaml")
 EXIT_USAGE = 2
 
 
+CONFIG_HELP = "config file (default: ./config.yaml)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltxbot", description="Animate still images with LTX-2 on your own GPU.")
-    parser.add_argument("--config", type=Path, default=None, help="config file (default: ./config.yaml)")
+    parser.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
+    # Every subcommand takes --config too (`ltxbot run --config c.yaml`). SUPPRESS keeps a subcommand
+    # that was not given one from overwriting the top-level value with its own default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the Discord bot (applies migrations first)")
-    db = sub.add_parser("db", help="database maintenance")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, parents=[common])
+
+    command("run", "run the Discord bot (applies migrations first)")
+    db = command("db", "database maintenance")
     db.add_argument("action", choices=["upgrade"])
-    jobs = sub.add_parser("jobs", help="job history, newest first")
+    jobs = command("jobs", "job history, newest first")
     jobs.add_argument("--user", default=None, help="only this user's jobs (Discord id, or 'local')")
     jobs.add_argument("--page", type=int, default=1)
-    job = sub.add_parser("job", help="one job in detail")
+    jobs.add_argument("--json", action="store_true", help="print the page as JSON, for scripts")
+    job = command("job", "one job in detail")
     job.add_argument("job_id", type=int)
-    cfg = sub.add_parser("config", help="configuration")
+    job.add_argument("--json", action="store_true", help="print every stored field as JSON, for scripts")
+    cfg = command("config", "configuration")
     cfg.add_argument("action", choices=["check", "needs-ltxv-venv"],
                      help="check: validate; needs-ltxv-venv: exit 0 when LTX-Video is enabled with the default venv")
     cfg.add_argument("path", nargs="?", type=Path, default=None)
-    intake = sub.add_parser("intake", help="normalise one image as the bot would; prints JSON")
+    intake = command("intake", "normalise one image as the bot would; prints JSON")
     intake.add_argument("image", type=Path)
     intake.add_argument("--width", type=int)
     intake.add_argument("--height", type=int)
     intake.add_argument("--out", type=Path, default=None, help="folder for the result (default: <data>/uploads)")
-    animate = sub.add_parser("animate", help="render one clip locally, through the same queue and generator")
+    animate = command("animate", "render one clip locally, through the same queue and generator")
     animate.add_argument("image", type=Path)
     animate.add_argument("prompt")
     animate.add_argument("--frames", type=int)
@@ -54,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--model", choices=["ltx2", "ltxv"], help="model family (default: generation.family)")
     animate.add_argument("--no-audio", action="store_true")
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
-    models = sub.add_parser("models", help="model files")
+    models = command("models", "model files")
     models.add_argument("action", choices=["tiny", "tiny-ltxv"],
                         help="write tiny random-weight LTX-2 (tiny) or LTX-Video (tiny-ltxv) files for smoke tests")
     models.add_argument("dir", type=Path)
@@ -94,13 +107,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "models" and args.action == "tiny-ltxv":
         return _tiny_ltxv(_settings(args), args.dir.resolve())
     if command == "models":
-        from generator.tiny import write_tiny_models
-
-        tiny = write_tiny_models(args.dir.resolve())
-        print("# Tiny random-weight models for smoke tests; they render noise. Put these lines in config.yaml:")
-        print(tiny.config_lines())
-        print("generator:\n  device: cpu\n  fp8_cast: false")
-        return 0
+        return _tiny_ltx2(_settings(args), args.dir.resolve())
     if command == "run":
         from bot.app import run_bot
 
@@ -127,7 +134,7 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
             print(f"Database is at the newest schema ({settings.db_url.split('///')[-1]}).")
             return 0
         if args.command == "jobs":
-            _print_jobs(await store.history(args.user, args.page, page_size=20))
+            _print_jobs(await store.history(args.user, args.page, page_size=20), as_json=args.json)
             return 0
         if args.command == "job":
             job = await store.get(args.job_id)
@@ -136,10 +143,16 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             from bot.db.models import JobStatus
 
-            details = job_details(job)
-            if job.status == JobStatus.QUEUED:
-                details["queue_position"] = await store.queue_position(job.id)
-            print(json.dumps(details, indent=2, default=str))
+            position = await store.queue_position(job.id) if job.status == JobStatus.QUEUED else None
+            if args.json:
+                details = job_details(job)
+                if position is not None:
+                    details["queue_position"] = position
+                print(json.dumps(details, indent=2, default=str))
+            else:
+                from bot.terminal import job_view, make_console
+
+                make_console().print(job_view(job, position))
             return 0
         if args.command == "animate":
             from bot.local import animate
@@ -150,17 +163,17 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
-def _print_jobs(jobs: list[Job]) -> None:
+def _print_jobs(jobs: list[Job], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([job_details(job) for job in jobs], indent=2, default=str))
+        return
     if not jobs:
         print("No jobs yet.")
         return
-    print(f"{'id':>5}  {'status':<10} {'user':<20} {'created':<19} {'secs':>6}  prompt")
-    for job in jobs:
-        duration = job.duration_seconds
-        secs = f"{duration:6.1f}" if duration is not None else "     -"
-        prompt = job.prompt if len(job.prompt) <= 40 else job.prompt[:39] + "…"
-        created = job.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{job.id:>5}  {job.status:<10} {job.user_id:<20} {created:<19} {secs}  {prompt}")
+    from bot.terminal import jobs_table, make_console
+
+    console = make_console()
+    console.print(jobs_table(jobs, console.width))
 
 
 def job_details(job: Job) -> dict[str, Any]:
@@ -172,21 +185,43 @@ def job_details(job: Job) -> dict[str, Any]:
     return {key: getattr(job, key) for key in keys}
 
 
-def _tiny_ltxv(settings: Settings, root: Path) -> int:
-    """The tiny LTX-Video files are written by the LTX-Video interpreter, with that package's classes."""
+def _run_writer(python: str, module: str, root: Path) -> str | None:
+    """Run a tiny-model writer in a generator interpreter: torch never enters the bot's own process."""
     import subprocess
 
+    package_root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([python, "-m", module, str(root)], capture_output=True, text=True,
+                          cwd=package_root, check=False)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return done.stdout
+
+
+def _tiny_ltx2(settings: Settings, root: Path) -> int:
+    python = settings.interpreter("ltx2")
+    if not Path(python).exists():
+        print(f"No generator interpreter at {python}; check generator.python.", file=sys.stderr)
+        return 1
+    lines = _run_writer(python, "generator.tiny", root)
+    if lines is None:
+        return 1
+    print("# Tiny random-weight models for smoke tests; they render noise. Put these lines in config.yaml:")
+    print(lines.strip())
+    print("generator:\n  device: cpu\n  fp8_cast: false")
+    return 0
+
+
+def _tiny_ltxv(settings: Settings, root: Path) -> int:
+    """The tiny LTX-Video files are written by the LTX-Video interpreter, with that package's classes."""
     python = settings.interpreter("ltxv")
     if not Path(python).exists():
         print(f"No LTX-Video interpreter at {settings.ltxv.python}; run `make ltxv` first.", file=sys.stderr)
         return 1
-    package_root = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run([python, "-m", "generator.tiny_ltxv", str(root)], capture_output=True, text=True,
-                          cwd=package_root, check=False)
-    if done.returncode != 0:
-        print(done.stderr[-2000:], file=sys.stderr)
+    output = _run_writer(python, "generator.tiny_ltxv", root)
+    if output is None:
         return 1
-    files = json.loads(done.stdout.strip().splitlines()[-1])
+    files = json.loads(output.strip().splitlines()[-1])
     print("# Tiny random-weight LTX-Video files for smoke tests; they render noise. Put these lines in config.yaml:")
     print("ltxv:\n  enabled: true")
     for key, value in files.items():

@@ -22,7 +22,6 @@ from pydantic import (
 )
 
 PipelineKind = Literal["two_stage", "distilled", "one_stage"]
-PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage")
 # ltx2: LTX-2 / LTX-2.3 through ltx-core; ltxv: LTX-Video 0.9.x through the ltx-video package.
 ModelFamily = Literal["ltx2", "ltxv"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("ltx2", "ltxv")
@@ -130,10 +129,6 @@ class GenerationRequest(_Frozen):
         if self.family == "ltxv" and self.audio:
             raise ValueError("LTX-Video makes silent clips: turn audio off, or choose the LTX-2 model for sound")
         return self
-
-    @property
-    def duration_seconds(self) -> float:
-        return self.frames / self.fps
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -286,7 +281,3 @@ _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 def parse_event(line: str | bytes) -> Event:
     return _EVENT_ADAPTER.validate_json(line)
-
-
-def dump_event(event: BaseModel) -> str:
-    return event.model_dump_json()

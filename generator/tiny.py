@@ -9,6 +9,7 @@ The same builders that load the real files load these.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,8 @@ def _write_tokenizer(root: Path) -> None:
         },
     }
     (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+if __name__ == "__main__":
+    # `ltxbot models tiny` runs this in the generator's interpreter and prints these lines.
+    print(write_tiny_models(Path(sys.argv[1])).config_lines())

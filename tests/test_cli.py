@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import argparse
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bot.cli import _parser
 from tests.conftest import ROOT, clean_env
 
 
@@ -54,7 +58,7 @@ def test_db_upgrade_creates_the_schema_in_a_new_data_dir(tmp_path: Path) -> None
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
     )
     assert queued.returncode == 0, queued.stderr
-    detail = ltxbot("job", "2", cwd=tmp_path)
+    detail = ltxbot("job", "2", "--json", cwd=tmp_path)
     assert '"status": "queued"' in detail.stdout and '"queue_position": 2' in detail.stdout
 
 
@@ -79,3 +83,31 @@ def test_make_run_builds_the_ltxv_venv_only_when_the_config_enables_it(tmp_path:
     (tmp_path / "config.yaml").write_text("ltxv:\n  enabled: true\n  python: /opt/ltxv/bin/python\n")
     assert ltxbot("config", "needs-ltxv-venv", cwd=tmp_path).returncode == 1
     assert "needs-ltxv-venv" in (ROOT / "Makefile").read_text()
+
+
+# The smallest valid arguments of each subcommand (parsing only; nothing runs).
+SUBCOMMAND_ARGS: dict[str, list[str]] = {
+    "run": [], "db": ["upgrade"], "jobs": [], "job": ["1"], "config": ["check"], "intake": ["photo.png"],
+    "animate": ["photo.png", "waves roll in"], "models": ["tiny", "models"],
+}
+
+
+def test_the_config_test_covers_every_subcommand() -> None:
+    actions = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(actions[0].choices) == set(SUBCOMMAND_ARGS)
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMAND_ARGS))
+def test_config_is_accepted_before_and_after_the_subcommand(command: str) -> None:
+    rest = SUBCOMMAND_ARGS[command]
+    assert _parser().parse_args([command, *rest, "--config", "after.yaml"]).config == Path("after.yaml")
+    assert _parser().parse_args(["--config", "before.yaml", command, *rest]).config == Path("before.yaml")
+    assert _parser().parse_args([command, *rest]).config is None
+
+
+def test_config_after_the_subcommand_is_the_file_used(tmp_path: Path) -> None:
+    (tmp_path / "other.yaml").write_text("data_dir: elsewhere\n")
+    result = ltxbot("db", "upgrade", "--config", "other.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "elsewhere" / "ltxbot.db").is_file() and not (tmp_path / "data").exists()
+    assert "No jobs yet" in ltxbot("jobs", "--config", "other.yaml", cwd=tmp_path).stdout
