@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from bot.db.claims import next_queued_id
 from bot.db.engine import create_engine, session_factory
 from bot.db.models import ACTIVE_STATUSES, Job, JobStatus, Setting
 
@@ -193,18 +194,15 @@ class JobStore:
     # --- the worker's transitions ---------------------------------------------
 
     async def claim_next(self, only_id: int | None = None) -> Job | None:
-        """Atomically move the oldest queued job to running and count the attempt.
+        """Atomically move the next queued job (fair across users) to running and count the attempt.
 
-        One statement, so two claimers can never take the same job: the second one's
-        subquery no longer sees it as queued once the first has committed.
+        One statement, so two claimers can never take the same job; how each database keeps
+        concurrent claimers apart, and the fairness order, are in bot/db/claims.py.
         """
-        candidates = select(Job.id).where(Job.status == JobStatus.QUEUED)
-        if only_id is not None:
-            candidates = candidates.where(Job.id == only_id)
-        oldest = candidates.order_by(Job.id).limit(1).scalar_subquery()
+        next_id = next_queued_id(self.engine.dialect.name, only_id)
         statement = (
             update(Job)
-            .where(Job.id == oldest, Job.status == JobStatus.QUEUED)
+            .where(Job.id == next_id, Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.RUNNING,
                 attempts=Job.attempts + 1,
