@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bot.db.claims import next_queued_id
+from bot.db.doorbell import make_doorbell
 from bot.db.engine import create_engine, session_factory
 from bot.db.models import ACTIVE_STATUSES, Job, JobStatus, Setting
 
@@ -74,12 +75,15 @@ class JobStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
+        # Idle workers await it; create() rings it in the job's own transaction.
+        self.doorbell = make_doorbell(engine)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
         return cls(create_engine(url))
 
     async def close(self) -> None:
+        await self.doorbell.close()
         await self.engine.dispose()
 
     # --- creating and reading -------------------------------------------------
@@ -106,6 +110,7 @@ class JobStore:
         try:
             async with self._sessions.begin() as session:
                 session.add(job)
+                await self.doorbell.announce(session)
         except IntegrityError:
             if new.interaction_id is None:
                 raise
