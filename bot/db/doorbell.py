@@ -107,7 +107,7 @@ class PostgresDoorbell(Doorbell):
             try:
                 connection = await asyncio.wait_for(self._connect(), self._keepalive)
                 lost = asyncio.Event()
-                connection.add_termination_listener(lambda _conn: lost.set())
+                connection.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await connection.add_listener(CHANNEL, self._on_notify)
                 self._connected.set()
                 delay = self._retry
