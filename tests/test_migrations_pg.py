@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
@@ -13,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.db.engine import create_engine
 from bot.db.migrate import downgrade, upgrade
 from bot.db.models import Base
+from tests.conftest import ROOT, clean_env
 
 TABLES = ("jobs", "settings")
 
@@ -75,5 +79,47 @@ async def test_postgres_upgrade_and_downgrade_round_trip(pg_url: str) -> None:
                 tables = set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
             assert tables <= {"alembic_version"}
         await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+_UPGRADE = (
+    "import asyncio, sys\n"
+    "from bot.db.engine import create_engine\n"
+    "from bot.db.migrate import upgrade\n"
+    "async def main():\n"
+    "    engine = create_engine(sys.argv[1])\n"
+    "    sys.stdin.readline()\n"
+    "    await upgrade(engine)\n"
+    "    await engine.dispose()\n"
+    "asyncio.run(main())\n"
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+async def test_workers_starting_together_migrate_once(db_url: str) -> None:
+    """Every worker upgrades the schema at start; several starting at once must not trip over each other."""
+    procs = [subprocess.Popen([sys.executable, "-c", _UPGRADE, db_url], cwd=ROOT, env=clean_env(), text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(4)]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    errors = []
+    for proc in procs:
+        _out, err = proc.communicate(timeout=240)
+        if proc.returncode != 0:
+            errors.append(err.strip().splitlines()[-1])
+    assert errors == []
+    engine = create_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            assert set(await conn.run_sync(lambda sync: inspect(sync).get_table_names())) >= set(TABLES)
     finally:
         await engine.dispose()
