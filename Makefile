@@ -38,6 +38,8 @@ run: $(STAMP)
 test: $(STAMP) $(LTXV_STAMP)
 	$(BIN)/ruff check bot generator bench tests
 	$(BIN)/mypy
+	@# The suite starts its own PostgreSQL server; this installs the binaries when they are missing.
+	./scripts/ensure-postgres.sh
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -1,4 +1,8 @@
-"""Shared fixtures: settings on a temporary data dir, a migrated SQLite store, tiny models, images."""
+"""Shared fixtures: settings on a temporary data dir, a migrated store, tiny models, images.
+
+The store is SQLite unless a module asks for more: overriding ``db_backend`` with
+``params=["sqlite", "postgresql"]`` runs each of its tests on both databases.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from PIL import Image
 from bot.config import Settings, load_settings
 from bot.db.migrate import upgrade
 from bot.db.store import JobStore
+from tests.support.postgres import pg_url, postgres_server  # noqa: F401  (fixtures for every module)
 
 ROOT = Path(__file__).resolve().parents[1]
 _TINY_SCRIPT = "from pathlib import Path; import sys; from generator.tiny import write_tiny_models; " \
@@ -86,8 +91,22 @@ def make_settings(tmp_path: Path, tiny_models: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
-    job_store = JobStore.from_url(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+def db_backend() -> str:
+    return "sqlite"
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, db_backend: str, tmp_path: Path) -> str:
+    """An empty database of the requested backend: a SQLite file, or a fresh PostgreSQL database."""
+    if db_backend == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[JobStore]:
+    job_store = JobStore.from_url(db_url)
     await upgrade(job_store.engine)
     yield job_store
     await job_store.close()

@@ -2,13 +2,20 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from pathlib import Path
 
+import pytest
 from sqlalchemy import update
 
 from bot.db.migrate import upgrade
 from bot.db.models import Job, JobStatus
 from bot.db.store import DELIVERY_WINDOW, CancelOutcome, DuplicateJobError, JobStore, NewJob, utcnow
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both databases the store supports."""
+    backend: str = request.param
+    return backend
 
 
 def new_job(user: str = "u1", **extra: object) -> NewJob:
@@ -67,9 +74,8 @@ async def test_cancel_queued_and_running(store: JobStore) -> None:
     assert await store.cancel(running.id, "u1") == CancelOutcome.FINISHED
 
 
-async def test_two_claimers_claim_each_of_100_jobs_exactly_once(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'race.db'}"
-    first, second = JobStore.from_url(url), JobStore.from_url(url)
+async def test_two_claimers_claim_each_of_100_jobs_exactly_once(db_url: str) -> None:
+    first, second = JobStore.from_url(db_url), JobStore.from_url(db_url)
     await upgrade(first.engine)
     ids = [(await first.create(new_job())).id for _ in range(100)]
     claimed: dict[str, list[int]] = {"a": [], "b": []}
@@ -238,3 +244,39 @@ async def test_release_on_a_deliberate_stop_requeues_and_returns_the_attempt(sto
     assert await store.release(job.id, attempt=1)
     ended = await store.get(job.id)
     assert ended is not None and ended.status == JobStatus.CANCELLED
+
+
+async def test_claims_take_turns_across_users(store: JobStore) -> None:
+    """User A queues ten jobs, then user B one: B's job is claimed second, not eleventh."""
+    a_jobs = [(await store.create(new_job("alice"))).id for _ in range(10)]
+    b_job = (await store.create(new_job("bob"))).id
+    claimed = []
+    while (job := await store.claim_next()) is not None:
+        claimed.append(job.id)
+    assert claimed[:2] == [a_jobs[0], b_job]
+    assert claimed[2:] == a_jobs[1:]  # a user's own jobs run oldest first
+
+
+async def test_fair_order_predicts_the_claims(store: JobStore) -> None:
+    """The order /queue can show is the order claims take, with users who ran recently at the back."""
+    from sqlalchemy import select
+
+    from bot.db.claims import fair_order
+
+    early = await store.create(new_job("carol"))
+    await store.claim_next()
+    await store.finish(early.id, 1, output_path="/c.mp4", output_bytes=1, phases=[])
+    for user in ("alice", "carol", "bob", "alice", "carol", "alice", "bob", "dave"):
+        await store.create(new_job(user))
+    async with store.engine.connect() as conn:
+        queued = [(row.id, row.user_id) for row in await conn.execute(
+            select(Job.id, Job.user_id).where(Job.status == JobStatus.QUEUED))]
+        last = {row.user_id: row.started_at for row in await conn.execute(
+            select(Job.user_id, Job.started_at).where(Job.started_at.is_not(None)))}
+    predicted = fair_order(queued, last)
+    claimed = []
+    while (job := await store.claim_next()) is not None:
+        claimed.append(job.id)
+    assert claimed == predicted
+    users = dict(queued)
+    assert [users[i] for i in claimed[:4]] == ["alice", "bob", "dave", "carol"]  # carol ran before: last

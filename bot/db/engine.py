@@ -1,4 +1,4 @@
-"""Async engine with SQLite made safe for several writers (WAL, BEGIN IMMEDIATE)."""
+"""Async engines: SQLite made safe for several writers (WAL, BEGIN IMMEDIATE), or PostgreSQL through asyncpg."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from bot.db.models import Base  # noqa: F401  (models must be imported before me
 
 def create_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return _create_postgres_engine(url)
     if parsed.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
@@ -21,6 +23,21 @@ def create_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, connect_args={"timeout": 30})
     _make_sqlite_transactional(engine)
     return engine
+
+
+def _create_postgres_engine(url: str) -> AsyncEngine:
+    """READ COMMITTED (the default) is enough: every claim is one SKIP LOCKED statement (bot/db/claims.py)
+    and every other write one transaction fenced by attempt."""
+    return create_async_engine(
+        url,
+        # A worker idles for hours between jobs; a connection the server or a firewall dropped
+        # meanwhile is replaced instead of failing the next claim.
+        pool_pre_ping=True,
+        connect_args={
+            # UTC, as on SQLite: timestamps read back the same on both databases, whatever the server's zone.
+            "server_settings": {"timezone": "UTC", "application_name": "ltxbot"},
+        },
+    )
 
 
 def _make_sqlite_transactional(engine: AsyncEngine) -> None:

@@ -7,9 +7,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# PostgreSQL advisory lock id for schema upgrades: "ltxbot" in ASCII, unlikely to meet another app's.
+MIGRATION_LOCK_KEY = int.from_bytes(b"ltxbot", "big")
 
 
 def alembic_config(url: str) -> Config:
@@ -35,4 +38,9 @@ async def _run(engine: AsyncEngine, fn: Any, revision: str) -> None:
         fn(cfg, revision)
 
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Every worker migrates at start; workers started together would otherwise all try to
+            # create the same tables. The lock ends with this transaction. (On SQLite, BEGIN
+            # IMMEDIATE already lets one migrator in at a time.)
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         await connection.run_sync(_with_connection)

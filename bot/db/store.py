@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from bot.db.claims import next_queued_id
+from bot.db.doorbell import make_doorbell
 from bot.db.engine import create_engine, session_factory
 from bot.db.models import ACTIVE_STATUSES, Job, JobStatus, Setting
 
@@ -73,12 +75,15 @@ class JobStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
+        # Idle workers await it; create() rings it in the job's own transaction.
+        self.doorbell = make_doorbell(engine)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
         return cls(create_engine(url))
 
     async def close(self) -> None:
+        await self.doorbell.close()
         await self.engine.dispose()
 
     # --- creating and reading -------------------------------------------------
@@ -105,6 +110,7 @@ class JobStore:
         try:
             async with self._sessions.begin() as session:
                 session.add(job)
+                await self.doorbell.announce(session)
         except IntegrityError:
             if new.interaction_id is None:
                 raise
@@ -193,18 +199,15 @@ class JobStore:
     # --- the worker's transitions ---------------------------------------------
 
     async def claim_next(self, only_id: int | None = None) -> Job | None:
-        """Atomically move the oldest queued job to running and count the attempt.
+        """Atomically move the next queued job (fair across users) to running and count the attempt.
 
-        One statement, so two claimers can never take the same job: the second one's
-        subquery no longer sees it as queued once the first has committed.
+        One statement, so two claimers can never take the same job; how each database keeps
+        concurrent claimers apart, and the fairness order, are in bot/db/claims.py.
         """
-        candidates = select(Job.id).where(Job.status == JobStatus.QUEUED)
-        if only_id is not None:
-            candidates = candidates.where(Job.id == only_id)
-        oldest = candidates.order_by(Job.id).limit(1).scalar_subquery()
+        next_id = next_queued_id(self.engine.dialect.name, only_id)
         statement = (
             update(Job)
-            .where(Job.id == oldest, Job.status == JobStatus.QUEUED)
+            .where(Job.id == next_id, Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.RUNNING,
                 attempts=Job.attempts + 1,

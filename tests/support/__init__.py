@@ -1,0 +1,1 @@
+"""Test helpers that are more than fixtures: a throwaway PostgreSQL server, claimer processes."""

@@ -1,0 +1,32 @@
+"""A worker-like claimer process for the race tests: ``python -m tests.support.claimer DATABASE_URL``.
+
+It opens its own store, says ``ready``, waits for a line on stdin (so that every claimer starts
+together), claims until the queue answers empty, and prints one JSON line: the ids it claimed,
+and how many jobs were still queued once it was told the queue was empty (0 unless a claim
+missed a job it could have had).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from bot.db.store import JobStore
+
+
+async def main(url: str) -> None:
+    store = JobStore.from_url(url)
+    await store.is_paused()  # connect before the start line, so the race is over claims, not connects
+    print("ready", flush=True)
+    sys.stdin.readline()
+    claimed: list[int] = []
+    while (job := await store.claim_next()) is not None:
+        claimed.append(job.id)
+    left = len(await store.queued_ids())
+    await store.close()
+    print(json.dumps({"claimed": claimed, "queued_after_empty": left}), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))
