@@ -72,8 +72,17 @@ def png_with_bad_raw_profile() -> bytes:
     halves().save(buffer, format="PNG")
     text = b"Raw profile type exif\x00" + b"\nexif\n      40\nnot hex at all, zz\n"
     data = insert_png_chunk(buffer.getvalue(), b"tEXt", text)
-    # And a zTXt that does not inflate: Pillow raised zlib.error on it before any pixel was read.
-    return insert_png_chunk(data, b"zTXt", b"Raw profile type exif\x00\x00" + b"\x78\x9cnot deflate")
+    # And a zTXt with an unknown compression method, which made Pillow refuse the file outright.
+    return insert_png_chunk(data, b"zTXt", b"Raw profile type exif\x00\x01" + b"\x78\x9cnot deflate")
+
+
+def jpeg_with_short_segments() -> bytes:
+    """A JPEG with a JFIF and an Adobe segment too short for the fields Pillow reads from them."""
+    buffer = io.BytesIO()
+    halves().save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+    segments = b"\xff\xe0\x00\x07JFIF\x00" + b"\xff\xee\x00\x07Adobe"
+    return data[:2] + segments + data[2:]
 
 
 def one_pixel_wide_png(height: int = 40_000_000) -> bytes:

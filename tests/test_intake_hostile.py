@@ -27,6 +27,7 @@ from tests.intake_images import (
     X_RESOLUTION,
     assert_clean_output,
     jpeg,
+    jpeg_with_short_segments,
     many_scans,
     one_pixel_wide_png,
     orientation_with_ascii_resolution,
@@ -94,6 +95,7 @@ BROKEN_METADATA = {
                      (X_RESOLUTION, 2, 3, b"72\x00")])),
     "exif_that_is_not_tiff": lambda: with_exif("WEBP", b"this is not a TIFF block at all"),
     "bad_raw_profile_text_chunks": png_with_bad_raw_profile,
+    "short_jfif_and_adobe_segments": jpeg_with_short_segments,
 }
 
 
