@@ -64,6 +64,9 @@ class Header:
     bytes_per_pixel: int = 4
     # Memory the decoder needs whatever the output size (a progressive JPEG's coefficients).
     fixed_bytes: int = 0
+    # Whether fitting it makes a full copy even when nothing is reduced: a mode conversion (palette,
+    # 16-bit, CMYK, 1-bit) or a premultiplied copy for resampling with alpha.
+    copies: bool = True
     notes: tuple[str, ...] = ()
     jpeg_scans: int = 0
     jpeg_blocks: int = 0
@@ -94,8 +97,9 @@ class Header:
         box = fit_box((width, height), stored_target)
         factor = reduce_factor(box, stored_target)
         decoded = width * height
-        # The reduced working copy is 4 bytes a pixel; with no reduction it is a full-size conversion.
-        working = 4 * math.ceil(box[2] - box[0]) * math.ceil(box[3] - box[1]) // (factor * factor)
+        # The reduced working copy is 4 bytes a pixel; with no reduction, a full-size copy if any.
+        area = math.ceil(box[2] - box[0]) * math.ceil(box[3] - box[1])
+        working = 4 * area // (factor * factor) if factor > 1 or self.copies else 0
         output = 16 * stored_target[0] * stored_target[1]
         return decoded * self.bytes_per_pixel + working + output + self.fixed_bytes
 
@@ -110,8 +114,8 @@ def jpeg_draft_scale(size: tuple[int, int], request: tuple[int, int]) -> int:
 
 
 # The reduced image stays at least this many times the target, so LANCZOS still has the detail
-# (Pillow's own ``reducing_gap`` idea; 3 is where Pillow documents no visible difference).
-REDUCING_GAP = 3.0
+# (Pillow's own ``reducing_gap`` idea; 2 is what its ``thumbnail`` uses).
+REDUCING_GAP = 2.0
 
 
 def fit_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -233,7 +237,7 @@ def _jpeg(data: bytes) -> Header:
     orientation, notes = orientation_from_exif(exif)
     return Header(
         "JPEG", width, height, 1, orientation, pixels,
-        bytes_per_pixel=1 if count == 1 else 4,
+        bytes_per_pixel=1 if count == 1 else 4, copies=count == 4,
         # A multi-scan JPEG keeps every block's 64 coefficients (2 bytes each) until the last scan.
         fixed_bytes=blocks * 128 if multi_scan else 0,
         notes=notes, jpeg_scans=scans, jpeg_blocks=blocks, data_problem=problem,
@@ -343,8 +347,10 @@ def _png(data: bytes) -> Header:
     # Pillow's modes: 1-bit, grey and palette keep a byte a pixel, 16-bit grey two, the rest four.
     bytes_per_pixel = 4 if colour in {2, 4, 6} else (2 if depth == 16 else 1)
     orientation, notes = orientation_from_exif(exif if exif is not None else text_exif)
+    # 8-bit grey and RGB decode straight to the modes the fit works in; the rest are converted.
+    copies = not (depth == 8 and colour in {0, 2}) or b"tRNS" in {chunk[4:8] for chunk in kept}
     return Header("PNG", width, height, frames, orientation, b"".join(kept), bytes_per_pixel=bytes_per_pixel,
-                  notes=notes, data_problem=problem)
+                  copies=copies, notes=notes, data_problem=problem)
 
 
 def _check_apng_frame(header: bytes, body: bytes) -> None:
@@ -419,7 +425,15 @@ def _webp(data: bytes) -> Header:
     orientation, notes = orientation_from_exif(exif)
     # libwebp's animation decoder keeps two canvas-sized RGBA buffers, Pillow copies the frame out
     # of them into bytes and then into its image: about 16 bytes a canvas pixel (measured, 17 kept).
-    return Header("WEBP", size[0], size[1], max(frames, 1), orientation, data, bytes_per_pixel=17, notes=notes)
+    # VP8X flags: 0x10 alpha, 0x02 animation (whose frames Pillow hands over as RGBA).
+    alpha = (canvas is not None and bool(data[20] & 0x12)) or (canvas is None and _webp_lossless_alpha(data))
+    return Header("WEBP", size[0], size[1], max(frames, 1), orientation, data, bytes_per_pixel=17, copies=alpha,
+                  notes=notes)
+
+
+def _webp_lossless_alpha(data: bytes) -> bool:
+    # A simple lossless file says in its header whether it uses alpha (VP8L's alpha_is_used bit).
+    return data[12:16] == b"VP8L" and len(data) >= 25 and bool(int.from_bytes(data[21:25], "little") >> 28 & 1)
 
 
 def _webp_bitstream_size(kind: bytes, body: bytes) -> tuple[int, int]:
