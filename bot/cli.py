@@ -229,7 +229,7 @@ def _intake(settings: Settings, args: argparse.Namespace) -> int:
         result = normalise_image(
             data, target, (args.out or settings.uploads_dir),
             max_pixels=limits.max_image_pixels, min_side=limits.min_image_side, usage=usage,
-            limits=DecodeLimits(limits.decode_memory_mib, limits.decode_cpu_seconds, limits.decode_timeout_seconds),
+            limits=DecodeLimits.of(limits),
         )
     except IntakeError as exc:
         return answer({"ok": False, "code": exc.code, "error": exc.message}, EXIT_USAGE)

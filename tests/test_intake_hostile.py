@@ -266,6 +266,5 @@ def test_ltxbot_intake_answers_one_json_line_when_something_unexpected_fails(tmp
 
 
 def test_decode_limit_defaults_match_the_config() -> None:
-    limits = Limits()
-    assert (limits.decode_memory_mib, limits.decode_cpu_seconds, limits.decode_timeout_seconds) == (
-        LIMITS.memory_mib, LIMITS.cpu_seconds, LIMITS.timeout_seconds)
+    assert DecodeLimits.of(Limits()) == LIMITS
+    assert DecodeLimits.of(Limits(decode_memory_mib=600)).memory_mib == 600

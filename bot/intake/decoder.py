@@ -31,8 +31,6 @@ from bot.intake.headers import TRANSPOSING_ORIENTATIONS, fit_box, reduce_factor
 NEUTRAL_BACKGROUND = (128, 128, 128)
 # Rows are converted and reduced a strip at a time, so no full-size converted copy ever exists.
 STRIP_PIXELS = 1 << 20
-# What Pillow's decoders raise on damaged input (a half PNG fails in its chunk reader with struct.error).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,

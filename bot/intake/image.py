@@ -23,10 +23,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bot
 from bot.intake.errors import IntakeError
 from bot.intake.headers import ALLOWED_TEXT, MAX_JPEG_SCAN_BLOCKS, MAX_JPEG_SCANS, Header, ImageFormat, read_header
+
+if TYPE_CHECKING:
+    from bot.config import Limits
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,10 @@ class DecodeLimits:
     memory_mib: int = 300
     cpu_seconds: int = 10
     timeout_seconds: float = 20.0
+
+    @classmethod
+    def of(cls, limits: Limits) -> DecodeLimits:
+        return cls(limits.decode_memory_mib, limits.decode_cpu_seconds, limits.decode_timeout_seconds)
 
 
 @dataclass
