@@ -107,13 +107,14 @@ def jpeg(size: tuple[int, int] = (256, 256), *, progressive: bool = False, noise
 
 
 def patch_jpeg_size(data: bytes, width: int, height: int) -> bytes:
-    """``data`` with its frame header claiming ``width`` x ``height``."""
+    """``data`` with its frame header claiming ``width`` x ``height`` (unchanged if it has none)."""
     pos = 2
-    while True:
+    while pos + 9 <= len(data) and data[pos] == 0xFF:
         marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in {0xC4, 0xC8, 0xCC}:
             return data[:pos + 5] + struct.pack(">HH", height, width) + data[pos + 9:]
         pos += 2 + length
+    return data
 
 
 def many_scans(data: bytes, scans: int) -> bytes:
