@@ -231,36 +231,48 @@ def _tiny_ltxv(settings: Settings, root: Path) -> int:
 
 
 def _intake(settings: Settings, args: argparse.Namespace) -> int:
+    """One JSON line, exit 0 or 2, whatever the image does: the decoder's own limits, then a last resort."""
     from bot.intake import IntakeError
-    from bot.intake.image import normalise_image, read_local_image
+    from bot.intake.image import DecodeLimits, DecoderUsage, normalise_image, read_local_image
     from bot.intake.request import size_for_aspect
     from generator.protocol import size_multiple
 
+    usage = DecoderUsage()
+
     def answer(payload: dict[str, Any], code: int) -> int:
-        print(json.dumps(payload))
+        if usage.ran:
+            payload["decoder"] = {"peak_rss_mib": None if usage.peak_rss_kib is None else
+                                  round(usage.peak_rss_kib / 1024, 1),
+                                  "cpu_s": usage.cpu_seconds, "wall_s": usage.wall_seconds}
+        print(json.dumps(payload), flush=True)
         return code
 
     try:
-        data = read_local_image(args.image, settings.limits.max_upload_bytes)
+        limits = settings.limits
+        width, height = args.width, args.height
+        if (width is None) != (height is None):
+            raise IntakeError("invalid_request", "Give both --width and --height, or neither.")
+        data = read_local_image(args.image, limits.max_upload_bytes)
         family = settings.generation.family
         multiple = size_multiple(settings.default_pipeline(family), family)
-        width, height = args.width, args.height
 
         def target(w: int, h: int) -> tuple[int, int]:
-            if width and height:
+            if width is not None and height is not None:
                 return width, height
             return size_for_aspect(w, h, settings.pixel_budget(family), multiple)
 
-        if (width is None) != (height is None):
-            raise IntakeError("invalid_request", "Give both --width and --height, or neither.")
         result = normalise_image(
             data, target, (args.out or settings.uploads_dir),
-            max_pixels=settings.limits.max_image_pixels, min_side=settings.limits.min_image_side,
+            max_pixels=limits.max_image_pixels, min_side=limits.min_image_side, usage=usage,
+            limits=DecodeLimits.of(limits),
         )
     except IntakeError as exc:
         return answer({"ok": False, "code": exc.code, "error": exc.message}, EXIT_USAGE)
     except MemoryError:
         return answer({"ok": False, "code": "too_large", "error": "That image needs too much memory."}, EXIT_USAGE)
+    except Exception as exc:  # the last resort: still one JSON line, never a traceback
+        return answer({"ok": False, "code": "internal_error",
+                       "error": f"Reading that image failed unexpectedly ({type(exc).__name__}: {exc})."}, EXIT_USAGE)
     return answer(
         {"ok": True, "path": str(result.path), "width": result.width, "height": result.height,
          "sha256": result.sha256, "notes": result.notes},

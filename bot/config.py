@@ -102,6 +102,11 @@ class Limits(_Section):
     max_prompt_chars: int = Field(default=1000, ge=1, le=4000)
     intake_threads: int = Field(default=2, ge=1, le=32)
     download_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Per image, for the decoder process (bot/intake/decoder.py): its address space (which caps its
+    # peak RSS), its CPU time, and the wall time after which it is killed.
+    decode_memory_mib: int = Field(default=300, ge=128, le=65536)
+    decode_cpu_seconds: int = Field(default=10, ge=1, le=600)
+    decode_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
 
 
 class VaeTiling(_Section):
