@@ -20,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from generator.protocol import MAX_FRAMES, MIN_FRAMES, ModelFamily, PipelineKind
+from generator.protocol import MAX_FRAMES, MAX_PROMPT_CHARS, MIN_FRAMES, ModelFamily, PipelineKind
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -99,7 +99,7 @@ class Limits(_Section):
     max_queued_per_user: int = Field(default=3, ge=1)
     daily_quota: int = Field(default=20, ge=0)
     cooldown_seconds: float = Field(default=30.0, ge=0)
-    max_prompt_chars: int = Field(default=1000, ge=1, le=4000)
+    max_prompt_chars: int = Field(default=1000, ge=1, le=MAX_PROMPT_CHARS)
     intake_threads: int = Field(default=2, ge=1, le=32)
     download_timeout_seconds: float = Field(default=30.0, gt=0)
 

@@ -29,7 +29,7 @@ from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
 from bot.intake.image import ImageIntake, confined_path
-from bot.intake.request import SizedRequest, build_request
+from bot.intake.request import SizedRequest, build_request, check_owner_limits
 from bot.views import AnimateModal, TweakModal, card_view, delivery_view
 from bot.worker import Ending
 from generator.protocol import (
@@ -222,7 +222,7 @@ class JobService:
         except Refusal as refusal:
             await interaction.response.send_message(refusal.message, ephemeral=True)
             return
-        await interaction.response.send_modal(AnimateModal(message, attachment))
+        await interaction.response.send_modal(AnimateModal(message, attachment, self.settings.limits.max_prompt_chars))
 
     async def animate_from_modal(self, interaction: discord.Interaction[Any], modal: AnimateModal) -> None:
         try:
@@ -330,13 +330,11 @@ class JobService:
             params["seed"] = secrets.randbelow(2**32)
         else:
             params["prompt"] = prompt
-        limits = self.settings.limits
         try:
             await self._admit(interaction.user, interaction.guild_id)
-            request = GenerationRequest.model_validate(
-                params, context={"max_frames": limits.max_frames, "max_prompt_chars": limits.max_prompt_chars}
-            )
-        except Refusal as refusal:
+            request = GenerationRequest.model_validate(params)
+            check_owner_limits(self.settings, request)
+        except (Refusal, IntakeError) as refusal:
             await self.tell(interaction, refusal.message)
             return
         except ValidationError as exc:
@@ -360,7 +358,7 @@ class JobService:
     async def open_tweak(self, interaction: discord.Interaction[Any], job_id: int) -> None:
         job = await self._own_job(interaction, job_id)
         if job is not None:
-            await interaction.response.send_modal(TweakModal(job.id, job.prompt))
+            await interaction.response.send_modal(TweakModal(job.id, job.prompt, self.settings.limits.max_prompt_chars))
 
     # --- cancelling -----------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from generator.protocol import MAX_PROMPT_CHARS
+
 if TYPE_CHECKING:
     from bot.service import JobService
 
@@ -96,7 +98,8 @@ def _optional_number(raw: str, name: str, *, integer: bool) -> float | int | Non
 
 class AnimateModal(discord.ui.Modal, title="Animate image"):
     prompt: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
-        label="Prompt", style=discord.TextStyle.paragraph, placeholder="What happens in the clip?", max_length=1000
+        label="Prompt", style=discord.TextStyle.paragraph, placeholder="What happens in the clip?",
+        max_length=MAX_PROMPT_CHARS,
     )
     seconds: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
         label="Seconds (optional)", required=False, max_length=6, placeholder="4"
@@ -105,8 +108,9 @@ class AnimateModal(discord.ui.Modal, title="Animate image"):
         label="Seed (optional)", required=False, max_length=10
     )
 
-    def __init__(self, message: discord.Message, attachment: discord.Attachment) -> None:
+    def __init__(self, message: discord.Message, attachment: discord.Attachment, max_prompt_chars: int) -> None:
         super().__init__(timeout=600)
+        self.prompt.max_length = max_prompt_chars  # the owner's limit, so Discord counts down to it
         self.message = message
         self.attachment = attachment
 
@@ -123,13 +127,14 @@ class AnimateModal(discord.ui.Modal, title="Animate image"):
 
 class TweakModal(discord.ui.Modal, title="Tweak the prompt"):
     prompt: discord.ui.TextInput[TweakModal] = discord.ui.TextInput(
-        label="Prompt", style=discord.TextStyle.paragraph, max_length=1000
+        label="Prompt", style=discord.TextStyle.paragraph, max_length=MAX_PROMPT_CHARS
     )
 
-    def __init__(self, job_id: int, prompt: str) -> None:
+    def __init__(self, job_id: int, prompt: str, max_prompt_chars: int) -> None:
         super().__init__(timeout=600)
         self.job_id = job_id
-        self.prompt.default = prompt[:1000]
+        self.prompt.max_length = max_prompt_chars
+        self.prompt.default = prompt[:max_prompt_chars]
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
         service = service_of(interaction)

@@ -32,7 +32,9 @@ ErrorCode = Literal["oom", "invalid_spec", "model_missing", "too_large", "intern
 MIN_FRAMES = 9
 MAX_FRAMES = 481
 MAX_SEED = 2**32 - 1
-DEFAULT_MAX_PROMPT_CHARS = 1000
+# The contract's hard maximum; an owner's lower limit is checked once, where a request comes in
+# (bot/intake/request.py). 4000 is also the longest text a Discord modal field takes.
+MAX_PROMPT_CHARS = 4000
 
 
 class ExitCode(IntEnum):
@@ -66,10 +68,11 @@ class _Frozen(BaseModel):
 
 
 class GenerationRequest(_Frozen):
-    """What a user asks for, validated against the model's constraints.
+    """What a user asks for, validated against the model's constraints and the contract's hard maxima.
 
-    Limits that the owner configures (max frames, prompt length) come in the
-    validation context: ``GenerationRequest.model_validate(data, context={...})``.
+    The owner's own, lower limits (``limits.max_frames``, ``limits.max_prompt_chars``) are not
+    checked here: a job validated at intake must stay valid in the worker and the generator,
+    which read it back without the owner's settings.
     """
 
     prompt: str
@@ -91,24 +94,20 @@ class GenerationRequest(_Frozen):
         if not isinstance(value, str):
             return value
         cleaned = clean_prompt(value)
-        limit = (info.context or {}).get("max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS)
         if info.field_name == "prompt" and not cleaned:
             raise ValueError("the prompt is empty: describe the motion you want, for example 'waves roll in'")
-        if len(cleaned) > limit:
+        if len(cleaned) > MAX_PROMPT_CHARS:
             raise ValueError(f"the {(info.field_name or 'text').replace('_', ' ')} is {len(cleaned)} characters; "
-                             f"the limit is {limit}")
+                             f"the limit is {MAX_PROMPT_CHARS}")
         return cleaned or None
 
     @field_validator("frames")
     @classmethod
-    def _frames_grid(cls, value: int, info: ValidationInfo) -> int:
+    def _frames_grid(cls, value: int) -> int:
         if (value - 1) % 8:
             lower = (value - 1) // 8 * 8 + 1
             raise ValueError(f"frames must be one more than a multiple of 8 (9, 17, 25, ... 481); "
                              f"got {value}, try {lower} or {lower + 8}")
-        max_frames = (info.context or {}).get("max_frames", MAX_FRAMES)
-        if value > max_frames:
-            raise ValueError(f"frames must be at most {max_frames} on this server; got {value}")
         return value
 
     @model_validator(mode="after")

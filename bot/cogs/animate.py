@@ -8,6 +8,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from generator.protocol import MAX_PROMPT_CHARS
+
 if TYPE_CHECKING:
     from bot.app import LtxBot
 
@@ -43,7 +45,7 @@ class Animate(commands.Cog):
         self,
         interaction: discord.Interaction[Any],
         image: discord.Attachment,
-        prompt: app_commands.Range[str, 1, 4000],
+        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
         size: str | None = None,
         seconds: app_commands.Range[float, 0.1, 60.0] | None = None,
         frames: app_commands.Range[int, 1, 10000] | None = None,

@@ -105,11 +105,28 @@ def build_request(
         "audio": (gen.audio and family != "ltxv") if audio is None else audio,
         "image_strength": gen.image_strength,
     }
-    context = {"max_frames": settings.limits.max_frames, "max_prompt_chars": settings.limits.max_prompt_chars}
     try:
-        return GenerationRequest.model_validate(data, context=context)
+        request = GenerationRequest.model_validate(data)
     except ValidationError as exc:
         raise IntakeError("invalid_request", describe_validation_error(exc)) from None
+    check_owner_limits(settings, request)
+    return request
+
+
+def check_owner_limits(settings: Settings, request: GenerationRequest) -> None:
+    """The owner's limits, below the contract's hard maxima: checked once, where a request comes in.
+
+    Downstream (the worker, the generator) a stored request is held only to the contract,
+    so raising a limit never fails jobs that are already queued.
+    """
+    limits = settings.limits
+    if request.frames > limits.max_frames:
+        raise IntakeError("invalid_request",
+                          f"frames must be at most {limits.max_frames} on this server; got {request.frames}.")
+    for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise IntakeError("invalid_request", f"The {name} is {len(text)} characters; the limit on this "
+                              f"server is {limits.max_prompt_chars}.")
 
 
 class SizedRequest:
