@@ -70,6 +70,20 @@ def test_messages_name_the_field_and_allowed_values(field: str, kwargs: dict[str
         assert word in info.value.message
 
 
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"width": 512}, ["width needs height"]),
+    ({"height": 512}, ["height needs width"]),
+    ({"preset": "square", "width": 512, "height": 512}, ["size (square)", "width and height (512×512)"]),
+])
+def test_a_size_asked_half_way_or_twice_is_refused_naming_both_fields(
+    kwargs: dict[str, object], words: list[str]
+) -> None:
+    with pytest.raises(IntakeError) as info:
+        build_request(SETTINGS, prompt="waves", source_size=(4, 3), **kwargs)  # type: ignore[arg-type]
+    for word in words:
+        assert word in info.value.message
+
+
 def test_seconds_become_valid_frames() -> None:
     assert frames_for_seconds(4, 24) == 97
     assert all((frames_for_seconds(s / 2, 24) - 1) % 8 == 0 for s in range(1, 40))

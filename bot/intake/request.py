@@ -79,6 +79,15 @@ def build_request(
             f"{' or '.join(FAMILY_NAMES[f] for f in settings.enabled_families())}, or ask the owner.",
         )
     kind: PipelineKind = pipeline or settings.default_pipeline(family)
+    # A size asked for half-way, or twice, is refused: silently picking one would render
+    # a size the user did not ask for.
+    if (width is None) != (height is None):
+        given, missing = ("width", "height") if width is not None else ("height", "width")
+        raise IntakeError("invalid_request", f"{given} needs {missing} too: give both width and height, or "
+                          "neither (the size then follows your image).")
+    if preset is not None and width is not None:
+        raise IntakeError("invalid_request", f"Choose either size ({preset}) or width and height "
+                          f"({width}×{height}), not both.")
     if preset is not None:
         if preset not in gen.presets:
             names = ", ".join(sorted(gen.presets))
