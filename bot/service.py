@@ -23,7 +23,7 @@ import discord
 from pydantic import ValidationError
 
 from bot import cards
-from bot.access import Caller, Refusal, check_budget, check_place, is_admin
+from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, is_admin
 from bot.db.models import ACTIVE_STATUSES, JobStatus
 from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
@@ -41,11 +41,15 @@ from generator.protocol import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bot.app import LtxBot
     from bot.config import Settings
     from bot.db.models import Job
-    from bot.db.store import JobStore
+    from bot.db.store import JobStore, UserUsage
     from bot.worker import Worker
+
+    AdmitGate = Callable[[UserUsage], None] | None
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +165,13 @@ class JobService:
             limit = min(limit, self.settings.discord.max_clip_bytes)
         return max(limit - UPLOAD_MARGIN, limit // 2)
 
-    async def _admit(self, user: discord.User | discord.Member, guild_id: int | None) -> bool:
+    async def _admit(self, user: discord.User | discord.Member, guild_id: int | None) -> AdmitGate:
+        """The quick answer before any download; the returned gate is the authority, run by the insert."""
         caller = await self.caller(user, guild_id)
         check_place(self.settings.discord, caller)
         admin = is_admin(self.settings.discord, caller)
         await check_budget(self.settings.limits, self.store, caller, admin=admin)
-        return admin
+        return budget_gate(self.settings.limits, admin=admin)
 
     def _prevalidate(self, prompt: str, options: dict[str, Any]) -> None:
         """Reject bad options before downloading anything (the image only changes the derived size)."""
@@ -189,8 +194,10 @@ class JobService:
 
     async def _create(
         self, request: GenerationRequest, *, input_path: str, sha256: str, user_id: int, guild: discord.Guild | None,
-        guild_id: int | None, channel_id: int | None, key: str, request_message_id: int | None = None,
+        guild_id: int | None, channel_id: int | None, key: str, admit: AdmitGate,
+        request_message_id: int | None = None,
     ) -> Job:
+        """Insert the job; raises Refusal when the user's limits, checked with the insert, say no."""
         new = NewJob(
             user_id=str(user_id), prompt=request.prompt, negative_prompt=request.negative_prompt,
             params=request.model_dump(mode="json"), input_path=input_path, input_sha256=sha256,
@@ -199,7 +206,7 @@ class JobService:
             max_bytes=self.clip_limit(guild),
         )
         try:
-            return await self.store.create(new)
+            return await self.store.create(new, admit=admit)
         except DuplicateJobError as duplicate:
             return duplicate.job
 
@@ -238,7 +245,7 @@ class JobService:
     ) -> None:
         options = {**options, "guild_id": interaction.guild_id}
         try:
-            await self._admit(interaction.user, interaction.guild_id)
+            admit = await self._admit(interaction.user, interaction.guild_id)
             self._prevalidate(prompt, options)
         except (Refusal, IntakeError) as problem:
             await interaction.response.send_message(problem.message, ephemeral=True)
@@ -247,14 +254,17 @@ class JobService:
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             request, image = await self._from_attachment(attachment, prompt, options)
+            job = await self._create(
+                request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
+                guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                key=str(interaction.id), admit=admit,
+            )
         except IntakeError as problem:
             await interaction.edit_original_response(content=f"I can't animate that: {problem.message}")
             return
-        job = await self._create(
-            request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
-            guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            key=str(interaction.id),
-        )
+        except Refusal as refusal:
+            await interaction.edit_original_response(content=refusal.message)
+            return
         notes = f" ({'; '.join(image.notes)})" if image.notes else ""
         await self._post_card(interaction, job, notes)
 
@@ -295,18 +305,18 @@ class JobService:
                                 mention_author=False, allowed_mentions=quiet)
             return
         try:
-            await self._admit(message.author, message.guild.id if message.guild else None)
+            admit = await self._admit(message.author, message.guild.id if message.guild else None)
             guild_options = {"guild_id": message.guild.id} if message.guild else {}
             request, image = await self._from_attachment(attachment, prompt, guild_options)
+            job = await self._create(
+                request, input_path=str(image.path), sha256=image.sha256, user_id=message.author.id,
+                guild=message.guild, guild_id=message.guild.id if message.guild else None,
+                channel_id=message.channel.id, key=f"m{message.id}", admit=admit, request_message_id=message.id,
+            )
         except (Refusal, IntakeError) as problem:
             await message.reply(f"I can't animate that: {problem.message}", mention_author=False,
                                 allowed_mentions=quiet)
             return
-        job = await self._create(
-            request, input_path=str(image.path), sha256=image.sha256, user_id=message.author.id,
-            guild=message.guild, guild_id=message.guild.id if message.guild else None,
-            channel_id=message.channel.id, key=f"m{message.id}", request_message_id=message.id,
-        )
         card = await message.reply(embed=cards.status_embed(job, await self.queue_view(job)),
                                    view=card_view(job.id, True) or discord.utils.MISSING,
                                    mention_author=False, allowed_mentions=quiet)
@@ -331,7 +341,7 @@ class JobService:
         else:
             params["prompt"] = prompt
         try:
-            await self._admit(interaction.user, interaction.guild_id)
+            admit = await self._admit(interaction.user, interaction.guild_id)
             request = GenerationRequest.model_validate(params)
             check_owner_limits(self.settings, request)
         except (Refusal, IntakeError) as refusal:
@@ -348,11 +358,15 @@ class JobService:
             await self.tell(interaction, "The image for that clip is no longer stored; start a new /animate.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        new = await self._create(
-            request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
-            guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            key=str(interaction.id),
-        )
+        try:
+            new = await self._create(
+                request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
+                guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                key=str(interaction.id), admit=admit,
+            )
+        except Refusal as refusal:
+            await self.tell(interaction, refusal.message)
+            return
         await self._post_card(interaction, new)
 
     async def open_tweak(self, interaction: discord.Interaction[Any], job_id: int) -> None:

@@ -273,6 +273,29 @@ async def test_queued_limit_and_daily_quota_refuse_politely(make_harness: Callab
     assert len(await h.jobs()) == 4
 
 
+@pytest.mark.parametrize(("limits", "allowed", "refusal"), [
+    ({"max_queued_per_user": 2, "daily_quota": 10, "cooldown_seconds": 0}, 2, "already have 2 clips waiting"),
+    ({"max_queued_per_user": 5, "daily_quota": 1, "cooldown_seconds": 0}, 1, "daily limit"),
+    ({"max_queued_per_user": 5, "daily_quota": 10, "cooldown_seconds": 60}, 1, "wait a moment between clips"),
+], ids=["queued", "daily", "cooldown"])
+async def test_overlapping_requests_of_one_user_get_exactly_their_limit(
+    make_harness: Callable[..., Any], limits: dict[str, Any], allowed: int, refusal: str
+) -> None:
+    """Three /animate at once with a slow image download: all pass the early check, the insert decides."""
+    h: Harness = await make_harness(limits=limits)
+    fake = h.fake
+    await h.answer_text(await fake.slash(ADMIN, "pause", group="admin"))
+    fake.cdn_delay = 1.5
+    sent = [await fake.slash(ALICE, "animate", {"prompt": f"clip {i}"},
+                             attachment=fake.attachment(image_bytes(), f"{i}.png")) for i in range(3)]
+    texts = [await h.answer_text(interaction) for interaction in sent]
+    assert len(fake.find("GET", r"^/cdn/")) == 3  # each passed the early check and was downloaded
+    assert sum("is queued" in text for text in texts) == allowed, texts
+    refused = [i for i, text in zip(sent, texts, strict=True) if "is queued" not in text]
+    assert all(fake.is_ephemeral(i) and refusal in h.fake.original_content(i) for i in refused), texts
+    assert len(await h.jobs()) == allowed
+
+
 async def test_a_clip_over_the_upload_limit_is_reencoded_to_fit(make_harness: Callable[..., Any]) -> None:
     limit = 64 * 1024
     h: Harness = await make_harness(discord={"max_clip_bytes": limit})

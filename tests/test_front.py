@@ -12,7 +12,7 @@ import discord
 import pytest
 
 from bot import cards
-from bot.access import Caller, Refusal, check_budget, check_place, is_admin
+from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, is_admin
 from bot.config import DiscordSettings, Limits, Settings
 from bot.db.store import JobStore, NewJob
 from bot.service import CardRef, JobService
@@ -70,6 +70,18 @@ async def test_budget_cooldown_quota_and_queue(store: JobStore) -> None:
     with pytest.raises(Refusal, match="daily limit"):
         await check_budget(no_cooldown, store, caller(), admin=False)
     await check_budget(Limits(daily_quota=0, cooldown_seconds=0, max_queued_per_user=5), store, caller(), admin=False)
+
+
+async def test_the_insert_holds_the_limits_when_requests_of_one_user_overlap(store: JobStore) -> None:
+    """Five creates at once under a queued limit of 2: the check inside the insert lets exactly two in."""
+    gate = budget_gate(Limits(max_queued_per_user=2, daily_quota=0, cooldown_seconds=0), admin=False)
+    results = await asyncio.gather(*(store.create(_job(), admit=gate) for _ in range(5)), return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 2
+    refusals = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, Refusal) and "already have 2 clips waiting" in r.message for r in refusals)
+    assert (await store.usage("1")).active == 2
+    assert budget_gate(Limits(), admin=True) is None  # admins are exempt
+    await store.create(_job(), admit=None)
 
 
 def test_estimate_ready_uses_the_median_and_the_running_job() -> None:
