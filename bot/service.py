@@ -77,6 +77,13 @@ def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachme
     return None
 
 
+def _settled(job: Job) -> bool:
+    """The job has ended and its clip or notice is posted (or never will be): its card is final."""
+    if job.status in ACTIVE_STATUSES:
+        return False
+    return job.status == JobStatus.CANCELLED or job.posted_message_id is not None or job.channel_id is None
+
+
 def _options_for_request(options: dict[str, Any]) -> dict[str, Any]:
     keys = ("preset", "width", "height", "frames", "seconds", "seed", "audio", "pipeline", "family", "guild_id")
     return {k: options[k] for k in keys if options.get(k) is not None}
@@ -94,6 +101,7 @@ class JobService:
             threads=limits.intake_threads,
         )
         self.http: aiohttp.ClientSession | None = None
+        # Only cards whose interaction token can still edit them; the bot token edits the rest.
         self.cards: dict[int, CardRef] = {}
         self.live: dict[int, dict[str, Any]] = {}
         self._dirty: set[int] = set()
@@ -275,7 +283,7 @@ class JobService:
         embed = cards.status_embed(job, await self.queue_view(job))
         card = await interaction.followup.send(embed=embed, view=card_view(job.id, True) or discord.utils.MISSING,
                                                wait=True)
-        self.cards[job.id] = CardRef(card.id, interaction)
+        self._remember_card(job.id, CardRef(card.id, interaction))
         await self.store.set_status_message(job.id, str(card.id))
         self.worker.ring()
 
@@ -320,7 +328,6 @@ class JobService:
         card = await message.reply(embed=cards.status_embed(job, await self.queue_view(job)),
                                    view=card_view(job.id, True) or discord.utils.MISSING,
                                    mention_author=False, allowed_mentions=quiet)
-        self.cards[job.id] = CardRef(card.id, None)
         await self.store.set_status_message(job.id, str(card.id))
         self.worker.ring()
 
@@ -447,8 +454,24 @@ class JobService:
                 except discord.HTTPException as exc:
                     log.warning("could not update the card of job %s: %s", job_id, exc.status)
                 self._last_edit[job_id] = time.monotonic()
+                if _settled(job):
+                    self._forget(job_id)
         finally:
             self._flushers.pop(job_id, None)
+
+    def _remember_card(self, job_id: int, ref: CardRef) -> None:
+        """Keep the interaction that can edit a card; entries past the token's life are dropped."""
+        now = discord.utils.utcnow()
+        for old_id, old in list(self.cards.items()):
+            if old.interaction is None or now - old.interaction.created_at >= TOKEN_LIFE:
+                del self.cards[old_id]
+        self.cards[job_id] = ref
+
+    def _forget(self, job_id: int) -> None:
+        """A job's card has shown its last state: nothing about it is kept in memory any more."""
+        self.cards.pop(job_id, None)
+        self._last_edit.pop(job_id, None)
+        self.live.pop(job_id, None)
 
     async def _edit_card(self, job: Job) -> None:
         if job.status == JobStatus.RUNNING and job.id in self.live:
@@ -465,6 +488,7 @@ class JobService:
             with contextlib.suppress(discord.NotFound, discord.Forbidden):
                 await ref.interaction.followup.edit_message(message_id, embed=embed, view=view)
                 return
+        self.cards.pop(job.id, None)
         # Past the token's life, or after a restart: the bot's own token edits the message.
         channel = self._channel(job)
         try:
@@ -472,7 +496,7 @@ class JobService:
         except (discord.NotFound, discord.Forbidden):
             card = await channel.send(embed=embed, view=view or discord.utils.MISSING,
                                       allowed_mentions=discord.AllowedMentions.none())
-            self.cards[job.id] = CardRef(card.id, None)
+            self.cards.pop(job.id, None)
             await self.store.set_status_message(job.id, str(card.id))
 
     def _channel(self, job: Job) -> discord.PartialMessageable:

@@ -162,7 +162,7 @@ async def _card_job(store: JobStore) -> int:
 async def test_a_young_interaction_edits_through_its_token(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
     interaction = FakeInteraction(timedelta(minutes=1))
-    service.cards[job_id] = CardRef(42, interaction)
+    service._remember_card(job_id, CardRef(42, interaction))
     await service._edit_card(await store.get(job_id))
     assert interaction.edits == [42] and service.channel.edits == []
 
@@ -170,7 +170,7 @@ async def test_a_young_interaction_edits_through_its_token(service: Any, store: 
 async def test_after_fourteen_minutes_the_bot_token_edits_the_card(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
     interaction = FakeInteraction(timedelta(minutes=14, seconds=5))
-    service.cards[job_id] = CardRef(42, interaction)
+    service._remember_card(job_id, CardRef(42, interaction))
     await service._edit_card(await store.get(job_id))
     assert interaction.edits == [] and service.channel.edits == [42]
 
@@ -181,6 +181,19 @@ async def test_a_card_that_cannot_be_edited_is_posted_again(service: Any, store:
     await service._edit_card(await store.get(job_id))
     assert len(service.channel.sent) == 1
     assert (await store.get(job_id)).status_message_id == "999"
+
+
+async def test_a_finished_jobs_card_is_forgotten_and_old_tokens_are_dropped(service: Any, store: JobStore) -> None:
+    job_id = await _card_job(store)
+    service._remember_card(job_id, CardRef(42, FakeInteraction(timedelta(minutes=1))))
+    await store.cancel(job_id, None)
+    await service.refresh_card(job_id)
+    await asyncio.gather(*service._flushers.values())
+    assert service.cards == {} and service._last_edit == {}  # its last state is shown; nothing is kept
+    stale, fresh = await _card_job(store), await _card_job(store)
+    service._remember_card(stale, CardRef(42, FakeInteraction(timedelta(minutes=15))))
+    service._remember_card(fresh, CardRef(43, FakeInteraction(timedelta(minutes=1))))
+    assert list(service.cards) == [fresh]  # a token past its life can edit nothing: not kept either
 
 
 async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store: JobStore) -> None:
