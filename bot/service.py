@@ -204,8 +204,11 @@ class JobService:
         self, request: GenerationRequest, *, input_path: str, sha256: str, user_id: int, guild: discord.Guild | None,
         guild_id: int | None, channel_id: int | None, key: str, admit: AdmitGate,
         request_message_id: int | None = None,
-    ) -> Job:
-        """Insert the job; raises Refusal when the user's limits, checked with the insert, say no."""
+    ) -> tuple[Job, bool]:
+        """Insert the job, and whether it is new (not a replay of the same request).
+
+        Raises Refusal when the user's limits, checked with the insert, say no.
+        """
         new = NewJob(
             user_id=str(user_id), prompt=request.prompt, negative_prompt=request.negative_prompt,
             params=request.model_dump(mode="json"), input_path=input_path, input_sha256=sha256,
@@ -214,9 +217,9 @@ class JobService:
             max_bytes=self.clip_limit(guild),
         )
         try:
-            return await self.store.create(new, admit=admit)
+            return await self.store.create(new, admit=admit), True
         except DuplicateJobError as duplicate:
-            return duplicate.job
+            return duplicate.job, False
 
     async def animate_from_command(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
@@ -262,7 +265,7 @@ class JobService:
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             request, image = await self._from_attachment(attachment, prompt, options)
-            job = await self._create(
+            job, _ = await self._create(
                 request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
                 guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
                 key=str(interaction.id), admit=admit,
@@ -308,6 +311,12 @@ class JobService:
             word for word in message.content.split() if word not in (f"<@{me.id}>", f"<@!{me.id}>")
         )
         quiet = discord.AllowedMentions.none()
+        replayed = await self.store.for_interaction(f"m{message.id}")
+        if replayed is not None:
+            # The same message again (a gateway replay after a resume): its first card stays the
+            # one that is kept up to date, so refresh that one rather than post another.
+            await self.refresh_card(replayed.id)
+            return
         if attachment is None:
             await message.reply("Attach an image (or reply to a message with one) and write what should happen.",
                                 mention_author=False, allowed_mentions=quiet)
@@ -316,7 +325,7 @@ class JobService:
             admit = await self._admit(message.author, message.guild.id if message.guild else None)
             guild_options = {"guild_id": message.guild.id} if message.guild else {}
             request, image = await self._from_attachment(attachment, prompt, guild_options)
-            job = await self._create(
+            job, created = await self._create(
                 request, input_path=str(image.path), sha256=image.sha256, user_id=message.author.id,
                 guild=message.guild, guild_id=message.guild.id if message.guild else None,
                 channel_id=message.channel.id, key=f"m{message.id}", admit=admit, request_message_id=message.id,
@@ -324,6 +333,9 @@ class JobService:
         except (Refusal, IntakeError) as problem:
             await message.reply(f"I can't animate that: {problem.message}", mention_author=False,
                                 allowed_mentions=quiet)
+            return
+        if not created:  # a replay that overlapped the first delivery of the message
+            await self.refresh_card(job.id)
             return
         card = await message.reply(embed=cards.status_embed(job, await self.queue_view(job)),
                                    view=card_view(job.id, True) or discord.utils.MISSING,
@@ -366,7 +378,7 @@ class JobService:
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            new = await self._create(
+            new, _ = await self._create(
                 request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
                 guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
                 key=str(interaction.id), admit=admit,

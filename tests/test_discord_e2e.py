@@ -181,6 +181,25 @@ async def test_context_menu_and_mention_reply_each_produce_a_clip(make_harness: 
         assert decode_mp4(post.files[0].data) == (9, 64, 128)
 
 
+async def test_a_replayed_mention_refreshes_its_card_instead_of_posting_another(
+    make_harness: Callable[..., Any]
+) -> None:
+    h: Harness = await make_harness(limits={"max_queued_per_user": 1})
+    fake = h.fake
+    await h.answer_text(await fake.slash(ADMIN, "pause", group="admin"))
+    photo = fake.attachment(image_bytes(), "cat.png")
+    mention = await fake.post_message(CAROL, f"<@{fake.app_id}> the cat blinks", [photo], mention_bot=True)
+    card = await fake.wait_for(lambda: h.find_card(1), timeout=30)
+    edits = len(fake.find("PATCH", rf"/messages/{card['id']}$"))
+    # Discord replays events missed during a reconnect: the same MESSAGE_CREATE arrives again.
+    await fake.dispatch("MESSAGE_CREATE", fake._as_seen(mention))
+    await fake.wait_for(lambda: len(fake.find("PATCH", rf"/messages/{card['id']}$")) > edits, timeout=30)
+    replies = [m for m in fake.bot_messages()
+               if str((m.get("message_reference") or {}).get("message_id")) == mention["id"]]
+    assert [m["id"] for m in replies] == [card["id"]]  # no second card, and no refusal for "a second clip"
+    assert len(await h.jobs()) == 1 and (await h.job(1)).status_message_id == card["id"]
+
+
 async def test_users_see_and_cancel_only_their_own_jobs(make_harness: Callable[..., Any]) -> None:
     h: Harness = await make_harness()
     fake = h.fake

@@ -147,6 +147,10 @@ class JobStore:
         async with self._sessions() as session:
             return await _usage(session, user_id, utcnow())
 
+    async def for_interaction(self, interaction_id: str) -> Job | None:
+        """The job an interaction (or a mention, ``m<message id>``) already created, if any."""
+        return await self._by_interaction(interaction_id)
+
     async def _by_interaction(self, interaction_id: str) -> Job | None:
         async with self._sessions() as session:
             result = await session.scalars(select(Job).where(Job.interaction_id == interaction_id))
