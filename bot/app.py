@@ -106,18 +106,31 @@ async def _serve(settings: Settings, token: str) -> None:
     try:
         async with LtxBot(settings, store) as bot:
             loop = asyncio.get_running_loop()
+            # A task, so a stop can end it: during an outage discord.py sleeps out its reconnect
+            # backoff (minutes) inside start(), and close() alone does not wake it.
+            running = asyncio.create_task(bot.start(token), name="ltxbot-discord")
             stopping: list[asyncio.Task[None]] = []
+
+            async def close_then_end() -> None:
+                await bot.close()
+                running.cancel()
 
             def stop(name: str) -> None:
                 # SIGTERM (systemd, docker stop) and Ctrl-C stop the bot the same way: the running
                 # generator is ended at once, so no process outlives the bot holding GPU memory.
                 if not stopping:
                     log.info("%s: stopping; the running clip goes back to the queue", name)
-                    stopping.append(asyncio.create_task(bot.close()))
+                    stopping.append(asyncio.create_task(close_then_end()))
 
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
-            await bot.start(token)
+            try:
+                await running
+            except asyncio.CancelledError:
+                if not stopping:
+                    raise  # cancelled from outside, not by our stop
+            if stopping:
+                await stopping[0]
     finally:
         await store.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -384,6 +385,27 @@ async def test_sigterm_ends_the_running_generator_and_the_job_waits_in_the_queue
     done = await h.wait_job(1, lambda j: j.posted_message_id is not None)
     assert done.status == JobStatus.SUCCEEDED and done.attempts == 1  # the stop cost no attempt
     assert len(h.clip_posts()) == 1
+
+
+async def test_ctrl_c_during_a_discord_outage_stops_the_bot_at_once(make_harness: Callable[..., Any]) -> None:
+    """discord.py sleeps out a reconnect backoff (up to minutes) inside start(); a stop must not wait for it."""
+    h: Harness = await make_harness()
+    await h.fake.outage()
+    backoff = re.compile(r"Attempting a reconnect in (\d+(?:\.\d+)?)s")
+    seen = 0
+    while True:  # the backoff grows at random: wait until the bot sleeps long enough to tell
+        line = await h.wait_log(backoff.pattern, timeout=180, since=seen)
+        seen = h.log.index(line, seen) + 1
+        match = backoff.search(line)
+        assert match is not None
+        if float(match[1]) >= 8:
+            break
+    assert h.fake.refused_connections >= 1 and h.proc is not None
+    started = asyncio.get_running_loop().time()
+    h.proc.send_signal(signal.SIGINT)
+    await asyncio.wait_for(h.proc.wait(), 30)
+    assert asyncio.get_running_loop().time() - started < 5.0
+    assert h.proc.returncode == 0
 
 
 async def test_a_failed_job_is_reported_in_the_channel_with_the_reason(make_harness: Callable[..., Any]) -> None:
