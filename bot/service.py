@@ -31,7 +31,7 @@ from bot.intake.download import download_attachment
 from bot.intake.image import ImageIntake, confined_path
 from bot.intake.request import SizedRequest, build_request, check_owner_limits
 from bot.views import AnimateModal, TweakModal, card_view, delivery_view
-from bot.worker import Ending
+from bot.worker import Ending, job_dir
 from generator.protocol import (
     FAMILY_NAMES,
     GenerationRequest,
@@ -84,6 +84,32 @@ def _settled(job: Job) -> bool:
     return job.status == JobStatus.CANCELLED or job.posted_message_id is not None or job.channel_id is None
 
 
+def _remove_all(paths: list[tuple[str, Path]]) -> int:
+    return sum(_remove_confined(path, root) for path, root in paths)
+
+
+def _remove_confined(path: str, root: Path) -> int:
+    """Delete a file or a job folder, only inside ``root``; the number of files removed."""
+    try:
+        resolved = confined_path(root, path)
+    except ValueError:
+        return 0
+    if resolved.is_dir():
+        count = 0
+        for child in sorted(resolved.rglob("*"), reverse=True):
+            if child.is_dir():
+                child.rmdir()
+            else:
+                child.unlink()
+                count += 1
+        resolved.rmdir()
+        return count
+    if resolved.is_file():
+        resolved.unlink()
+        return 1
+    return 0
+
+
 def _options_for_request(options: dict[str, Any]) -> dict[str, Any]:
     keys = ("preset", "width", "height", "frames", "seconds", "seed", "audio", "pipeline", "family", "guild_id")
     return {k: options[k] for k in keys if options.get(k) is not None}
@@ -107,6 +133,8 @@ class JobService:
         self._dirty: set[int] = set()
         self._flushers: dict[int, asyncio.Task[None]] = {}
         self._last_edit: dict[int, float] = {}
+        # Folders and images of purged jobs that were still stopping: deleted when the worker ends them.
+        self._purge_when_ended: dict[int, list[tuple[str, Path]]] = {}
         # A lock lives while a delivery of its job holds it, then drops out of the map by itself.
         self._delivery_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         worker.listeners.append(self.on_worker_event)
@@ -411,6 +439,54 @@ class JobService:
     async def cancel_from_button(self, interaction: discord.Interaction[Any], job_id: int) -> None:
         await interaction.response.send_message(await self.cancel(interaction, job_id), ephemeral=True)
 
+    # --- privacy -----------------------------------------------------------------------------
+
+    async def purge_user(self, user_id: int) -> str:
+        """Delete a user's stored images and job folders and anonymise their jobs; the admin's answer.
+
+        A running job's generator writes into its folder and reads its image, so that job is
+        stopped first (a bounded wait); if it has not stopped by then, its files are deleted
+        when the worker ends it.
+        """
+        settings = self.settings
+        result = await self.store.purge_user(str(user_id))
+        purged = set(result.jobs)
+        running = [job for job in await self.store.running() if job.id in purged]
+        still_running = await self._wait_stopped([job.id for job in running])
+        kept_images = {job.input_path for job in running if job.id in still_running}
+        now = [(path, settings.uploads_dir) for path in result.images if path not in kept_images] + [
+            (str(job_dir(settings, job_id)), settings.jobs_dir) for job_id in result.jobs if job_id not in still_running
+        ]
+        removed = await asyncio.to_thread(_remove_all, now)
+        for job in running:
+            if job.id in still_running:
+                later = [(str(job_dir(settings, job.id)), settings.jobs_dir)]
+                if job.input_path in result.images:
+                    later.append((job.input_path, settings.uploads_dir))
+                self._purge_when_ended[job.id] = later
+        log.info("purged %d jobs and %d files of one user", len(result.jobs), removed)
+        text = f"Deleted {removed} stored files and anonymised {len(result.jobs)} jobs of <@{user_id}>."
+        if still_running:
+            text += " Their running clip is still stopping; its files are deleted as soon as it has."
+        elif running:
+            text += " Their running clip was stopped first."
+        return text + " Clips already posted in channels stay; delete those messages in Discord if needed."
+
+    async def _wait_stopped(self, job_ids: list[int]) -> set[int]:
+        """Wait (bounded) until the worker has ended these jobs; the ids still running after the wait."""
+        # The worker looks for a cancel every second and gives the generator its grace period.
+        deadline = time.monotonic() + self.settings.generator.kill_grace_seconds + 5.0
+        pending = set(job_ids)
+        while pending:
+            for job_id in list(pending):
+                job = await self.store.get(job_id)
+                if job is None or job.status not in ACTIVE_STATUSES:
+                    pending.discard(job_id)
+            if not pending or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
+        return pending
+
     # --- status cards -------------------------------------------------------------------------
 
     async def queue_view(self, job: Job) -> cards.QueueView:
@@ -437,6 +513,10 @@ class JobService:
             if job.status in ACTIVE_STATUSES:  # requeued for another attempt
                 await self.refresh_card(job.id)
                 return
+            leftovers = self._purge_when_ended.pop(job.id, None)
+            if leftovers:
+                removed = await asyncio.to_thread(_remove_all, leftovers)
+                log.info("purge: %d files of job %s deleted now that it has stopped", removed, job.id)
             await self.deliver(job)
             await self.refresh_queue()
 

@@ -358,6 +358,28 @@ async def test_restart_during_a_render_posts_the_clip_exactly_once(make_harness:
     assert edits, "after a restart the card is edited with the bot token"
 
 
+async def test_purge_stops_a_running_job_before_deleting_its_folder(
+    make_harness: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "hung-once"  # the render hangs in stage 2: its generator holds the folder open
+    h: Harness = await make_harness(env={"LTXBOT_FAULT": "hang@stage_2", "LTXBOT_FAULT_ONCE": str(marker)})
+    fake = h.fake
+    await h.answer_text(await fake.slash(BOB, "animate", {"prompt": "bob's idea"},
+                                         attachment=fake.attachment(image_bytes(), "b.png")))
+    await h.wait_job(1, lambda j: marker.exists(), timeout=120)
+    running = await h.job(1)
+    assert running.status == JobStatus.RUNNING and running.generator_pid is not None
+    folder = h.data_dir / "jobs" / "1"
+    assert folder.is_dir()
+    text = await h.answer_text(await fake.slash(ADMIN, "purge", {"user": BOB.id}, group="admin"), timeout=60)
+    # By the time the admin hears back, the generator has ended, and only then did its folder go.
+    purged = await h.job(1)
+    assert purged.status == JobStatus.CANCELLED and purged.user_id == "purged"
+    assert process_start_ticks(running.generator_pid) is None
+    assert not folder.exists() and not Path(running.input_path).exists()
+    assert "running clip was stopped first" in text, text
+
+
 async def test_sigterm_ends_the_running_generator_and_the_job_waits_in_the_queue(
     make_harness: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -12,8 +11,6 @@ from discord.ext import commands
 
 from bot import cards
 from bot.access import Refusal, check_place
-from bot.intake.image import confined_path
-from bot.worker import job_dir
 
 if TYPE_CHECKING:
     from bot.app import LtxBot
@@ -120,39 +117,7 @@ class Jobs(commands.Cog):
     async def purge(self, interaction: discord.Interaction[Any], user: discord.User) -> None:
         if not await self._admin_only(interaction):
             return
-        settings = self.bot.settings
-        result = await self.bot.store.purge_user(str(user.id))
-        removed = 0
-        for path, root in [(p, settings.uploads_dir) for p in result.images] + [
-            (str(job_dir(settings, job_id)), settings.jobs_dir) for job_id in result.jobs
-        ]:
-            removed += _remove_confined(path, root)
-        log.info("purged %d jobs and %d files of one user", len(result.jobs), removed)
-        running = " Their running clip is being stopped." if result.running else ""
-        await interaction.response.send_message(
-            f"Deleted {removed} stored files and anonymised {len(result.jobs)} jobs of {user.mention}.{running} "
-            "Clips already posted in channels stay; delete those messages in Discord if needed.",
-            ephemeral=True, allowed_mentions=discord.AllowedMentions.none(),
-        )
-
-
-def _remove_confined(path: str, root: Path) -> int:
-    """Delete a file or a job folder, only inside ``root``; the number of files removed."""
-    try:
-        resolved = confined_path(root, path)
-    except ValueError:
-        return 0
-    if resolved.is_dir():
-        count = 0
-        for child in sorted(resolved.rglob("*"), reverse=True):
-            if child.is_dir():
-                child.rmdir()
-            else:
-                child.unlink()
-                count += 1
-        resolved.rmdir()
-        return count
-    if resolved.is_file():
-        resolved.unlink()
-        return 1
-    return 0
+        # A running clip is stopped before its folder goes, which can take longer than 3 seconds.
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        text = await self.bot.service.purge_user(user.id)
+        await interaction.edit_original_response(content=text, allowed_mentions=discord.AllowedMentions.none())
