@@ -41,7 +41,7 @@ from generator.protocol import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from bot.app import LtxBot
     from bot.config import Settings
@@ -116,8 +116,13 @@ def _options_for_request(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class JobService:
-    def __init__(self, bot: LtxBot, settings: Settings, store: JobStore, worker: Worker) -> None:
+    def __init__(
+        self, bot: LtxBot, settings: Settings, store: JobStore, worker: Worker, *,
+        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.bot = bot
+        # The card edits' time, injectable so tests step it instead of sleeping.
+        self._clock, self._sleep = clock, sleep
         self.settings = settings
         self.store = store
         self.worker = worker
@@ -534,9 +539,9 @@ class JobService:
         interval = self.settings.discord.progress_interval_seconds
         try:
             while job_id in self._dirty:
-                wait = self._last_edit.get(job_id, -interval) + interval - time.monotonic()
+                wait = self._last_edit.get(job_id, -interval) + interval - self._clock()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    await self._sleep(wait)
                 self._dirty.discard(job_id)
                 job = await self.store.get(job_id)
                 if job is None or job.status_message_id is None:
@@ -545,7 +550,7 @@ class JobService:
                     await self._edit_card(job)
                 except discord.HTTPException as exc:
                     log.warning("could not update the card of job %s: %s", job_id, exc.status)
-                self._last_edit[job_id] = time.monotonic()
+                self._last_edit[job_id] = self._clock()
                 if _settled(job):
                     self._forget(job_id)
         finally:

@@ -196,17 +196,54 @@ async def test_a_finished_jobs_card_is_forgotten_and_old_tokens_are_dropped(serv
     assert list(service.cards) == [fresh]  # a token past its life can edit nothing: not kept either
 
 
+class SteppedClock:
+    """Time that moves only when the test says so; ``asleep`` is set while something waits on it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self.asleep = asyncio.Event()
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.now + seconds, wake))
+        self.asleep.set()
+        await wake
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for when, wake in list(self.sleepers):
+            if when <= self.now:
+                self.sleepers.remove((when, wake))
+                wake.set_result(None)
+        self.asleep.clear()
+
+
 async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store: JobStore) -> None:
+    clock = SteppedClock()
+    service._clock, service._sleep = clock, clock.sleep
     job_id = await _card_job(store)
+
+    async def settled() -> None:
+        await asyncio.gather(*service._flushers.values())
+
+    await service.refresh_card(job_id)
+    await settled()
+    assert len(service.channel.edits) == 1  # the first edit at once
     for _ in range(20):
         await service.refresh_card(job_id)
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
-    assert len(service.channel.edits) == 1  # the first at once, the rest wait for the interval
-    await asyncio.sleep(0.7)
-    assert len(service.channel.edits) == 2  # then one more, with the latest state
-    await asyncio.sleep(0.7)
-    assert len(service.channel.edits) == 2
+    await asyncio.wait_for(clock.asleep.wait(), 5)  # the rest wait out the interval (0.5 s here) ...
+    assert len(service.channel.edits) == 1 and [w for w, _ in clock.sleepers] == [100.5]
+    clock.advance(0.5)
+    await settled()
+    assert len(service.channel.edits) == 2  # ... and become one edit with the latest state
+    clock.advance(0.5)
+    await service.refresh_card(job_id)
+    await settled()
+    assert len(service.channel.edits) == 3 and clock.sleepers == []  # a refresh after the interval: at once
 
 
 async def test_a_failing_handler_answers_with_an_error_id_that_is_in_the_log(
