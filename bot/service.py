@@ -30,7 +30,7 @@ from bot.intake import IntakeError
 from bot.intake.download import download_attachment
 from bot.intake.image import ImageIntake, confined_path
 from bot.intake.request import SizedRequest, build_request, check_owner_limits
-from bot.views import AnimateModal, TweakModal, card_view, delivery_view
+from bot.views import AnimateModal, TweakModal, cancel_view, card_view, delivery_view
 from bot.worker import Ending, job_dir
 from generator.protocol import (
     FAMILY_NAMES,
@@ -317,8 +317,7 @@ class JobService:
             content=f"Job {job.id} is queued{notes}. I'll post the clip in this channel and mention you."
         )
         embed = cards.status_embed(job, await self.queue_view(job))
-        card = await interaction.followup.send(embed=embed, view=card_view(job.id, True) or discord.utils.MISSING,
-                                               wait=True)
+        card = await interaction.followup.send(embed=embed, view=cancel_view(job.id), wait=True)
         self._remember_card(job.id, CardRef(card.id, interaction))
         await self.store.set_status_message(job.id, str(card.id))
         self.worker.ring()
@@ -371,7 +370,7 @@ class JobService:
             await self.refresh_card(job.id)
             return
         card = await message.reply(embed=cards.status_embed(job, await self.queue_view(job)),
-                                   view=card_view(job.id, True) or discord.utils.MISSING,
+                                   view=cancel_view(job.id),
                                    mention_author=False, allowed_mentions=quiet)
         await self.store.set_status_message(job.id, str(card.id))
         self.worker.ring()

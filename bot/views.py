@@ -70,12 +70,15 @@ class TweakButton(_JobButton, template=r"ltxbot:tweak:(?P<job>\d+)"):
 DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton)
 
 
-def card_view(job_id: int, active: bool) -> discord.ui.View | None:
-    if not active:
-        return None
+def cancel_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(CancelButton(job_id))
     return view
+
+
+def card_view(job_id: int, active: bool) -> discord.ui.View | None:
+    """The card's buttons: Cancel while the job can still be cancelled, none after."""
+    return cancel_view(job_id) if active else None
 
 
 def delivery_view(job_id: int) -> discord.ui.View:
