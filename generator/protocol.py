@@ -171,10 +171,23 @@ _FIELD_BOUNDS: dict[str, tuple[int | float, int | float]] = {
 
 
 class Tiling(_Frozen):
+    """VAE decoder tiles; the config's ``vae_tiling`` section."""
+
     spatial_px: int = Field(default=512, ge=64)
     spatial_overlap_px: int = Field(default=64, ge=0)
     temporal_frames: int = Field(default=64, ge=16)
     temporal_overlap_frames: int = Field(default=24, ge=0)
+
+    @model_validator(mode="after")
+    def _multiples(self) -> Tiling:
+        # ltx-core refuses these with a ValueError (ltx_core/model/video_vae/tiling.py), deep inside a render.
+        if self.spatial_px % 32 or self.spatial_overlap_px % 32 or self.spatial_overlap_px >= self.spatial_px:
+            raise ValueError("spatial_px and spatial_overlap_px must be multiples of 32, overlap < tile")
+        if self.temporal_frames % 8 or self.temporal_overlap_frames % 8:
+            raise ValueError("temporal_frames and temporal_overlap_frames must be multiples of 8")
+        if self.temporal_overlap_frames >= self.temporal_frames:
+            raise ValueError("temporal_overlap_frames must be smaller than temporal_frames")
+        return self
 
 
 class ModelFiles(_Frozen):
