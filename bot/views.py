@@ -1,22 +1,38 @@
 """Buttons and modals. Buttons carry the job id in their custom id (DynamicItem), so they keep
-working after a restart without any per-message state."""
+working after a restart without any per-message state.
+
+They declare and hand over: what a click or a form does is ``JobActions``, which the bot's
+job service provides (``bot/jobs_service.py``); this module does not import it.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import discord
 
+from bot.intake.request import RequestOptions
+from bot.replies import guarded
 from generator.protocol import MAX_PROMPT_CHARS
 
-if TYPE_CHECKING:
-    from bot.service import JobService
+
+class JobActions(Protocol):
+    """What the buttons and forms ask of the bot."""
+
+    async def cancel_from_button(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
+
+    async def rerun(self, interaction: discord.Interaction[Any], job_id: int, prompt: str | None = None) -> None: ...
+
+    async def open_tweak(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
+
+    async def animate_from_modal(self, interaction: discord.Interaction[Any], modal: AnimateModal) -> None: ...
 
 
-def service_of(interaction: discord.Interaction[Any]) -> JobService:
-    service: JobService = interaction.client.service  # type: ignore[attr-defined]
-    return service
+def actions_of(interaction: discord.Interaction[Any]) -> JobActions:
+    """The bot's job service: every ``LtxBot`` has one as ``service``."""
+    actions: JobActions = interaction.client.service  # type: ignore[attr-defined]
+    return actions
 
 
 class _JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:(?P<action>[a-z]+):(?P<job>\d+)"):
@@ -39,32 +55,31 @@ class _JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxb
         return cls(int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        service = service_of(interaction)
-        await service.guarded(interaction, self.run(service, interaction))
+        await guarded(interaction, self.run(actions_of(interaction), interaction))
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
         raise NotImplementedError
 
 
 class CancelButton(_JobButton, template=r"ltxbot:cancel:(?P<job>\d+)"):
     action, label = "cancel", "Cancel"
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
-        await service.cancel_from_button(interaction, self.job_id)
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.cancel_from_button(interaction, self.job_id)
 
 
 class RerunButton(_JobButton, template=r"ltxbot:rerun:(?P<job>\d+)"):
     action, label, emoji, style = "rerun", "Rerun", "🔁", discord.ButtonStyle.primary
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
-        await service.rerun(interaction, self.job_id)
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.rerun(interaction, self.job_id)
 
 
 class TweakButton(_JobButton, template=r"ltxbot:tweak:(?P<job>\d+)"):
     action, label, emoji = "tweak", "Tweak", "✏️"
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
-        await service.open_tweak(interaction, self.job_id)
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.open_tweak(interaction, self.job_id)
 
 
 DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton)
@@ -118,14 +133,12 @@ class AnimateModal(discord.ui.Modal, title="Animate image"):
         self.attachment = attachment
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
-        service = service_of(interaction)
-        await service.guarded(interaction, service.animate_from_modal(interaction, self))
+        await guarded(interaction, actions_of(interaction).animate_from_modal(interaction, self))
 
-    def options(self) -> dict[str, Any]:
-        return {
-            "seconds": _optional_number(self.seconds.value, "Seconds", integer=False),
-            "seed": _optional_number(self.seed.value, "Seed", integer=True),
-        }
+    def options(self) -> RequestOptions:
+        seconds = _optional_number(self.seconds.value, "Seconds", integer=False)
+        seed = _optional_number(self.seed.value, "Seed", integer=True)
+        return RequestOptions(seconds=seconds, seed=None if seed is None else int(seed))
 
 
 class TweakModal(discord.ui.Modal, title="Tweak the prompt"):
@@ -140,5 +153,4 @@ class TweakModal(discord.ui.Modal, title="Tweak the prompt"):
         self.prompt.default = prompt[:max_prompt_chars]
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
-        service = service_of(interaction)
-        await service.guarded(interaction, service.rerun(interaction, self.job_id, prompt=self.prompt.value))
+        await guarded(interaction, actions_of(interaction).rerun(interaction, self.job_id, prompt=self.prompt.value))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,10 +14,10 @@ import pytest
 
 from bot import cards
 from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, is_admin
-from bot.config import DiscordSettings, Limits, Settings
+from bot.config import DiscordSettings, Limits
 from bot.db.store import JobStore, NewJob
-from bot.service import CardRef, JobService
-from bot.worker import Worker
+from bot.replies import guarded
+from bot.status_cards import CardRef, StatusCards
 
 
 def caller(user: int = 1, guild: int | None = 10, roles: tuple[str, ...] = (), owner: bool = False) -> Caller:
@@ -141,14 +142,14 @@ class FakeInteraction:
 
 
 @pytest.fixture
-async def service(make_settings: Callable[..., Settings], store: JobStore) -> Any:
-    settings = make_settings(discord={"progress_interval_seconds": 0.5})
+async def service(store: JobStore) -> Any:
+    """The status cards of a bot whose channel records what it was asked to do."""
     channel = FakeChannel()
     bot = SimpleNamespace(get_partial_messageable=lambda *a, **k: channel, user=None)
-    svc = JobService(bot, settings, store, Worker(settings, store))  # type: ignore[arg-type]
-    svc.channel = channel  # type: ignore[attr-defined]
-    yield svc
-    await svc.close()
+    status = StatusCards(bot, store, interval=0.5)  # type: ignore[arg-type]
+    status.channel_log = channel  # type: ignore[attr-defined]
+    yield status
+    status.close()
 
 
 async def _card_job(store: JobStore) -> int:
@@ -162,37 +163,37 @@ async def _card_job(store: JobStore) -> int:
 async def test_a_young_interaction_edits_through_its_token(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
     interaction = FakeInteraction(timedelta(minutes=1))
-    service._remember_card(job_id, CardRef(42, interaction))
-    await service._edit_card(await store.get(job_id))
-    assert interaction.edits == [42] and service.channel.edits == []
+    service._remember(job_id, CardRef(42, interaction))
+    await service.edit(await store.get(job_id))
+    assert interaction.edits == [42] and service.channel_log.edits == []
 
 
 async def test_after_fourteen_minutes_the_bot_token_edits_the_card(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
     interaction = FakeInteraction(timedelta(minutes=14, seconds=5))
-    service._remember_card(job_id, CardRef(42, interaction))
-    await service._edit_card(await store.get(job_id))
-    assert interaction.edits == [] and service.channel.edits == [42]
+    service._remember(job_id, CardRef(42, interaction))
+    await service.edit(await store.get(job_id))
+    assert interaction.edits == [] and service.channel_log.edits == [42]
 
 
 async def test_a_card_that_cannot_be_edited_is_posted_again(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
-    service.channel.fail_edit = True
-    await service._edit_card(await store.get(job_id))
-    assert len(service.channel.sent) == 1
+    service.channel_log.fail_edit = True
+    await service.edit(await store.get(job_id))
+    assert len(service.channel_log.sent) == 1
     assert (await store.get(job_id)).status_message_id == "999"
 
 
 async def test_a_finished_jobs_card_is_forgotten_and_old_tokens_are_dropped(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
-    service._remember_card(job_id, CardRef(42, FakeInteraction(timedelta(minutes=1))))
+    service._remember(job_id, CardRef(42, FakeInteraction(timedelta(minutes=1))))
     await store.cancel(job_id, None)
-    await service.refresh_card(job_id)
+    await service.refresh(job_id)
     await asyncio.gather(*service._flushers.values())
     assert service.cards == {} and service._last_edit == {}  # its last state is shown; nothing is kept
     stale, fresh = await _card_job(store), await _card_job(store)
-    service._remember_card(stale, CardRef(42, FakeInteraction(timedelta(minutes=15))))
-    service._remember_card(fresh, CardRef(43, FakeInteraction(timedelta(minutes=1))))
+    service._remember(stale, CardRef(42, FakeInteraction(timedelta(minutes=15))))
+    service._remember(fresh, CardRef(43, FakeInteraction(timedelta(minutes=1))))
     assert list(service.cards) == [fresh]  # a token past its life can edit nothing: not kept either
 
 
@@ -230,24 +231,24 @@ async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store:
     async def settled() -> None:
         await asyncio.gather(*service._flushers.values())
 
-    await service.refresh_card(job_id)
+    await service.refresh(job_id)
     await settled()
-    assert len(service.channel.edits) == 1  # the first edit at once
+    assert len(service.channel_log.edits) == 1  # the first edit at once
     for _ in range(20):
-        await service.refresh_card(job_id)
+        await service.refresh(job_id)
     await asyncio.wait_for(clock.asleep.wait(), 5)  # the rest wait out the interval (0.5 s here) ...
-    assert len(service.channel.edits) == 1 and [w for w, _ in clock.sleepers] == [100.5]
+    assert len(service.channel_log.edits) == 1 and [w for w, _ in clock.sleepers] == [100.5]
     clock.advance(0.5)
     await settled()
-    assert len(service.channel.edits) == 2  # ... and become one edit with the latest state
+    assert len(service.channel_log.edits) == 2  # ... and become one edit with the latest state
     clock.advance(0.5)
-    await service.refresh_card(job_id)
+    await service.refresh(job_id)
     await settled()
-    assert len(service.channel.edits) == 3 and clock.sleepers == []  # a refresh after the interval: at once
+    assert len(service.channel_log.edits) == 3 and clock.sleepers == []  # a refresh after the interval: at once
 
 
 async def test_a_failing_handler_answers_with_an_error_id_that_is_in_the_log(
-    service: Any, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     answers: list[str] = []
 
@@ -260,7 +261,7 @@ async def test_a_failing_handler_answers_with_an_error_id_that_is_in_the_log(
     async def broken() -> None:
         raise RuntimeError("boom")
 
-    await service.guarded(interaction, broken())
+    await guarded(interaction, broken())  # type: ignore[arg-type]
     assert len(answers) == 1 and "error id" in answers[0]
     error_id = answers[0].split("`")[1]
     assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
@@ -277,3 +278,41 @@ async def test_cards_and_captions_name_the_model_family(store: JobStore) -> None
     older = await store.create(NewJob(user_id="1", prompt="waves", input_path="/x.png", input_sha256="0" * 64,
                                       params={k: v for k, v in params.items() if k != "family"}))
     assert "LTX-2 · 768×512" in cards.delivery_caption(older)  # jobs from before the second family
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that ``path`` imports anywhere: at run time, in functions, or for types."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == package)
+    return found
+
+
+def test_the_front_end_has_no_import_circle() -> None:
+    """app -> cogs -> app and service -> views -> service were circles, counting imports for types too."""
+    root = Path(__file__).resolve().parents[1]
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (root / "bot").rglob("*.py")
+    }
+    graph = {name: {m for m in _imports(path, "bot") if m in modules and m != name}
+             for name, path in modules.items()}
+
+    def cycle_from(start: str, node: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for nxt in graph[node]:
+            if nxt == start:
+                return (*seen, nxt)
+            if nxt not in seen:
+                found = cycle_from(start, nxt, (*seen, nxt))
+                if found:
+                    return found
+        return None
+
+    cycles = [c for name in graph if (c := cycle_from(name, name, (name,)))]
+    assert cycles == []
+    # The cogs are loaded by name, so the bot module imports none of them.
+    assert not any(m.startswith("bot.cogs.") for m in graph["bot.app"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -19,6 +20,8 @@ from generator.protocol import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bot.config import Settings
 
 # Very wide or tall images are cropped to at most this aspect ratio.
@@ -145,11 +148,44 @@ class SizedRequest:
     one ``build_request`` call; ``request`` holds it afterwards.
     """
 
-    def __init__(self, settings: Settings, **options: Any) -> None:
+    def __init__(
+        self, settings: Settings, *, build: Callable[[tuple[int, int]], GenerationRequest] | None = None,
+        **options: Any,
+    ) -> None:
+        """``build`` makes the request from the image's size; else ``build_request`` with ``options``."""
         self.settings = settings
-        self.options = options
+        self._build = build or (lambda size: build_request(settings, source_size=size, **options))
         self.request: GenerationRequest | None = None
 
     def __call__(self, width: int, height: int) -> tuple[int, int]:
-        self.request = build_request(self.settings, source_size=(width, height), **self.options)
+        self.request = self._build((width, height))
         return self.request.width, self.request.height
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a user chose beside the prompt and the image (from ``/animate`` or a form); None: the default."""
+
+    preset: str | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    seconds: float | None = None
+    seed: int | None = None
+    audio: bool | None = None
+    pipeline: PipelineKind | None = None
+    family: ModelFamily | None = None
+
+    def build(
+        self, settings: Settings, *, prompt: str, source_size: tuple[int, int] | None, guild_id: int | None
+    ) -> GenerationRequest:
+        return build_request(
+            settings, prompt=prompt, source_size=source_size, guild_id=guild_id, preset=self.preset,
+            width=self.width, height=self.height, frames=self.frames, seconds=self.seconds, seed=self.seed,
+            audio=self.audio, pipeline=self.pipeline, family=self.family,
+        )
+
+    def sized(self, settings: Settings, *, prompt: str, guild_id: int | None) -> SizedRequest:
+        """The ``normalise_image`` target for these options: the size waits for the image's own."""
+        return SizedRequest(settings, build=lambda size: self.build(settings, prompt=prompt, source_size=size,
+                                                                    guild_id=guild_id))

@@ -1,7 +1,8 @@
-"""The Discord-facing job service: every way a job starts, its status card, and its delivery.
+"""The jobs of Discord users: every way a job starts, its cancel, its delivery, and a user's purge.
 
-Commands, buttons, modals and mentions all come here, so access rules, limits,
-intake and the card behave the same whichever way a user asked.
+Commands, buttons, modals and mentions all come here, so access rules, limits, intake and
+the card behave the same whichever way a user asked. The rule of the front end: a cog
+declares a command and answers it; file work and multi-step store work live here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Coroutine
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +27,10 @@ from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
 from bot.intake.image import ImageIntake, confined_path
-from bot.intake.request import SizedRequest, build_request, check_owner_limits
-from bot.views import AnimateModal, TweakModal, cancel_view, card_view, delivery_view
+from bot.intake.request import RequestOptions, check_owner_limits
+from bot.replies import tell
+from bot.status_cards import StatusCards
+from bot.views import AnimateModal, TweakModal, delivery_view
 from bot.worker import Ending, job_dir
 from generator.protocol import (
     FAMILY_NAMES,
@@ -43,7 +43,8 @@ from generator.protocol import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from bot.app import LtxBot
+    from discord.ext import commands
+
     from bot.config import Settings
     from bot.db.models import Job
     from bot.db.store import JobStore, UserUsage
@@ -53,20 +54,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Interaction tokens live 15 minutes; leave a minute of margin before falling back to the channel.
-TOKEN_LIFE = timedelta(minutes=14)
 DEFAULT_UPLOAD_LIMIT = 10 * 2**20
 # Room for the caption and multipart overhead next to the clip.
 UPLOAD_MARGIN = 64 * 1024
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-QUEUE_CARDS_REFRESHED = 10
-
-
-@dataclass(frozen=True)
-class CardRef:
-    message_id: int
-    interaction: discord.Interaction[Any] | None
-
 
 def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachment | None:
     for attachment in attachments:
@@ -75,13 +66,6 @@ def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachme
         ):
             return attachment
     return None
-
-
-def _settled(job: Job) -> bool:
-    """The job has ended and its clip or notice is posted (or never will be): its card is final."""
-    if job.status in ACTIVE_STATUSES:
-        return False
-    return job.status == JobStatus.CANCELLED or job.posted_message_id is not None or job.channel_id is None
 
 
 def _remove_all(paths: list[tuple[str, Path]]) -> int:
@@ -110,19 +94,13 @@ def _remove_confined(path: str, root: Path) -> int:
     return 0
 
 
-def _options_for_request(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("preset", "width", "height", "frames", "seconds", "seed", "audio", "pipeline", "family", "guild_id")
-    return {k: options[k] for k in keys if options.get(k) is not None}
-
-
 class JobService:
     def __init__(
-        self, bot: LtxBot, settings: Settings, store: JobStore, worker: Worker, *,
+        self, bot: commands.Bot, settings: Settings, store: JobStore, worker: Worker, *,
         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``clock`` and ``sleep`` time the card edits (tests step them)."""
         self.bot = bot
-        # The card edits' time, injectable so tests step it instead of sleeping.
-        self._clock, self._sleep = clock, sleep
         self.settings = settings
         self.store = store
         self.worker = worker
@@ -132,12 +110,8 @@ class JobService:
             threads=limits.intake_threads,
         )
         self.http: aiohttp.ClientSession | None = None
-        # Only cards whose interaction token can still edit them; the bot token edits the rest.
-        self.cards: dict[int, CardRef] = {}
-        self.live: dict[int, dict[str, Any]] = {}
-        self._dirty: set[int] = set()
-        self._flushers: dict[int, asyncio.Task[None]] = {}
-        self._last_edit: dict[int, float] = {}
+        self.cards = StatusCards(bot, store, interval=settings.discord.progress_interval_seconds, clock=clock,
+                                 sleep=sleep)
         # Folders and images of purged jobs that were still stopping: deleted when the worker ends them.
         self._purge_when_ended: dict[int, list[tuple[str, Path]]] = {}
         # A lock lives while a delivery of its job holds it, then drops out of the map by itself.
@@ -148,8 +122,7 @@ class JobService:
         self.http = aiohttp.ClientSession()
 
     async def close(self) -> None:
-        for task in self._flushers.values():
-            task.cancel()
+        self.cards.close()
         if self.http is not None:
             await self.http.close()
         self.intake.close()
@@ -169,35 +142,6 @@ class JobService:
     async def admin(self, interaction: discord.Interaction[Any]) -> bool:
         return is_admin(self.settings.discord, await self.caller(interaction.user, interaction.guild_id))
 
-    # --- error handling -------------------------------------------------------------
-
-    async def guarded(self, interaction: discord.Interaction[Any], work: Coroutine[Any, Any, None]) -> None:
-        """Run a handler; any exception answers the user with an apology and an error id."""
-        try:
-            await work
-        except Exception as exc:
-            await self.apologise(interaction, exc)
-
-    async def apologise(self, interaction: discord.Interaction[Any], exc: BaseException) -> None:
-        error_id = secrets.token_hex(4)
-        log.error("error %s while handling an interaction", error_id, exc_info=exc)
-        text = f"Sorry, something went wrong on my side (error id `{error_id}`). Please try again in a moment."
-        try:
-            if interaction.response.is_done():
-                await interaction.followup.send(text, ephemeral=True)
-            else:
-                await interaction.response.send_message(text, ephemeral=True)
-        except discord.HTTPException:
-            log.warning("could not tell the user about error %s", error_id)
-
-    @staticmethod
-    async def tell(interaction: discord.Interaction[Any], text: str) -> None:
-        """A short private answer, whether or not the interaction was already deferred."""
-        if interaction.response.is_done():
-            await interaction.edit_original_response(content=text, embed=None, view=None)
-        else:
-            await interaction.response.send_message(text, ephemeral=True)
-
     # --- starting jobs ------------------------------------------------------------------
 
     def clip_limit(self, guild: discord.Guild | None) -> int:
@@ -214,12 +158,8 @@ class JobService:
         await check_budget(self.settings.limits, self.store, caller, admin=admin)
         return budget_gate(self.settings.limits, admin=admin)
 
-    def _prevalidate(self, prompt: str, options: dict[str, Any]) -> None:
-        """Reject bad options before downloading anything (the image only changes the derived size)."""
-        build_request(self.settings, prompt=prompt, source_size=(4, 3), **_options_for_request(options))
-
     async def _from_attachment(
-        self, attachment: discord.Attachment, prompt: str, options: dict[str, Any]
+        self, attachment: discord.Attachment, prompt: str, options: RequestOptions, guild_id: int | None
     ) -> tuple[GenerationRequest, Any]:
         assert self.http is not None
         d = self.settings.discord
@@ -228,7 +168,7 @@ class JobService:
             max_bytes=self.settings.limits.max_upload_bytes, allowed_hosts=d.cdn_hosts,
             allow_insecure=d.allow_insecure_cdn, timeout_seconds=self.settings.limits.download_timeout_seconds,
         )
-        sized = SizedRequest(self.settings, prompt=prompt, **_options_for_request(options))
+        sized = options.sized(self.settings, prompt=prompt, guild_id=guild_id)
         image = await self.intake.normalise(data, sized)
         assert sized.request is not None
         return sized.request, image
@@ -256,7 +196,7 @@ class JobService:
 
     async def animate_from_command(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: dict[str, Any],
+        options: RequestOptions,
     ) -> None:
         await self._animate_interaction(interaction, attachment, prompt, options)
 
@@ -285,19 +225,19 @@ class JobService:
 
     async def _animate_interaction(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: dict[str, Any],
+        options: RequestOptions,
     ) -> None:
-        options = {**options, "guild_id": interaction.guild_id}
         try:
             admit = await self._admit(interaction.user, interaction.guild_id)
-            self._prevalidate(prompt, options)
+            # Bad options are refused before anything is downloaded (the image only changes the derived size).
+            options.build(self.settings, prompt=prompt, source_size=(4, 3), guild_id=interaction.guild_id)
         except (Refusal, IntakeError) as problem:
             await interaction.response.send_message(problem.message, ephemeral=True)
             return
         # Download and decoding can take longer than Discord's 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            request, image = await self._from_attachment(attachment, prompt, options)
+            request, image = await self._from_attachment(attachment, prompt, options, interaction.guild_id)
             job, _ = await self._create(
                 request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
                 guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
@@ -316,10 +256,7 @@ class JobService:
         await interaction.edit_original_response(
             content=f"Job {job.id} is queued{notes}. I'll post the clip in this channel and mention you."
         )
-        embed = cards.status_embed(job, await self.queue_view(job))
-        card = await interaction.followup.send(embed=embed, view=cancel_view(job.id), wait=True)
-        self._remember_card(job.id, CardRef(card.id, interaction))
-        await self.store.set_status_message(job.id, str(card.id))
+        await self.cards.post_followup(interaction, job)
         self.worker.ring()
 
     async def animate_from_mention(self, message: discord.Message) -> None:
@@ -347,38 +284,35 @@ class JobService:
         if replayed is not None:
             # The same message again (a gateway replay after a resume): its first card stays the
             # one that is kept up to date, so refresh that one rather than post another.
-            await self.refresh_card(replayed.id)
+            await self.cards.refresh(replayed.id)
             return
         if attachment is None:
             await message.reply("Attach an image (or reply to a message with one) and write what should happen.",
                                 mention_author=False, allowed_mentions=quiet)
             return
+        guild_id = message.guild.id if message.guild else None
         try:
-            admit = await self._admit(message.author, message.guild.id if message.guild else None)
-            guild_options = {"guild_id": message.guild.id} if message.guild else {}
-            request, image = await self._from_attachment(attachment, prompt, guild_options)
+            admit = await self._admit(message.author, guild_id)
+            request, image = await self._from_attachment(attachment, prompt, RequestOptions(), guild_id)
             job, created = await self._create(
                 request, input_path=str(image.path), sha256=image.sha256, user_id=message.author.id,
-                guild=message.guild, guild_id=message.guild.id if message.guild else None,
-                channel_id=message.channel.id, key=f"m{message.id}", admit=admit, request_message_id=message.id,
+                guild=message.guild, guild_id=guild_id, channel_id=message.channel.id, key=f"m{message.id}",
+                admit=admit, request_message_id=message.id,
             )
         except (Refusal, IntakeError) as problem:
             await message.reply(f"I can't animate that: {problem.message}", mention_author=False,
                                 allowed_mentions=quiet)
             return
         if not created:  # a replay that overlapped the first delivery of the message
-            await self.refresh_card(job.id)
+            await self.cards.refresh(job.id)
             return
-        card = await message.reply(embed=cards.status_embed(job, await self.queue_view(job)),
-                                   view=cancel_view(job.id),
-                                   mention_author=False, allowed_mentions=quiet)
-        await self.store.set_status_message(job.id, str(card.id))
+        await self.cards.post_reply(message, job)
         self.worker.ring()
 
     async def _own_job(self, interaction: discord.Interaction[Any], job_id: int) -> Job | None:
         job = await self.store.get(job_id, str(interaction.user.id), is_admin=await self.admin(interaction))
         if job is None:
-            await self.tell(interaction, f"You have no job {job_id}. `/jobs` lists yours.")
+            await tell(interaction, f"You have no job {job_id}. `/jobs` lists yours.")
         return job
 
     async def rerun(self, interaction: discord.Interaction[Any], job_id: int, prompt: str | None = None) -> None:
@@ -396,17 +330,17 @@ class JobService:
             request = GenerationRequest.model_validate(params)
             check_owner_limits(self.settings, request)
         except (Refusal, IntakeError) as refusal:
-            await self.tell(interaction, refusal.message)
+            await tell(interaction, refusal.message)
             return
         except ValidationError as exc:
-            await self.tell(interaction, describe_validation_error(exc))
+            await tell(interaction, describe_validation_error(exc))
             return
         if request.family not in self.settings.enabled_families():
             name = FAMILY_NAMES[request.family]
-            await self.tell(interaction, f"The {name} model is no longer set up on this bot; start a new /animate.")
+            await tell(interaction, f"The {name} model is no longer set up on this bot; start a new /animate.")
             return
         if not job.input_path or not await asyncio.to_thread(Path(job.input_path).is_file):
-            await self.tell(interaction, "The image for that clip is no longer stored; start a new /animate.")
+            await tell(interaction, "The image for that clip is no longer stored; start a new /animate.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
@@ -416,7 +350,7 @@ class JobService:
                 key=str(interaction.id), admit=admit,
             )
         except Refusal as refusal:
-            await self.tell(interaction, refusal.message)
+            await tell(interaction, refusal.message)
             return
         await self._post_card(interaction, new)
 
@@ -430,11 +364,11 @@ class JobService:
     async def cancel(self, interaction: discord.Interaction[Any], job_id: int) -> str:
         outcome = await self.store.cancel(job_id, str(interaction.user.id), is_admin=await self.admin(interaction))
         if outcome == CancelOutcome.CANCELLED:
-            await self.refresh_card(job_id)
-            await self.refresh_queue()
+            await self.cards.refresh(job_id)
+            await self.cards.refresh_queue()
             return f"Job {job_id} is cancelled."
         if outcome == CancelOutcome.STOPPING:
-            await self.refresh_card(job_id)
+            await self.cards.refresh(job_id)
             return f"Job {job_id} is stopping; its card will say when it has."
         if outcome == CancelOutcome.FINISHED:
             return f"Job {job_id} has already finished."
@@ -442,6 +376,23 @@ class JobService:
 
     async def cancel_from_button(self, interaction: discord.Interaction[Any], job_id: int) -> None:
         await interaction.response.send_message(await self.cancel(interaction, job_id), ephemeral=True)
+
+    async def queue_summary(self, user_id: int) -> str:
+        """``/queue``: how many wait, what renders now, and where the caller's own clips are."""
+        store = self.store
+        queued = await store.queued_ids()
+        lines = [f"**{len(queued)}** waiting" + (" · the queue is **paused**" if await store.is_paused() else "")]
+        for job in await store.running():
+            live = self.cards.live.get(job.id) or job.progress
+            lines.append(f"Rendering job {job.id}: {cards.stage_text(live)}")
+        mine = [
+            f"job {job_id}: {queued.index(job_id) + 1} of {len(queued)}"
+            for job_id in await store.queued_ids(str(user_id))
+            if job_id in queued  # it may have started between the two queries
+        ]
+        if mine:
+            lines.append("Yours: " + ", ".join(mine))
+        return "\n".join(lines)
 
     # --- privacy -----------------------------------------------------------------------------
 
@@ -491,115 +442,27 @@ class JobService:
             await asyncio.sleep(0.25)
         return pending
 
-    # --- status cards -------------------------------------------------------------------------
-
-    async def queue_view(self, job: Job) -> cards.QueueView:
-        queued = await self.store.queued_ids()
-        position = queued.index(job.id) + 1 if job.id in queued else None
-        eta = None
-        if position is not None:
-            running = await self.store.running()
-            eta = cards.estimate_ready(
-                position, await self.store.recent_durations(), running[0].started_at if running else None
-            )
-        return cards.QueueView(position=position, length=len(queued), eta=eta)
+    # --- progress ------------------------------------------------------------------------------
 
     async def on_worker_event(self, job: Job, event: Any) -> None:
         if isinstance(event, ProgressEvent):
-            self.live[job.id] = event.model_dump(exclude={"event"})
-            await self.refresh_card(job.id)
+            self.cards.live[job.id] = event.model_dump(exclude={"event"})
+            await self.cards.refresh(job.id)
         elif isinstance(event, StartedEvent):
-            self.live[job.id] = {"stage": "starting", "step": 0, "total": 0}
-            await self.refresh_card(job.id)
-            await self.refresh_queue()
+            self.cards.live[job.id] = {"stage": "starting", "step": 0, "total": 0}
+            await self.cards.refresh(job.id)
+            await self.cards.refresh_queue()
         elif isinstance(event, Ending):
-            self.live.pop(job.id, None)
+            self.cards.live.pop(job.id, None)
             if job.status in ACTIVE_STATUSES:  # requeued for another attempt
-                await self.refresh_card(job.id)
+                await self.cards.refresh(job.id)
                 return
             leftovers = self._purge_when_ended.pop(job.id, None)
             if leftovers:
                 removed = await asyncio.to_thread(_remove_all, leftovers)
                 log.info("purge: %d files of job %s deleted now that it has stopped", removed, job.id)
             await self.deliver(job)
-            await self.refresh_queue()
-
-    async def refresh_queue(self) -> None:
-        for job_id in (await self.store.queued_ids())[:QUEUE_CARDS_REFRESHED]:
-            await self.refresh_card(job_id)
-
-    async def refresh_card(self, job_id: int) -> None:
-        """Ask for a card edit; edits are coalesced to one per ``progress_interval_seconds``."""
-        self._dirty.add(job_id)
-        if job_id not in self._flushers:
-            self._flushers[job_id] = asyncio.create_task(self._flush(job_id), name=f"ltxbot-card-{job_id}")
-
-    async def _flush(self, job_id: int) -> None:
-        interval = self.settings.discord.progress_interval_seconds
-        try:
-            while job_id in self._dirty:
-                wait = self._last_edit.get(job_id, -interval) + interval - self._clock()
-                if wait > 0:
-                    await self._sleep(wait)
-                self._dirty.discard(job_id)
-                job = await self.store.get(job_id)
-                if job is None or job.status_message_id is None:
-                    return
-                try:
-                    await self._edit_card(job)
-                except discord.HTTPException as exc:
-                    log.warning("could not update the card of job %s: %s", job_id, exc.status)
-                self._last_edit[job_id] = self._clock()
-                if _settled(job):
-                    self._forget(job_id)
-        finally:
-            self._flushers.pop(job_id, None)
-
-    def _remember_card(self, job_id: int, ref: CardRef) -> None:
-        """Keep the interaction that can edit a card; entries past the token's life are dropped."""
-        now = discord.utils.utcnow()
-        for old_id, old in list(self.cards.items()):
-            if old.interaction is None or now - old.interaction.created_at >= TOKEN_LIFE:
-                del self.cards[old_id]
-        self.cards[job_id] = ref
-
-    def _forget(self, job_id: int) -> None:
-        """A job's card has shown its last state: nothing about it is kept in memory any more."""
-        self.cards.pop(job_id, None)
-        self._last_edit.pop(job_id, None)
-        self.live.pop(job_id, None)
-
-    async def _edit_card(self, job: Job) -> None:
-        if job.status == JobStatus.RUNNING and job.id in self.live:
-            job.progress = self.live[job.id]
-        embed = cards.status_embed(job, await self.queue_view(job))
-        view = card_view(job.id, job.status in ACTIVE_STATUSES and not job.cancel_requested)
-        assert job.status_message_id is not None
-        message_id = int(job.status_message_id)
-        ref = self.cards.get(job.id)
-        if (
-            ref is not None and ref.interaction is not None and ref.message_id == message_id
-            and discord.utils.utcnow() - ref.interaction.created_at < TOKEN_LIFE
-        ):
-            with contextlib.suppress(discord.NotFound, discord.Forbidden):
-                await ref.interaction.followup.edit_message(message_id, embed=embed, view=view)
-                return
-        self.cards.pop(job.id, None)
-        # Past the token's life, or after a restart: the bot's own token edits the message.
-        channel = self._channel(job)
-        try:
-            await channel.get_partial_message(message_id).edit(embed=embed, view=view)
-        except (discord.NotFound, discord.Forbidden):
-            card = await channel.send(embed=embed, view=view or discord.utils.MISSING,
-                                      allowed_mentions=discord.AllowedMentions.none())
-            self.cards.pop(job.id, None)
-            await self.store.set_status_message(job.id, str(card.id))
-
-    def _channel(self, job: Job) -> discord.PartialMessageable:
-        assert job.channel_id is not None
-        return self.bot.get_partial_messageable(
-            int(job.channel_id), guild_id=int(job.guild_id) if job.guild_id else None
-        )
+            await self.cards.refresh_queue()
 
     def _message_url(self, job: Job, message_id: int) -> str:
         return f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{message_id}"
@@ -619,9 +482,9 @@ class JobService:
             if fresh is None or fresh.channel_id is None or fresh.posted_message_id is not None:
                 return
             if fresh.status == JobStatus.CANCELLED:
-                await self.refresh_card(fresh.id)
+                await self.cards.refresh(fresh.id)
                 return
-            channel = self._channel(fresh)
+            channel = self.cards.channel(fresh)
             reply_to = fresh.request_message_id or fresh.status_message_id
             reference = discord.MessageReference(
                 message_id=int(reply_to), channel_id=int(fresh.channel_id), fail_if_not_exists=False
@@ -646,7 +509,7 @@ class JobService:
             url = self._message_url(fresh, message.id)
             await self.store.mark_delivered(fresh.id, str(message.id), url)
             log.info("job %s posted as message %s", fresh.id, message.id)
-        await self.refresh_card(job.id)
+        await self.cards.refresh(job.id)
 
     async def _post_result(
         self, job: Job, channel: discord.PartialMessageable, reference: discord.MessageReference | None,
