@@ -59,6 +59,7 @@ DEFAULT_UPLOAD_LIMIT = 10 * 2**20
 UPLOAD_MARGIN = 64 * 1024
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
+
 def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachment | None:
     for attachment in attachments:
         if (attachment.content_type or "").startswith("image/") or attachment.filename.lower().endswith(
