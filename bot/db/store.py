@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import BigInteger, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bot.db.engine import create_engine, session_factory
@@ -466,7 +466,8 @@ async def _lock_user(session: AsyncSession, user_id: str) -> None:
     """Serialise one user's inserts. SQLite's BEGIN IMMEDIATE already serialises every writer."""
     if session.get_bind().dialect.name == "postgresql":
         key = int.from_bytes(hashlib.sha256(f"ltxbot-user:{user_id}".encode()).digest()[:8], "big", signed=True)
-        await session.execute(select(func.pg_advisory_xact_lock(key)))
+        # A bigint: the driver would otherwise bind the key as a 32-bit integer.
+        await session.execute(select(func.pg_advisory_xact_lock(bindparam("user_lock", key, type_=BigInteger))))
 
 
 async def _usage(session: AsyncSession, user_id: str, now: datetime) -> UserUsage:
