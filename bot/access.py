@@ -11,8 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bot.config import DiscordSettings, Limits
-    from bot.db.store import JobStore
+    from bot.db.store import JobStore, UserUsage
 
 
 class Refusal(Exception):
@@ -57,27 +59,34 @@ def check_place(settings: DiscordSettings, caller: Caller) -> None:
 
 
 async def check_budget(limits: Limits, store: JobStore, caller: Caller, *, admin: bool) -> None:
-    """Per-user limits on new jobs: queued jobs, the daily quota and the cooldown. Admins are exempt."""
+    """The early, cheap check before a download: the insert checks again (``budget_gate``) and decides."""
+    if not admin:
+        check_usage(limits, await store.usage(str(caller.user_id)))
+
+
+def budget_gate(limits: Limits, *, admin: bool) -> Callable[[UserUsage], None] | None:
+    """What ``JobStore.create`` runs inside its transaction to hold the limits; None for admins."""
     if admin:
-        return
-    user = str(caller.user_id)
-    active = await store.active_count(user)
+        return None
+    return lambda usage: check_usage(limits, usage)
+
+
+def check_usage(limits: Limits, usage: UserUsage, now: datetime | None = None) -> None:
+    """Per-user limits on new jobs: queued jobs, the daily quota and the cooldown."""
+    active = usage.active
     if active >= limits.max_queued_per_user:
         raise Refusal(
             f"You already have {active} clip{'s' if active != 1 else ''} waiting (the limit is "
             f"{limits.max_queued_per_user}). Wait for one to finish, or cancel one with /cancel."
         )
-    now = datetime.now(UTC)
-    if limits.daily_quota:
-        made = await store.created_since(user, now - timedelta(days=1))
-        if made >= limits.daily_quota:
-            raise Refusal(
-                f"You have made {made} clips in the last 24 hours, the daily limit here. Please try again tomorrow."
-            )
-    if limits.cooldown_seconds:
-        last = await store.last_created_at(user)
-        if last is not None:
-            ready = last + timedelta(seconds=limits.cooldown_seconds)
-            if ready > now:
-                when = f"<t:{int(ready.timestamp()) + 1}:R>"
-                raise Refusal(f"Please wait a moment between clips: you can start the next one {when}.")
+    now = now or datetime.now(UTC)
+    if limits.daily_quota and usage.created_last_day >= limits.daily_quota:
+        raise Refusal(
+            f"You have made {usage.created_last_day} clips in the last 24 hours, the daily limit here. "
+            "Please try again tomorrow."
+        )
+    if limits.cooldown_seconds and usage.last_created_at is not None:
+        ready = usage.last_created_at + timedelta(seconds=limits.cooldown_seconds)
+        if ready > now:
+            when = f"<t:{int(ready.timestamp()) + 1}:R>"
+            raise Refusal(f"Please wait a moment between clips: you can start the next one {when}.")

@@ -1,4 +1,8 @@
-"""The Discord side of ltxbot: the Bot subclass, its worker task and start-up checks."""
+"""The Discord side of ltxbot: the Bot subclass, its worker task and start-up checks.
+
+Features are cogs in ``bot/cogs/``, loaded as extensions by name, so nothing here imports
+them and they import this module only for its type.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.config import ConfigError
-from bot.service import JobService
+from bot.jobs_service import JobService
+from bot.replies import apologise, tell
 from bot.views import DYNAMIC_ITEMS
 from bot.worker import Worker
 
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
     from bot.db.store import JobStore
 
 log = logging.getLogger(__name__)
+EXTENSIONS = ("bot.cogs.animate", "bot.cogs.jobs", "bot.cogs.admin")
 
 
 class LtxBot(commands.Bot):
@@ -42,12 +48,13 @@ class LtxBot(commands.Bot):
         self.tree.error(self._on_app_command_error)
 
     async def setup_hook(self) -> None:
-        from bot.cogs.animate import Animate
-        from bot.cogs.jobs import Jobs
-
         await self.service.start()
-        await self.add_cog(Animate(self))
-        await self.add_cog(Jobs(self))
+        for extension in EXTENSIONS:
+            # One broken feature should not keep the others from starting (as RoboDanny loads its cogs).
+            try:
+                await self.load_extension(extension)
+            except commands.ExtensionError:
+                log.exception("the %s feature could not be loaded; the bot starts without it", extension)
         self.add_dynamic_items(*DYNAMIC_ITEMS)
         await self._sync_commands()
         # Order matters: stop a generator left by a previous run and keep its clip, post what
@@ -78,11 +85,11 @@ class LtxBot(commands.Bot):
         self, interaction: discord.Interaction[Any], error: app_commands.AppCommandError
     ) -> None:
         if isinstance(error, app_commands.CommandInvokeError):
-            await self.service.apologise(interaction, error.original)
+            await apologise(interaction, error.original)
         elif isinstance(error, app_commands.TransformerError | app_commands.CheckFailure):
-            await self.service.tell(interaction, str(error))
+            await tell(interaction, str(error))
         else:
-            await self.service.apologise(interaction, error)
+            await apologise(interaction, error)
 
     async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
         log.exception("error in %s; the bot carries on", event_method)
@@ -106,18 +113,31 @@ async def _serve(settings: Settings, token: str) -> None:
     try:
         async with LtxBot(settings, store) as bot:
             loop = asyncio.get_running_loop()
+            # A task, so a stop can end it: during an outage discord.py sleeps out its reconnect
+            # backoff (minutes) inside start(), and close() alone does not wake it.
+            running = asyncio.create_task(bot.start(token), name="ltxbot-discord")
             stopping: list[asyncio.Task[None]] = []
+
+            async def close_then_end() -> None:
+                await bot.close()
+                running.cancel()
 
             def stop(name: str) -> None:
                 # SIGTERM (systemd, docker stop) and Ctrl-C stop the bot the same way: the running
                 # generator is ended at once, so no process outlives the bot holding GPU memory.
                 if not stopping:
                     log.info("%s: stopping; the running clip goes back to the queue", name)
-                    stopping.append(asyncio.create_task(bot.close()))
+                    stopping.append(asyncio.create_task(close_then_end()))
 
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
-            await bot.start(token)
+            try:
+                await running
+            except asyncio.CancelledError:
+                if not stopping:
+                    raise  # cancelled from outside, not by our stop
+            if stopping:
+                await stopping[0]
     finally:
         await store.close()
 

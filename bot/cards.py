@@ -90,7 +90,7 @@ def _describe(job: Job) -> str:
     return f"{_family(p)} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
 
 
-def status_embed(job: Job, queue: QueueView | None = None, *, clip_url: str | None = None) -> discord.Embed:
+def status_embed(job: Job, queue: QueueView | None = None) -> discord.Embed:
     status = JobStatus(job.status)
     embed = discord.Embed(title=f"Job {job.id} · {_status_word(job)}", colour=COLOURS[status])
     embed.description = shorten(job.prompt, 300) or "(prompt removed)"
@@ -106,8 +106,8 @@ def status_embed(job: Job, queue: QueueView | None = None, *, clip_url: str | No
     elif status == JobStatus.SUCCEEDED:
         took = job.duration_seconds
         embed.add_field(name="Took", value=f"{took:.0f} s" if took is not None else "—")
-        if clip_url or job.posted_message_url:
-            embed.add_field(name="Clip", value=f"[open]({clip_url or job.posted_message_url})")
+        if job.posted_message_url:
+            embed.add_field(name="Clip", value=f"[open]({job.posted_message_url})")
     elif status in (JobStatus.FAILED, JobStatus.CANCELLED):
         embed.add_field(name="Why", value=failure_text(job), inline=False)
     return embed

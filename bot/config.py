@@ -20,7 +20,15 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from generator.protocol import MAX_FRAMES, MIN_FRAMES, ModelFamily, PipelineKind
+from generator.protocol import (
+    MAX_FRAMES,
+    MAX_PROMPT_CHARS,
+    MIN_FRAMES,
+    ModelFamily,
+    ModelFiles,
+    PipelineKind,
+    Tiling,
+)
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -39,14 +47,6 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelPaths(_Section):
-    checkpoint: Path | None = None
-    distilled_checkpoint: Path | None = None
-    distilled_lora: Path | None = None
-    spatial_upsampler: Path | None = None
-    gemma_root: Path | None = None
 
 
 class SizePreset(_Section):
@@ -99,7 +99,7 @@ class Limits(_Section):
     max_queued_per_user: int = Field(default=3, ge=1)
     daily_quota: int = Field(default=20, ge=0)
     cooldown_seconds: float = Field(default=30.0, ge=0)
-    max_prompt_chars: int = Field(default=1000, ge=1, le=4000)
+    max_prompt_chars: int = Field(default=1000, ge=1, le=MAX_PROMPT_CHARS)
     intake_threads: int = Field(default=2, ge=1, le=32)
     download_timeout_seconds: float = Field(default=30.0, gt=0)
     # Per image, for the decoder process (bot/intake/decoder.py): its address space (which caps its
@@ -107,24 +107,6 @@ class Limits(_Section):
     decode_memory_mib: int = Field(default=300, ge=128, le=65536)
     decode_cpu_seconds: int = Field(default=10, ge=1, le=600)
     decode_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
-
-
-class VaeTiling(_Section):
-    spatial_px: int = Field(default=512, ge=64)
-    spatial_overlap_px: int = Field(default=64, ge=0)
-    temporal_frames: int = Field(default=64, ge=16)
-    temporal_overlap_frames: int = Field(default=24, ge=0)
-
-    @model_validator(mode="after")
-    def _multiples(self) -> VaeTiling:
-        # ltx-core's tiling asserts these (ltx_core/model/video_vae/tiling.py:84-112).
-        if self.spatial_px % 32 or self.spatial_overlap_px % 32 or self.spatial_overlap_px >= self.spatial_px:
-            raise ValueError("spatial_px and spatial_overlap_px must be multiples of 32, overlap < tile")
-        if self.temporal_frames % 8 or self.temporal_overlap_frames % 8:
-            raise ValueError("temporal_frames and temporal_overlap_frames must be multiples of 8")
-        if self.temporal_overlap_frames >= self.temporal_frames:
-            raise ValueError("temporal_overlap_frames must be smaller than temporal_frames")
-        return self
 
 
 class LtxvSettings(_Section):
@@ -180,10 +162,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     token_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    models: ModelPaths = ModelPaths()
+    # The contract's own models, so a config the bot accepts is one the generator accepts.
+    models: ModelFiles = ModelFiles()
     generation: GenerationDefaults = GenerationDefaults()
     limits: Limits = Limits()
-    vae_tiling: VaeTiling = VaeTiling()
+    vae_tiling: Tiling = Tiling()
     generator: GeneratorSettings = GeneratorSettings()
     ltxv: LtxvSettings = LtxvSettings()
     discord: DiscordSettings = DiscordSettings()

@@ -1,20 +1,38 @@
 """Buttons and modals. Buttons carry the job id in their custom id (DynamicItem), so they keep
-working after a restart without any per-message state."""
+working after a restart without any per-message state.
+
+They declare and hand over: what a click or a form does is ``JobActions``, which the bot's
+job service provides (``bot/jobs_service.py``); this module does not import it.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import discord
 
-if TYPE_CHECKING:
-    from bot.service import JobService
+from bot.intake.request import RequestOptions
+from bot.replies import guarded
+from generator.protocol import MAX_PROMPT_CHARS
 
 
-def service_of(interaction: discord.Interaction[Any]) -> JobService:
-    service: JobService = interaction.client.service  # type: ignore[attr-defined]
-    return service
+class JobActions(Protocol):
+    """What the buttons and forms ask of the bot."""
+
+    async def cancel_from_button(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
+
+    async def rerun(self, interaction: discord.Interaction[Any], job_id: int, prompt: str | None = None) -> None: ...
+
+    async def open_tweak(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
+
+    async def animate_from_modal(self, interaction: discord.Interaction[Any], modal: AnimateModal) -> None: ...
+
+
+def actions_of(interaction: discord.Interaction[Any]) -> JobActions:
+    """The bot's job service: every ``LtxBot`` has one as ``service``."""
+    actions: JobActions = interaction.client.service  # type: ignore[attr-defined]
+    return actions
 
 
 class _JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxbot:(?P<action>[a-z]+):(?P<job>\d+)"):
@@ -37,43 +55,45 @@ class _JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"ltxb
         return cls(int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        service = service_of(interaction)
-        await service.guarded(interaction, self.run(service, interaction))
+        await guarded(interaction, self.run(actions_of(interaction), interaction))
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
         raise NotImplementedError
 
 
 class CancelButton(_JobButton, template=r"ltxbot:cancel:(?P<job>\d+)"):
     action, label = "cancel", "Cancel"
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
-        await service.cancel_from_button(interaction, self.job_id)
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.cancel_from_button(interaction, self.job_id)
 
 
 class RerunButton(_JobButton, template=r"ltxbot:rerun:(?P<job>\d+)"):
     action, label, emoji, style = "rerun", "Rerun", "🔁", discord.ButtonStyle.primary
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
-        await service.rerun(interaction, self.job_id)
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.rerun(interaction, self.job_id)
 
 
 class TweakButton(_JobButton, template=r"ltxbot:tweak:(?P<job>\d+)"):
     action, label, emoji = "tweak", "Tweak", "✏️"
 
-    async def run(self, service: JobService, interaction: discord.Interaction[Any]) -> None:
-        await service.open_tweak(interaction, self.job_id)
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.open_tweak(interaction, self.job_id)
 
 
 DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton)
 
 
-def card_view(job_id: int, active: bool) -> discord.ui.View | None:
-    if not active:
-        return None
+def cancel_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(CancelButton(job_id))
     return view
+
+
+def card_view(job_id: int, active: bool) -> discord.ui.View | None:
+    """The card's buttons: Cancel while the job can still be cancelled, none after."""
+    return cancel_view(job_id) if active else None
 
 
 def delivery_view(job_id: int) -> discord.ui.View:
@@ -96,7 +116,8 @@ def _optional_number(raw: str, name: str, *, integer: bool) -> float | int | Non
 
 class AnimateModal(discord.ui.Modal, title="Animate image"):
     prompt: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
-        label="Prompt", style=discord.TextStyle.paragraph, placeholder="What happens in the clip?", max_length=1000
+        label="Prompt", style=discord.TextStyle.paragraph, placeholder="What happens in the clip?",
+        max_length=MAX_PROMPT_CHARS,
     )
     seconds: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
         label="Seconds (optional)", required=False, max_length=6, placeholder="4"
@@ -105,32 +126,31 @@ class AnimateModal(discord.ui.Modal, title="Animate image"):
         label="Seed (optional)", required=False, max_length=10
     )
 
-    def __init__(self, message: discord.Message, attachment: discord.Attachment) -> None:
+    def __init__(self, message: discord.Message, attachment: discord.Attachment, max_prompt_chars: int) -> None:
         super().__init__(timeout=600)
+        self.prompt.max_length = max_prompt_chars  # the owner's limit, so Discord counts down to it
         self.message = message
         self.attachment = attachment
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
-        service = service_of(interaction)
-        await service.guarded(interaction, service.animate_from_modal(interaction, self))
+        await guarded(interaction, actions_of(interaction).animate_from_modal(interaction, self))
 
-    def options(self) -> dict[str, Any]:
-        return {
-            "seconds": _optional_number(self.seconds.value, "Seconds", integer=False),
-            "seed": _optional_number(self.seed.value, "Seed", integer=True),
-        }
+    def options(self) -> RequestOptions:
+        seconds = _optional_number(self.seconds.value, "Seconds", integer=False)
+        seed = _optional_number(self.seed.value, "Seed", integer=True)
+        return RequestOptions(seconds=seconds, seed=None if seed is None else int(seed))
 
 
 class TweakModal(discord.ui.Modal, title="Tweak the prompt"):
     prompt: discord.ui.TextInput[TweakModal] = discord.ui.TextInput(
-        label="Prompt", style=discord.TextStyle.paragraph, max_length=1000
+        label="Prompt", style=discord.TextStyle.paragraph, max_length=MAX_PROMPT_CHARS
     )
 
-    def __init__(self, job_id: int, prompt: str) -> None:
+    def __init__(self, job_id: int, prompt: str, max_prompt_chars: int) -> None:
         super().__init__(timeout=600)
         self.job_id = job_id
-        self.prompt.default = prompt[:1000]
+        self.prompt.max_length = max_prompt_chars
+        self.prompt.default = prompt[:max_prompt_chars]
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
-        service = service_of(interaction)
-        await service.guarded(interaction, service.rerun(interaction, self.job_id, prompt=self.prompt.value))
+        await guarded(interaction, actions_of(interaction).rerun(interaction, self.job_id, prompt=self.prompt.value))

@@ -31,7 +31,9 @@ ErrorCode = Literal["oom", "invalid_spec", "model_missing", "too_large", "intern
 MIN_FRAMES = 9
 MAX_FRAMES = 481
 MAX_SEED = 2**32 - 1
-DEFAULT_MAX_PROMPT_CHARS = 1000
+# The contract's hard maximum; an owner's lower limit is checked once, where a request comes in
+# (bot/intake/request.py). 4000 is also the longest text a Discord modal field takes.
+MAX_PROMPT_CHARS = 4000
 
 
 class ExitCode(IntEnum):
@@ -65,10 +67,11 @@ class _Frozen(BaseModel):
 
 
 class GenerationRequest(_Frozen):
-    """What a user asks for, validated against the model's constraints.
+    """What a user asks for, validated against the model's constraints and the contract's hard maxima.
 
-    Limits that the owner configures (max frames, prompt length) come in the
-    validation context: ``GenerationRequest.model_validate(data, context={...})``.
+    The owner's own, lower limits (``limits.max_frames``, ``limits.max_prompt_chars``) are not
+    checked here: a job validated at intake must stay valid in the worker and the generator,
+    which read it back without the owner's settings.
     """
 
     prompt: str
@@ -90,24 +93,20 @@ class GenerationRequest(_Frozen):
         if not isinstance(value, str):
             return value
         cleaned = clean_prompt(value)
-        limit = (info.context or {}).get("max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS)
         if info.field_name == "prompt" and not cleaned:
             raise ValueError("the prompt is empty: describe the motion you want, for example 'waves roll in'")
-        if len(cleaned) > limit:
+        if len(cleaned) > MAX_PROMPT_CHARS:
             raise ValueError(f"the {(info.field_name or 'text').replace('_', ' ')} is {len(cleaned)} characters; "
-                             f"the limit is {limit}")
+                             f"the limit is {MAX_PROMPT_CHARS}")
         return cleaned or None
 
     @field_validator("frames")
     @classmethod
-    def _frames_grid(cls, value: int, info: ValidationInfo) -> int:
+    def _frames_grid(cls, value: int) -> int:
         if (value - 1) % 8:
             lower = (value - 1) // 8 * 8 + 1
             raise ValueError(f"frames must be one more than a multiple of 8 (9, 17, 25, ... 481); "
                              f"got {value}, try {lower} or {lower + 8}")
-        max_frames = (info.context or {}).get("max_frames", MAX_FRAMES)
-        if value > max_frames:
-            raise ValueError(f"frames must be at most {max_frames} on this server; got {value}")
         return value
 
     @model_validator(mode="after")
@@ -167,10 +166,23 @@ _FIELD_BOUNDS: dict[str, tuple[int | float, int | float]] = {
 
 
 class Tiling(_Frozen):
+    """VAE decoder tiles; the config's ``vae_tiling`` section."""
+
     spatial_px: int = Field(default=512, ge=64)
     spatial_overlap_px: int = Field(default=64, ge=0)
     temporal_frames: int = Field(default=64, ge=16)
     temporal_overlap_frames: int = Field(default=24, ge=0)
+
+    @model_validator(mode="after")
+    def _multiples(self) -> Tiling:
+        # ltx-core refuses these with a ValueError (ltx_core/model/video_vae/tiling.py), deep inside a render.
+        if self.spatial_px % 32 or self.spatial_overlap_px % 32 or self.spatial_overlap_px >= self.spatial_px:
+            raise ValueError("spatial_px and spatial_overlap_px must be multiples of 32, overlap < tile")
+        if self.temporal_frames % 8 or self.temporal_overlap_frames % 8:
+            raise ValueError("temporal_frames and temporal_overlap_frames must be multiples of 8")
+        if self.temporal_overlap_frames >= self.temporal_frames:
+            raise ValueError("temporal_overlap_frames must be smaller than temporal_frames")
+        return self
 
 
 class ModelFiles(_Frozen):

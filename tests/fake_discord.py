@@ -2,7 +2,8 @@
 
 The real, unmodified discord.py client connects to it once ``discord.http.Route.BASE``
 and ``DiscordWebSocket.DEFAULT_GATEWAY`` point here (``tests/fake_bot.py`` does that
-in the bot process). Wire details follow docs/LIBRARIES.md, 'discord.py 2.7 against a loopback fake': exact
+in the bot process). Wire details follow docs/LIBRARIES.md, 'discord.py 2.7 against a
+loopback fake': exact
 ``application/json`` content type, JSON bodies for interaction callbacks, 404 (never
 5xx) for unknown routes, text gateway frames, heartbeat ACKs, no rate-limit headers.
 
@@ -89,6 +90,13 @@ class FakeDiscord:
         self.premium_tier = premium_tier
         # A stricter per-upload limit than the tier gives, to test delivery near the limit.
         self.upload_limit: int | None = None
+        # The only token the fake accepts; any other gets 401 on login, as Discord answers.
+        self.token = "fake-token"
+        # Seconds each CDN download takes, to hold a request between its checks and its insert.
+        self.cdn_delay = 0.0
+        # An outage: the gateway refuses every new connection (with 503) while this is set.
+        self.gateway_down = False
+        self.refused_connections = 0
         self.requests: list[Recorded] = []
         self.messages: dict[str, dict[str, Any]] = {}
         self.commands: dict[str, dict[str, Any]] = {}
@@ -160,6 +168,8 @@ class FakeDiscord:
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(Recorded("GET", request.path, dict(request.query), dict(request.headers)))
+        if self.cdn_delay:
+            await asyncio.sleep(self.cdn_delay)
         item = self.cdn.get(request.match_info["tail"])
         if item is None:
             return json_response({"message": "Unknown attachment", "code": 0}, 404)
@@ -167,7 +177,11 @@ class FakeDiscord:
 
     # --- gateway ---------------------------------------------------------------
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self.gateway_down:
+            self.refused_connections += 1
+            await self._changed_now()
+            return web.Response(status=503, text="gateway unavailable")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.sockets.append(ws)
@@ -414,7 +428,15 @@ class FakeDiscord:
         ]
 
     async def _me(self, rec: Recorded) -> web.Response:
+        if rec.headers.get("Authorization") != f"Bot {self.token}":
+            return json_response({"message": "401: Unauthorized", "code": 0}, 401)
         return json_response(self.bot_user.user_payload())
+
+    async def outage(self) -> None:
+        """Discord goes away: the open gateway connections close and new ones are refused."""
+        self.gateway_down = True
+        for ws in list(self.sockets):
+            await ws.close(code=1000)
 
     async def _app_info(self, rec: Recorded) -> web.Response:
         return json_response({

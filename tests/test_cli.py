@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from bot.cli import _parser
 from tests.conftest import ROOT, clean_env
+from tests.fake_discord import FakeDiscord
 
 
 def ltxbot(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -62,15 +64,27 @@ def test_db_upgrade_creates_the_schema_in_a_new_data_dir(tmp_path: Path) -> None
     assert '"status": "queued"' in detail.stdout and '"queue_position": 2' in detail.stdout
 
 
-def test_token_is_not_printed_when_discord_rejects_it(tmp_path: Path) -> None:
-    env = clean_env() | {"DISCORD_TOKEN": "not-a-real-token-SECRET123"}
-    (tmp_path / "config.yaml").write_text("data_dir: d\n")
-    result = subprocess.run(
-        [sys.executable, "-c", "from bot.config import load_settings; s = load_settings(None); "
-         "import logging; logging.basicConfig(); print(repr(s)); print(s.model_dump())"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )
-    assert "SECRET123" not in result.stdout + result.stderr
+async def test_token_is_not_printed_when_discord_rejects_it(tmp_path: Path) -> None:
+    """A real login of ``ltxbot run`` against the loopback fake, which answers 401 to any other token."""
+    secret = "not-a-real-token-SECRET123"
+    (tmp_path / "config.yaml").write_text("data_dir: d\nlog_level: DEBUG\n")  # DEBUG: the most it ever logs
+    fake = FakeDiscord()
+    await fake.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "tests" / "fake_bot.py"), fake.url, "run", cwd=tmp_path,
+            env=clean_env() | {"DISCORD_TOKEN": secret, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        await fake.stop()
+    assert [r.status for r in fake.find("GET", r"^/users/@me$")] == [401]  # Discord really said no
+    assert proc.returncode == 2 and b"Discord rejected the token" in err, err[-2000:]
+    assert secret.encode() not in out + err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
 
 
 def test_make_run_builds_the_ltxv_venv_only_when_the_config_enables_it(tmp_path: Path) -> None:

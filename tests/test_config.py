@@ -4,8 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from bot.config import EXAMPLE_CONFIG, ConfigError, load_settings
+from generator.protocol import JobSpec, ModelFiles, Tiling
 
 
 def test_example_config_loads_with_documented_defaults() -> None:
@@ -90,3 +92,14 @@ def test_interpreters_are_absolute_and_keep_the_venv_symlink(tmp_path: Path) -> 
     assert settings.interpreter("ltxv") == str(venv_python)  # not the symlink's target
     assert Path(load_settings(None).interpreter("ltxv")).is_absolute()
     assert load_settings(None).interpreter("ltx2") == sys.executable
+
+
+def test_the_config_uses_the_contracts_models_so_the_spec_refuses_what_ltx_core_would() -> None:
+    settings = load_settings(None, vae_tiling={"spatial_px": 256}, models={"checkpoint": "m/dev.safetensors"})
+    assert isinstance(settings.vae_tiling, Tiling) and isinstance(settings.models, ModelFiles)
+    for bad in ({"spatial_px": 96, "spatial_overlap_px": 48}, {"temporal_frames": 20}, {"spatial_px": 32}):
+        with pytest.raises(ValidationError):
+            Tiling(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="multiples of 8"):
+        JobSpec.model_validate({"request": {"prompt": "p", "width": 64, "height": 64, "frames": 9, "seed": 1},
+                                "image_path": "i.png", "output_path": "o.mp4", "tiling": {"temporal_frames": 20}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -181,6 +182,25 @@ async def test_context_menu_and_mention_reply_each_produce_a_clip(make_harness: 
         assert decode_mp4(post.files[0].data) == (9, 64, 128)
 
 
+async def test_a_replayed_mention_refreshes_its_card_instead_of_posting_another(
+    make_harness: Callable[..., Any]
+) -> None:
+    h: Harness = await make_harness(limits={"max_queued_per_user": 1})
+    fake = h.fake
+    await h.answer_text(await fake.slash(ADMIN, "pause", group="admin"))
+    photo = fake.attachment(image_bytes(), "cat.png")
+    mention = await fake.post_message(CAROL, f"<@{fake.app_id}> the cat blinks", [photo], mention_bot=True)
+    card = await fake.wait_for(lambda: h.find_card(1), timeout=30)
+    edits = len(fake.find("PATCH", rf"/messages/{card['id']}$"))
+    # Discord replays events missed during a reconnect: the same MESSAGE_CREATE arrives again.
+    await fake.dispatch("MESSAGE_CREATE", fake._as_seen(mention))
+    await fake.wait_for(lambda: len(fake.find("PATCH", rf"/messages/{card['id']}$")) > edits, timeout=30)
+    replies = [m for m in fake.bot_messages()
+               if str((m.get("message_reference") or {}).get("message_id")) == mention["id"]]
+    assert [m["id"] for m in replies] == [card["id"]]  # no second card, and no refusal for "a second clip"
+    assert len(await h.jobs()) == 1 and (await h.job(1)).status_message_id == card["id"]
+
+
 async def test_users_see_and_cancel_only_their_own_jobs(make_harness: Callable[..., Any]) -> None:
     h: Harness = await make_harness()
     fake = h.fake
@@ -273,6 +293,29 @@ async def test_queued_limit_and_daily_quota_refuse_politely(make_harness: Callab
     assert len(await h.jobs()) == 4
 
 
+@pytest.mark.parametrize(("limits", "allowed", "refusal"), [
+    ({"max_queued_per_user": 2, "daily_quota": 10, "cooldown_seconds": 0}, 2, "already have 2 clips waiting"),
+    ({"max_queued_per_user": 5, "daily_quota": 1, "cooldown_seconds": 0}, 1, "daily limit"),
+    ({"max_queued_per_user": 5, "daily_quota": 10, "cooldown_seconds": 60}, 1, "wait a moment between clips"),
+], ids=["queued", "daily", "cooldown"])
+async def test_overlapping_requests_of_one_user_get_exactly_their_limit(
+    make_harness: Callable[..., Any], limits: dict[str, Any], allowed: int, refusal: str
+) -> None:
+    """Three /animate at once with a slow image download: all pass the early check, the insert decides."""
+    h: Harness = await make_harness(limits=limits)
+    fake = h.fake
+    await h.answer_text(await fake.slash(ADMIN, "pause", group="admin"))
+    fake.cdn_delay = 1.5
+    sent = [await fake.slash(ALICE, "animate", {"prompt": f"clip {i}"},
+                             attachment=fake.attachment(image_bytes(), f"{i}.png")) for i in range(3)]
+    texts = [await h.answer_text(interaction) for interaction in sent]
+    assert len(fake.find("GET", r"^/cdn/")) == 3  # each passed the early check and was downloaded
+    assert sum("is queued" in text for text in texts) == allowed, texts
+    refused = [i for i, text in zip(sent, texts, strict=True) if "is queued" not in text]
+    assert all(fake.is_ephemeral(i) and refusal in h.fake.original_content(i) for i in refused), texts
+    assert len(await h.jobs()) == allowed
+
+
 async def test_a_clip_over_the_upload_limit_is_reencoded_to_fit(make_harness: Callable[..., Any]) -> None:
     limit = 64 * 1024
     h: Harness = await make_harness(discord={"max_clip_bytes": limit})
@@ -315,6 +358,28 @@ async def test_restart_during_a_render_posts_the_clip_exactly_once(make_harness:
     assert edits, "after a restart the card is edited with the bot token"
 
 
+async def test_purge_stops_a_running_job_before_deleting_its_folder(
+    make_harness: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "hung-once"  # the render hangs in stage 2: its generator holds the folder open
+    h: Harness = await make_harness(env={"LTXBOT_FAULT": "hang@stage_2", "LTXBOT_FAULT_ONCE": str(marker)})
+    fake = h.fake
+    await h.answer_text(await fake.slash(BOB, "animate", {"prompt": "bob's idea"},
+                                         attachment=fake.attachment(image_bytes(), "b.png")))
+    await h.wait_job(1, lambda j: marker.exists(), timeout=120)
+    running = await h.job(1)
+    assert running.status == JobStatus.RUNNING and running.generator_pid is not None
+    folder = h.data_dir / "jobs" / "1"
+    assert folder.is_dir()
+    text = await h.answer_text(await fake.slash(ADMIN, "purge", {"user": BOB.id}, group="admin"), timeout=60)
+    # By the time the admin hears back, the generator has ended, and only then did its folder go.
+    purged = await h.job(1)
+    assert purged.status == JobStatus.CANCELLED and purged.user_id == "purged"
+    assert process_start_ticks(running.generator_pid) is None
+    assert not folder.exists() and not Path(running.input_path).exists()
+    assert "running clip was stopped first" in text, text
+
+
 async def test_sigterm_ends_the_running_generator_and_the_job_waits_in_the_queue(
     make_harness: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -342,6 +407,27 @@ async def test_sigterm_ends_the_running_generator_and_the_job_waits_in_the_queue
     done = await h.wait_job(1, lambda j: j.posted_message_id is not None)
     assert done.status == JobStatus.SUCCEEDED and done.attempts == 1  # the stop cost no attempt
     assert len(h.clip_posts()) == 1
+
+
+async def test_ctrl_c_during_a_discord_outage_stops_the_bot_at_once(make_harness: Callable[..., Any]) -> None:
+    """discord.py sleeps out a reconnect backoff (up to minutes) inside start(); a stop must not wait for it."""
+    h: Harness = await make_harness()
+    await h.fake.outage()
+    backoff = re.compile(r"Attempting a reconnect in (\d+(?:\.\d+)?)s")
+    seen = 0
+    while True:  # the backoff grows at random: wait until the bot sleeps long enough to tell
+        line = await h.wait_log(backoff.pattern, timeout=180, since=seen)
+        seen = h.log.index(line, seen) + 1
+        match = backoff.search(line)
+        assert match is not None
+        if float(match[1]) >= 8:
+            break
+    assert h.fake.refused_connections >= 1 and h.proc is not None
+    started = asyncio.get_running_loop().time()
+    h.proc.send_signal(signal.SIGINT)
+    await asyncio.wait_for(h.proc.wait(), 30)
+    assert asyncio.get_running_loop().time() - started < 5.0
+    assert h.proc.returncode == 0
 
 
 async def test_a_failed_job_is_reported_in_the_channel_with_the_reason(make_harness: Callable[..., Any]) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,11 +13,11 @@ import discord
 import pytest
 
 from bot import cards
-from bot.access import Caller, Refusal, check_budget, check_place, is_admin
-from bot.config import DiscordSettings, Limits, Settings
+from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, is_admin
+from bot.config import DiscordSettings, Limits
 from bot.db.store import JobStore, NewJob
-from bot.service import CardRef, JobService
-from bot.worker import Worker
+from bot.replies import guarded
+from bot.status_cards import CardRef, StatusCards
 
 
 def caller(user: int = 1, guild: int | None = 10, roles: tuple[str, ...] = (), owner: bool = False) -> Caller:
@@ -70,6 +71,18 @@ async def test_budget_cooldown_quota_and_queue(store: JobStore) -> None:
     with pytest.raises(Refusal, match="daily limit"):
         await check_budget(no_cooldown, store, caller(), admin=False)
     await check_budget(Limits(daily_quota=0, cooldown_seconds=0, max_queued_per_user=5), store, caller(), admin=False)
+
+
+async def test_the_insert_holds_the_limits_when_requests_of_one_user_overlap(store: JobStore) -> None:
+    """Five creates at once under a queued limit of 2: the check inside the insert lets exactly two in."""
+    gate = budget_gate(Limits(max_queued_per_user=2, daily_quota=0, cooldown_seconds=0), admin=False)
+    results = await asyncio.gather(*(store.create(_job(), admit=gate) for _ in range(5)), return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 2
+    refusals = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, Refusal) and "already have 2 clips waiting" in r.message for r in refusals)
+    assert (await store.usage("1")).active == 2
+    assert budget_gate(Limits(), admin=True) is None  # admins are exempt
+    await store.create(_job(), admit=None)
 
 
 def test_estimate_ready_uses_the_median_and_the_running_job() -> None:
@@ -129,14 +142,14 @@ class FakeInteraction:
 
 
 @pytest.fixture
-async def service(make_settings: Callable[..., Settings], store: JobStore) -> Any:
-    settings = make_settings(discord={"progress_interval_seconds": 0.5})
+async def service(store: JobStore) -> Any:
+    """The status cards of a bot whose channel records what it was asked to do."""
     channel = FakeChannel()
     bot = SimpleNamespace(get_partial_messageable=lambda *a, **k: channel, user=None)
-    svc = JobService(bot, settings, store, Worker(settings, store))  # type: ignore[arg-type]
-    svc.channel = channel  # type: ignore[attr-defined]
-    yield svc
-    await svc.close()
+    status = StatusCards(bot, store, interval=0.5)  # type: ignore[arg-type]
+    status.channel_log = channel  # type: ignore[attr-defined]
+    yield status
+    status.close()
 
 
 async def _card_job(store: JobStore) -> int:
@@ -150,42 +163,92 @@ async def _card_job(store: JobStore) -> int:
 async def test_a_young_interaction_edits_through_its_token(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
     interaction = FakeInteraction(timedelta(minutes=1))
-    service.cards[job_id] = CardRef(42, interaction)
-    await service._edit_card(await store.get(job_id))
-    assert interaction.edits == [42] and service.channel.edits == []
+    service._remember(job_id, CardRef(42, interaction))
+    await service.edit(await store.get(job_id))
+    assert interaction.edits == [42] and service.channel_log.edits == []
 
 
 async def test_after_fourteen_minutes_the_bot_token_edits_the_card(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
     interaction = FakeInteraction(timedelta(minutes=14, seconds=5))
-    service.cards[job_id] = CardRef(42, interaction)
-    await service._edit_card(await store.get(job_id))
-    assert interaction.edits == [] and service.channel.edits == [42]
+    service._remember(job_id, CardRef(42, interaction))
+    await service.edit(await store.get(job_id))
+    assert interaction.edits == [] and service.channel_log.edits == [42]
 
 
 async def test_a_card_that_cannot_be_edited_is_posted_again(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
-    service.channel.fail_edit = True
-    await service._edit_card(await store.get(job_id))
-    assert len(service.channel.sent) == 1
+    service.channel_log.fail_edit = True
+    await service.edit(await store.get(job_id))
+    assert len(service.channel_log.sent) == 1
     assert (await store.get(job_id)).status_message_id == "999"
 
 
-async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store: JobStore) -> None:
+async def test_a_finished_jobs_card_is_forgotten_and_old_tokens_are_dropped(service: Any, store: JobStore) -> None:
     job_id = await _card_job(store)
+    service._remember(job_id, CardRef(42, FakeInteraction(timedelta(minutes=1))))
+    await store.cancel(job_id, None)
+    await service.refresh(job_id)
+    await asyncio.gather(*service._flushers.values())
+    assert service.cards == {} and service._last_edit == {}  # its last state is shown; nothing is kept
+    stale, fresh = await _card_job(store), await _card_job(store)
+    service._remember(stale, CardRef(42, FakeInteraction(timedelta(minutes=15))))
+    service._remember(fresh, CardRef(43, FakeInteraction(timedelta(minutes=1))))
+    assert list(service.cards) == [fresh]  # a token past its life can edit nothing: not kept either
+
+
+class SteppedClock:
+    """Time that moves only when the test says so; ``asleep`` is set while something waits on it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self.asleep = asyncio.Event()
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.now + seconds, wake))
+        self.asleep.set()
+        await wake
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for when, wake in list(self.sleepers):
+            if when <= self.now:
+                self.sleepers.remove((when, wake))
+                wake.set_result(None)
+        self.asleep.clear()
+
+
+async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store: JobStore) -> None:
+    clock = SteppedClock()
+    service._clock, service._sleep = clock, clock.sleep
+    job_id = await _card_job(store)
+
+    async def settled() -> None:
+        await asyncio.gather(*service._flushers.values())
+
+    await service.refresh(job_id)
+    await settled()
+    assert len(service.channel_log.edits) == 1  # the first edit at once
     for _ in range(20):
-        await service.refresh_card(job_id)
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
-    assert len(service.channel.edits) == 1  # the first at once, the rest wait for the interval
-    await asyncio.sleep(0.7)
-    assert len(service.channel.edits) == 2  # then one more, with the latest state
-    await asyncio.sleep(0.7)
-    assert len(service.channel.edits) == 2
+        await service.refresh(job_id)
+    await asyncio.wait_for(clock.asleep.wait(), 5)  # the rest wait out the interval (0.5 s here) ...
+    assert len(service.channel_log.edits) == 1 and [w for w, _ in clock.sleepers] == [100.5]
+    clock.advance(0.5)
+    await settled()
+    assert len(service.channel_log.edits) == 2  # ... and become one edit with the latest state
+    clock.advance(0.5)
+    await service.refresh(job_id)
+    await settled()
+    assert len(service.channel_log.edits) == 3 and clock.sleepers == []  # a refresh after the interval: at once
 
 
 async def test_a_failing_handler_answers_with_an_error_id_that_is_in_the_log(
-    service: Any, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     answers: list[str] = []
 
@@ -198,7 +261,7 @@ async def test_a_failing_handler_answers_with_an_error_id_that_is_in_the_log(
     async def broken() -> None:
         raise RuntimeError("boom")
 
-    await service.guarded(interaction, broken())
+    await guarded(interaction, broken())  # type: ignore[arg-type]
     assert len(answers) == 1 and "error id" in answers[0]
     error_id = answers[0].split("`")[1]
     assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
@@ -215,3 +278,41 @@ async def test_cards_and_captions_name_the_model_family(store: JobStore) -> None
     older = await store.create(NewJob(user_id="1", prompt="waves", input_path="/x.png", input_sha256="0" * 64,
                                       params={k: v for k, v in params.items() if k != "family"}))
     assert "LTX-2 · 768×512" in cards.delivery_caption(older)  # jobs from before the second family
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that ``path`` imports anywhere: at run time, in functions, or for types."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == package)
+    return found
+
+
+def test_the_front_end_has_no_import_circle() -> None:
+    """app -> cogs -> app and service -> views -> service were circles, counting imports for types too."""
+    root = Path(__file__).resolve().parents[1]
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (root / "bot").rglob("*.py")
+    }
+    graph = {name: {m for m in _imports(path, "bot") if m in modules and m != name}
+             for name, path in modules.items()}
+
+    def cycle_from(start: str, node: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for nxt in graph[node]:
+            if nxt == start:
+                return (*seen, nxt)
+            if nxt not in seen:
+                found = cycle_from(start, nxt, (*seen, nxt))
+                if found:
+                    return found
+        return None
+
+    cycles = [c for name in graph if (c := cycle_from(name, name, (name,)))]
+    assert cycles == []
+    # The cogs are loaded by name, so the bot module imports none of them.
+    assert not any(m.startswith("bot.cogs.") for m in graph["bot.app"])

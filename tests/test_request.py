@@ -7,11 +7,17 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from bot.config import Settings, load_settings
+from bot.db.models import JobStatus
+from bot.db.store import JobStore, NewJob
 from bot.intake import IntakeError
+from bot.intake.image import normalise_image
 from bot.intake.request import build_request, frames_for_seconds, size_for_aspect
-from generator.protocol import MAX_FRAMES, MIN_FRAMES, size_multiple
+from bot.worker import Worker
+from generator.protocol import MAX_FRAMES, MIN_FRAMES, GenerationRequest, size_multiple
+from tests.conftest import image_bytes
 
 SETTINGS: Settings = load_settings(None, limits={"max_frames": 257})
 
@@ -64,6 +70,20 @@ def test_messages_name_the_field_and_allowed_values(field: str, kwargs: dict[str
         assert word in info.value.message
 
 
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"width": 512}, ["width needs height"]),
+    ({"height": 512}, ["height needs width"]),
+    ({"preset": "square", "width": 512, "height": 512}, ["size (square)", "width and height (512×512)"]),
+])
+def test_a_size_asked_half_way_or_twice_is_refused_naming_both_fields(
+    kwargs: dict[str, object], words: list[str]
+) -> None:
+    with pytest.raises(IntakeError) as info:
+        build_request(SETTINGS, prompt="waves", source_size=(4, 3), **kwargs)  # type: ignore[arg-type]
+    for word in words:
+        assert word in info.value.message
+
+
 def test_seconds_become_valid_frames() -> None:
     assert frames_for_seconds(4, 24) == 97
     assert all((frames_for_seconds(s / 2, 24) - 1) % 8 == 0 for s in range(1, 40))
@@ -106,3 +126,38 @@ def test_ltxv_sizes_need_32_and_sound_is_refused_kindly() -> None:
 def test_a_family_that_is_not_enabled_is_refused_with_the_alternatives() -> None:
     with pytest.raises(IntakeError, match="LTX-Video model is not set up on this bot; choose LTX-2"):
         build_request(SETTINGS, prompt="waves", family="ltxv")
+
+
+def test_the_owners_prompt_limit_is_checked_at_intake_and_the_contract_keeps_only_its_maximum() -> None:
+    roomy = load_settings(None, limits={"max_prompt_chars": 2000})
+    assert len(build_request(roomy, prompt="w" * 1999).prompt) == 1999
+    with pytest.raises(IntakeError, match="prompt is 2001 characters; the limit on this server is 2000"):
+        build_request(roomy, prompt="w" * 2001)
+    with pytest.raises(IntakeError, match="frames must be at most 257 on this server; got 265"):
+        build_request(SETTINGS, prompt="waves", frames=265)
+    # What intake accepted stays valid where the worker and the generator read it back, without the limits.
+    request = build_request(roomy, prompt="w" * 1999)
+    assert GenerationRequest.model_validate(request.model_dump(mode="json")) == request
+    with pytest.raises(ValidationError, match="limit is 4000"):
+        GenerationRequest.model_validate(request.model_dump(mode="json") | {"prompt": "w" * 4001})
+
+
+@pytest.mark.slow
+async def test_a_long_prompt_within_the_owners_limit_is_queued_and_renders(
+    make_settings: Callable[..., Settings], store: JobStore
+) -> None:
+    """A 1,499-character prompt under a limit of 2000 renders, instead of failing ``invalid`` in the worker."""
+    settings = make_settings(limits={"max_prompt_chars": 2000})
+    prompt = ("waves " * 300)[:1499]
+    request = build_request(settings, prompt=prompt, width=128, height=128)
+    image = normalise_image(image_bytes(), lambda w, h: (128, 128), settings.uploads_dir, max_pixels=10**7)
+    job = await store.create(NewJob(user_id="u", prompt=request.prompt, params=request.model_dump(mode="json"),
+                                    input_path=str(image.path), input_sha256=image.sha256))
+    worker = Worker(settings, store)
+    try:
+        done = await worker.step()
+    finally:
+        await worker.close()
+    assert done is not None and done.id == job.id
+    assert (done.status, done.error_code) == (JobStatus.SUCCEEDED, None), done.error_message
+    assert len(done.prompt) == 1499

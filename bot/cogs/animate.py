@@ -1,4 +1,8 @@
-"""``/animate``, the **Animate image** context menu and ``@ltxbot <prompt>`` with an image."""
+"""``/animate``, the **Animate image** context menu and ``@ltxbot <prompt>`` with an image.
+
+A cog declares and answers; what a request does (limits, download, the job, its card)
+is the job service's (``bot/jobs_service.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.intake.request import RequestOptions
+from generator.protocol import MAX_PROMPT_CHARS, MODEL_FAMILIES, ModelFamily
+
 if TYPE_CHECKING:
     from bot.app import LtxBot
+
+FAMILIES: dict[str, ModelFamily] = {family: family for family in MODEL_FAMILIES}
 
 
 class Animate(commands.Cog):
@@ -43,7 +52,7 @@ class Animate(commands.Cog):
         self,
         interaction: discord.Interaction[Any],
         image: discord.Attachment,
-        prompt: app_commands.Range[str, 1, 4000],
+        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
         size: str | None = None,
         seconds: app_commands.Range[float, 0.1, 60.0] | None = None,
         frames: app_commands.Range[int, 1, 10000] | None = None,
@@ -54,8 +63,10 @@ class Animate(commands.Cog):
         pipeline: Literal["two_stage", "distilled", "one_stage"] | None = None,
         model: app_commands.Choice[str] | None = None,
     ) -> None:
-        options = {"preset": size, "seconds": seconds, "frames": frames, "width": width, "height": height,
-                   "seed": seed, "audio": audio, "pipeline": pipeline, "family": model.value if model else None}
+        options = RequestOptions(
+            preset=size, seconds=seconds, frames=frames, width=width, height=height, seed=seed, audio=audio,
+            pipeline=pipeline, family=FAMILIES[model.value] if model is not None else None,
+        )
         await self.bot.service.animate_from_command(interaction, image, prompt, options)
 
     @animate.autocomplete("size")
@@ -73,3 +84,7 @@ class Animate(commands.Cog):
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         await self.bot.service.animate_from_mention(message)
+
+
+async def setup(bot: LtxBot) -> None:
+    await bot.add_cog(Animate(bot))

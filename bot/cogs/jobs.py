@@ -1,9 +1,11 @@
-"""``/jobs``, ``/job``, ``/cancel``, ``/queue`` and the ``/admin`` group."""
+"""``/jobs``, ``/job``, ``/cancel`` and ``/queue``: a user's own clips and the queue.
+
+A cog declares and answers; file work and multi-step store work are the job service's
+(``bot/jobs_service.py``).
+"""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -12,22 +14,14 @@ from discord.ext import commands
 
 from bot import cards
 from bot.access import Refusal, check_place
-from bot.intake.image import confined_path
-from bot.worker import job_dir
 
 if TYPE_CHECKING:
     from bot.app import LtxBot
 
-log = logging.getLogger(__name__)
 PAGE_SIZE = 10
 
 
 class Jobs(commands.Cog):
-    admin_group = app_commands.Group(
-        name="admin", description="Bot administration",
-        default_permissions=discord.Permissions(manage_guild=True),
-    )
-
     def __init__(self, bot: LtxBot) -> None:
         self.bot = bot
 
@@ -78,81 +72,9 @@ class Jobs(commands.Cog):
     async def queue(self, interaction: discord.Interaction[Any]) -> None:
         if not await self._allowed(interaction):
             return
-        store = self.bot.store
-        queued = await store.queued_ids()
-        running = await store.running()
-        lines = [f"**{len(queued)}** waiting" + (" · the queue is **paused**" if await store.is_paused() else "")]
-        for job in running:
-            live = self.bot.service.live.get(job.id) or job.progress
-            lines.append(f"Rendering job {job.id}: {cards.stage_text(live)}")
-        mine = [
-            f"job {job_id}: {queued.index(job_id) + 1} of {len(queued)}"
-            for job_id in await store.queued_ids(str(interaction.user.id))
-            if job_id in queued  # it may have started between the two queries
-        ]
-        if mine:
-            lines.append("Yours: " + ", ".join(mine))
-        await interaction.response.send_message("\n".join(lines), ephemeral=True)
-
-    async def _admin_only(self, interaction: discord.Interaction[Any]) -> bool:
-        if await self.bot.service.admin(interaction):
-            return True
-        await interaction.response.send_message("Only the bot's admins can do that.", ephemeral=True)
-        return False
-
-    @admin_group.command(name="pause", description="Stop starting new clips (the running one finishes).")
-    async def pause(self, interaction: discord.Interaction[Any]) -> None:
-        if await self._admin_only(interaction):
-            await self.bot.store.set_paused(True)
-            log.info("queue paused by an admin")
-            await interaction.response.send_message("The queue is paused. `/admin resume` starts it again.",
-                                                    ephemeral=True)
-
-    @admin_group.command(name="resume", description="Start clips again.")
-    async def resume(self, interaction: discord.Interaction[Any]) -> None:
-        if await self._admin_only(interaction):
-            await self.bot.store.set_paused(False)
-            self.bot.worker.ring()
-            await interaction.response.send_message("The queue is running.", ephemeral=True)
-
-    @admin_group.command(name="purge", description="Delete a user's stored images and clips and anonymise their jobs.")
-    @app_commands.describe(user="Whose data to delete")
-    async def purge(self, interaction: discord.Interaction[Any], user: discord.User) -> None:
-        if not await self._admin_only(interaction):
-            return
-        settings = self.bot.settings
-        result = await self.bot.store.purge_user(str(user.id))
-        removed = 0
-        for path, root in [(p, settings.uploads_dir) for p in result.images] + [
-            (str(job_dir(settings, job_id)), settings.jobs_dir) for job_id in result.jobs
-        ]:
-            removed += _remove_confined(path, root)
-        log.info("purged %d jobs and %d files of one user", len(result.jobs), removed)
-        running = " Their running clip is being stopped." if result.running else ""
-        await interaction.response.send_message(
-            f"Deleted {removed} stored files and anonymised {len(result.jobs)} jobs of {user.mention}.{running} "
-            "Clips already posted in channels stay; delete those messages in Discord if needed.",
-            ephemeral=True, allowed_mentions=discord.AllowedMentions.none(),
-        )
+        text = await self.bot.service.queue_summary(interaction.user.id)
+        await interaction.response.send_message(text, ephemeral=True)
 
 
-def _remove_confined(path: str, root: Path) -> int:
-    """Delete a file or a job folder, only inside ``root``; the number of files removed."""
-    try:
-        resolved = confined_path(root, path)
-    except ValueError:
-        return 0
-    if resolved.is_dir():
-        count = 0
-        for child in sorted(resolved.rglob("*"), reverse=True):
-            if child.is_dir():
-                child.rmdir()
-            else:
-                child.unlink()
-                count += 1
-        resolved.rmdir()
-        return count
-    if resolved.is_file():
-        resolved.unlink()
-        return 1
-    return 0
+async def setup(bot: LtxBot) -> None:
+    await bot.add_cog(Jobs(bot))

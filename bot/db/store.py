@@ -8,11 +8,13 @@ late write from an attempt that lost its claim changes nothing.
 from __future__ import annotations
 
 import enum
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import BigInteger, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bot.db.claims import next_queued_id
@@ -63,6 +65,15 @@ class PurgeResult:
     running: int
 
 
+@dataclass(frozen=True)
+class UserUsage:
+    """One user's jobs, as the per-user limits count them."""
+
+    active: int  # queued plus running
+    created_last_day: int  # every job of the last 24 hours, cancelled ones too
+    last_created_at: datetime | None
+
+
 class DuplicateJobError(Exception):
     """The interaction that asked for this job already created one."""
 
@@ -88,8 +99,15 @@ class JobStore:
 
     # --- creating and reading -------------------------------------------------
 
-    async def create(self, new: NewJob) -> Job:
-        """Insert a queued job; it is committed before this returns."""
+    async def create(self, new: NewJob, *, admit: Callable[[UserUsage], None] | None = None) -> Job:
+        """Insert a queued job; it is committed before this returns.
+
+        ``admit`` sees the user's usage inside the inserting transaction and raises to refuse
+        the job, so per-user limits hold however many requests of one user overlap: the
+        transaction takes the writer's lock first (SQLite's BEGIN IMMEDIATE, see
+        ``bot/db/engine.py``; on PostgreSQL a transaction-scoped advisory lock on the user).
+        A job that already exists for ``new.interaction_id`` raises DuplicateJobError first.
+        """
         job = Job(
             user_id=new.user_id,
             guild_id=new.guild_id,
@@ -107,10 +125,17 @@ class JobStore:
             created_at=utcnow(),
             history=[],
         )
+        existing: Job | None = None
         try:
             async with self._sessions.begin() as session:
-                session.add(job)
-                await self.doorbell.announce(session)
+                await _lock_user(session, new.user_id)
+                if new.interaction_id is not None:
+                    existing = await session.scalar(select(Job).where(Job.interaction_id == new.interaction_id))
+                if existing is None:
+                    if admit is not None:
+                        admit(await _usage(session, new.user_id, utcnow()))
+                    session.add(job)
+                    await self.doorbell.announce(session)
         except IntegrityError:
             if new.interaction_id is None:
                 raise
@@ -118,7 +143,19 @@ class JobStore:
             if existing is None:
                 raise
             raise DuplicateJobError(existing) from None
+        if existing is not None:
+            # Committed, not rolled back: the row read keeps its attributes outside the session.
+            raise DuplicateJobError(existing)
         return job
+
+    async def usage(self, user_id: str) -> UserUsage:
+        """What one user has now, as ``create``'s ``admit`` sees it (for a quick answer before the insert)."""
+        async with self._sessions() as session:
+            return await _usage(session, user_id, utcnow())
+
+    async def for_interaction(self, interaction_id: str) -> Job | None:
+        """The job an interaction (or a mention, ``m<message id>``) already created, if any."""
+        return await self._by_interaction(interaction_id)
 
     async def _by_interaction(self, interaction_id: str) -> Job | None:
         async with self._sessions() as session:
@@ -426,6 +463,22 @@ class JobStore:
                 .values(**values)
             )
             return bool(getattr(result, "rowcount", 0))
+
+
+async def _lock_user(session: AsyncSession, user_id: str) -> None:
+    """Serialise one user's inserts. SQLite's BEGIN IMMEDIATE already serialises every writer."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"ltxbot-user:{user_id}".encode()).digest()[:8], "big", signed=True)
+        # A bigint: the driver would otherwise bind the key as a 32-bit integer.
+        await session.execute(select(func.pg_advisory_xact_lock(bindparam("user_lock", key, type_=BigInteger))))
+
+
+async def _usage(session: AsyncSession, user_id: str, now: datetime) -> UserUsage:
+    mine = Job.user_id == user_id
+    active = await session.scalar(select(func.count(Job.id)).where(mine, Job.status.in_(ACTIVE_STATUSES)))
+    recent = await session.scalar(select(func.count(Job.id)).where(mine, Job.created_at >= now - timedelta(days=1)))
+    last = await session.scalar(select(func.max(Job.created_at)).where(mine))
+    return UserUsage(active=int(active or 0), created_last_day=int(recent or 0), last_created_at=_aware(last))
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -19,6 +20,8 @@ from generator.protocol import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bot.config import Settings
 
 # Very wide or tall images are cropped to at most this aspect ratio.
@@ -79,6 +82,15 @@ def build_request(
             f"{' or '.join(FAMILY_NAMES[f] for f in settings.enabled_families())}, or ask the owner.",
         )
     kind: PipelineKind = pipeline or settings.default_pipeline(family)
+    # A size asked for half-way, or twice, is refused: silently picking one would render
+    # a size the user did not ask for.
+    if (width is None) != (height is None):
+        given, missing = ("width", "height") if width is not None else ("height", "width")
+        raise IntakeError("invalid_request", f"{given} needs {missing} too: give both width and height, or "
+                          "neither (the size then follows your image).")
+    if preset is not None and width is not None:
+        raise IntakeError("invalid_request", f"Choose either size ({preset}) or width and height "
+                          f"({width}×{height}), not both.")
     if preset is not None:
         if preset not in gen.presets:
             names = ", ".join(sorted(gen.presets))
@@ -105,11 +117,28 @@ def build_request(
         "audio": (gen.audio and family != "ltxv") if audio is None else audio,
         "image_strength": gen.image_strength,
     }
-    context = {"max_frames": settings.limits.max_frames, "max_prompt_chars": settings.limits.max_prompt_chars}
     try:
-        return GenerationRequest.model_validate(data, context=context)
+        request = GenerationRequest.model_validate(data)
     except ValidationError as exc:
         raise IntakeError("invalid_request", describe_validation_error(exc)) from None
+    check_owner_limits(settings, request)
+    return request
+
+
+def check_owner_limits(settings: Settings, request: GenerationRequest) -> None:
+    """The owner's limits, below the contract's hard maxima: checked once, where a request comes in.
+
+    Downstream (the worker, the generator) a stored request is held only to the contract,
+    so raising a limit never fails jobs that are already queued.
+    """
+    limits = settings.limits
+    if request.frames > limits.max_frames:
+        raise IntakeError("invalid_request",
+                          f"frames must be at most {limits.max_frames} on this server; got {request.frames}.")
+    for name, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise IntakeError("invalid_request", f"The {name} is {len(text)} characters; the limit on this "
+                              f"server is {limits.max_prompt_chars}.")
 
 
 class SizedRequest:
@@ -119,11 +148,44 @@ class SizedRequest:
     one ``build_request`` call; ``request`` holds it afterwards.
     """
 
-    def __init__(self, settings: Settings, **options: Any) -> None:
+    def __init__(
+        self, settings: Settings, *, build: Callable[[tuple[int, int]], GenerationRequest] | None = None,
+        **options: Any,
+    ) -> None:
+        """``build`` makes the request from the image's size; else ``build_request`` with ``options``."""
         self.settings = settings
-        self.options = options
+        self._build = build or (lambda size: build_request(settings, source_size=size, **options))
         self.request: GenerationRequest | None = None
 
     def __call__(self, width: int, height: int) -> tuple[int, int]:
-        self.request = build_request(self.settings, source_size=(width, height), **self.options)
+        self.request = self._build((width, height))
         return self.request.width, self.request.height
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a user chose beside the prompt and the image (from ``/animate`` or a form); None: the default."""
+
+    preset: str | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    seconds: float | None = None
+    seed: int | None = None
+    audio: bool | None = None
+    pipeline: PipelineKind | None = None
+    family: ModelFamily | None = None
+
+    def build(
+        self, settings: Settings, *, prompt: str, source_size: tuple[int, int] | None, guild_id: int | None
+    ) -> GenerationRequest:
+        return build_request(
+            settings, prompt=prompt, source_size=source_size, guild_id=guild_id, preset=self.preset,
+            width=self.width, height=self.height, frames=self.frames, seconds=self.seconds, seed=self.seed,
+            audio=self.audio, pipeline=self.pipeline, family=self.family,
+        )
+
+    def sized(self, settings: Settings, *, prompt: str, guild_id: int | None) -> SizedRequest:
+        """The ``normalise_image`` target for these options: the size waits for the image's own."""
+        return SizedRequest(settings, build=lambda size: self.build(settings, prompt=prompt, source_size=size,
+                                                                    guild_id=guild_id))

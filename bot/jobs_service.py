@@ -1,7 +1,8 @@
-"""The Discord-facing job service: every way a job starts, its status card, and its delivery.
+"""The jobs of Discord users: every way a job starts, its cancel, its delivery, and a user's purge.
 
-Commands, buttons, modals and mentions all come here, so access rules, limits,
-intake and the card behave the same whichever way a user asked.
+Commands, buttons, modals and mentions all come here, so access rules, limits, intake and
+the card behave the same whichever way a user asked. The rule of the front end: a cog
+declares a command and answers it; file work and multi-step store work live here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Coroutine
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,15 +21,17 @@ import discord
 from pydantic import ValidationError
 
 from bot import cards
-from bot.access import Caller, Refusal, check_budget, check_place, is_admin
+from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, is_admin
 from bot.db.models import ACTIVE_STATUSES, JobStatus
 from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
 from bot.intake.image import ImageIntake, confined_path
-from bot.intake.request import SizedRequest, build_request
-from bot.views import AnimateModal, TweakModal, card_view, delivery_view
-from bot.worker import Ending
+from bot.intake.request import RequestOptions, check_owner_limits
+from bot.replies import tell
+from bot.status_cards import StatusCards
+from bot.views import AnimateModal, TweakModal, delivery_view
+from bot.worker import Ending, job_dir
 from generator.protocol import (
     FAMILY_NAMES,
     GenerationRequest,
@@ -41,27 +41,23 @@ from generator.protocol import (
 )
 
 if TYPE_CHECKING:
-    from bot.app import LtxBot
+    from collections.abc import Awaitable, Callable
+
+    from discord.ext import commands
+
     from bot.config import Settings
     from bot.db.models import Job
-    from bot.db.store import JobStore
+    from bot.db.store import JobStore, UserUsage
     from bot.worker import Worker
+
+    AdmitGate = Callable[[UserUsage], None] | None
 
 log = logging.getLogger(__name__)
 
-# Interaction tokens live 15 minutes; leave a minute of margin before falling back to the channel.
-TOKEN_LIFE = timedelta(minutes=14)
 DEFAULT_UPLOAD_LIMIT = 10 * 2**20
 # Room for the caption and multipart overhead next to the clip.
 UPLOAD_MARGIN = 64 * 1024
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-QUEUE_CARDS_REFRESHED = 10
-
-
-@dataclass(frozen=True)
-class CardRef:
-    message_id: int
-    interaction: discord.Interaction[Any] | None
 
 
 def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachment | None:
@@ -73,13 +69,38 @@ def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachme
     return None
 
 
-def _options_for_request(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("preset", "width", "height", "frames", "seconds", "seed", "audio", "pipeline", "family", "guild_id")
-    return {k: options[k] for k in keys if options.get(k) is not None}
+def _remove_all(paths: list[tuple[str, Path]]) -> int:
+    return sum(_remove_confined(path, root) for path, root in paths)
+
+
+def _remove_confined(path: str, root: Path) -> int:
+    """Delete a file or a job folder, only inside ``root``; the number of files removed."""
+    try:
+        resolved = confined_path(root, path)
+    except ValueError:
+        return 0
+    if resolved.is_dir():
+        count = 0
+        for child in sorted(resolved.rglob("*"), reverse=True):
+            if child.is_dir():
+                child.rmdir()
+            else:
+                child.unlink()
+                count += 1
+        resolved.rmdir()
+        return count
+    if resolved.is_file():
+        resolved.unlink()
+        return 1
+    return 0
 
 
 class JobService:
-    def __init__(self, bot: LtxBot, settings: Settings, store: JobStore, worker: Worker) -> None:
+    def __init__(
+        self, bot: commands.Bot, settings: Settings, store: JobStore, worker: Worker, *,
+        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """``clock`` and ``sleep`` time the card edits (tests step them)."""
         self.bot = bot
         self.settings = settings
         self.store = store
@@ -90,11 +111,10 @@ class JobService:
             threads=limits.intake_threads,
         )
         self.http: aiohttp.ClientSession | None = None
-        self.cards: dict[int, CardRef] = {}
-        self.live: dict[int, dict[str, Any]] = {}
-        self._dirty: set[int] = set()
-        self._flushers: dict[int, asyncio.Task[None]] = {}
-        self._last_edit: dict[int, float] = {}
+        self.cards = StatusCards(bot, store, interval=settings.discord.progress_interval_seconds, clock=clock,
+                                 sleep=sleep)
+        # Folders and images of purged jobs that were still stopping: deleted when the worker ends them.
+        self._purge_when_ended: dict[int, list[tuple[str, Path]]] = {}
         # A lock lives while a delivery of its job holds it, then drops out of the map by itself.
         self._delivery_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         worker.listeners.append(self.on_worker_event)
@@ -103,8 +123,7 @@ class JobService:
         self.http = aiohttp.ClientSession()
 
     async def close(self) -> None:
-        for task in self._flushers.values():
-            task.cancel()
+        self.cards.close()
         if self.http is not None:
             await self.http.close()
         self.intake.close()
@@ -124,35 +143,6 @@ class JobService:
     async def admin(self, interaction: discord.Interaction[Any]) -> bool:
         return is_admin(self.settings.discord, await self.caller(interaction.user, interaction.guild_id))
 
-    # --- error handling -------------------------------------------------------------
-
-    async def guarded(self, interaction: discord.Interaction[Any], work: Coroutine[Any, Any, None]) -> None:
-        """Run a handler; any exception answers the user with an apology and an error id."""
-        try:
-            await work
-        except Exception as exc:
-            await self.apologise(interaction, exc)
-
-    async def apologise(self, interaction: discord.Interaction[Any], exc: BaseException) -> None:
-        error_id = secrets.token_hex(4)
-        log.error("error %s while handling an interaction", error_id, exc_info=exc)
-        text = f"Sorry, something went wrong on my side (error id `{error_id}`). Please try again in a moment."
-        try:
-            if interaction.response.is_done():
-                await interaction.followup.send(text, ephemeral=True)
-            else:
-                await interaction.response.send_message(text, ephemeral=True)
-        except discord.HTTPException:
-            log.warning("could not tell the user about error %s", error_id)
-
-    @staticmethod
-    async def tell(interaction: discord.Interaction[Any], text: str) -> None:
-        """A short private answer, whether or not the interaction was already deferred."""
-        if interaction.response.is_done():
-            await interaction.edit_original_response(content=text, embed=None, view=None)
-        else:
-            await interaction.response.send_message(text, ephemeral=True)
-
     # --- starting jobs ------------------------------------------------------------------
 
     def clip_limit(self, guild: discord.Guild | None) -> int:
@@ -161,19 +151,16 @@ class JobService:
             limit = min(limit, self.settings.discord.max_clip_bytes)
         return max(limit - UPLOAD_MARGIN, limit // 2)
 
-    async def _admit(self, user: discord.User | discord.Member, guild_id: int | None) -> bool:
+    async def _admit(self, user: discord.User | discord.Member, guild_id: int | None) -> AdmitGate:
+        """The quick answer before any download; the returned gate is the authority, run by the insert."""
         caller = await self.caller(user, guild_id)
         check_place(self.settings.discord, caller)
         admin = is_admin(self.settings.discord, caller)
         await check_budget(self.settings.limits, self.store, caller, admin=admin)
-        return admin
-
-    def _prevalidate(self, prompt: str, options: dict[str, Any]) -> None:
-        """Reject bad options before downloading anything (the image only changes the derived size)."""
-        build_request(self.settings, prompt=prompt, source_size=(4, 3), **_options_for_request(options))
+        return budget_gate(self.settings.limits, admin=admin)
 
     async def _from_attachment(
-        self, attachment: discord.Attachment, prompt: str, options: dict[str, Any]
+        self, attachment: discord.Attachment, prompt: str, options: RequestOptions, guild_id: int | None
     ) -> tuple[GenerationRequest, Any]:
         assert self.http is not None
         d = self.settings.discord
@@ -182,15 +169,20 @@ class JobService:
             max_bytes=self.settings.limits.max_upload_bytes, allowed_hosts=d.cdn_hosts,
             allow_insecure=d.allow_insecure_cdn, timeout_seconds=self.settings.limits.download_timeout_seconds,
         )
-        sized = SizedRequest(self.settings, prompt=prompt, **_options_for_request(options))
+        sized = options.sized(self.settings, prompt=prompt, guild_id=guild_id)
         image = await self.intake.normalise(data, sized)
         assert sized.request is not None
         return sized.request, image
 
     async def _create(
         self, request: GenerationRequest, *, input_path: str, sha256: str, user_id: int, guild: discord.Guild | None,
-        guild_id: int | None, channel_id: int | None, key: str, request_message_id: int | None = None,
-    ) -> Job:
+        guild_id: int | None, channel_id: int | None, key: str, admit: AdmitGate,
+        request_message_id: int | None = None,
+    ) -> tuple[Job, bool]:
+        """Insert the job, and whether it is new (not a replay of the same request).
+
+        Raises Refusal when the user's limits, checked with the insert, say no.
+        """
         new = NewJob(
             user_id=str(user_id), prompt=request.prompt, negative_prompt=request.negative_prompt,
             params=request.model_dump(mode="json"), input_path=input_path, input_sha256=sha256,
@@ -199,13 +191,13 @@ class JobService:
             max_bytes=self.clip_limit(guild),
         )
         try:
-            return await self.store.create(new)
+            return await self.store.create(new, admit=admit), True
         except DuplicateJobError as duplicate:
-            return duplicate.job
+            return duplicate.job, False
 
     async def animate_from_command(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: dict[str, Any],
+        options: RequestOptions,
     ) -> None:
         await self._animate_interaction(interaction, attachment, prompt, options)
 
@@ -222,7 +214,7 @@ class JobService:
         except Refusal as refusal:
             await interaction.response.send_message(refusal.message, ephemeral=True)
             return
-        await interaction.response.send_modal(AnimateModal(message, attachment))
+        await interaction.response.send_modal(AnimateModal(message, attachment, self.settings.limits.max_prompt_chars))
 
     async def animate_from_modal(self, interaction: discord.Interaction[Any], modal: AnimateModal) -> None:
         try:
@@ -234,27 +226,30 @@ class JobService:
 
     async def _animate_interaction(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: dict[str, Any],
+        options: RequestOptions,
     ) -> None:
-        options = {**options, "guild_id": interaction.guild_id}
         try:
-            await self._admit(interaction.user, interaction.guild_id)
-            self._prevalidate(prompt, options)
+            admit = await self._admit(interaction.user, interaction.guild_id)
+            # Bad options are refused before anything is downloaded (the image only changes the derived size).
+            options.build(self.settings, prompt=prompt, source_size=(4, 3), guild_id=interaction.guild_id)
         except (Refusal, IntakeError) as problem:
             await interaction.response.send_message(problem.message, ephemeral=True)
             return
         # Download and decoding can take longer than Discord's 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            request, image = await self._from_attachment(attachment, prompt, options)
+            request, image = await self._from_attachment(attachment, prompt, options, interaction.guild_id)
+            job, _ = await self._create(
+                request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
+                guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                key=str(interaction.id), admit=admit,
+            )
         except IntakeError as problem:
             await interaction.edit_original_response(content=f"I can't animate that: {problem.message}")
             return
-        job = await self._create(
-            request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
-            guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            key=str(interaction.id),
-        )
+        except Refusal as refusal:
+            await interaction.edit_original_response(content=refusal.message)
+            return
         notes = f" ({'; '.join(image.notes)})" if image.notes else ""
         await self._post_card(interaction, job, notes)
 
@@ -262,11 +257,7 @@ class JobService:
         await interaction.edit_original_response(
             content=f"Job {job.id} is queued{notes}. I'll post the clip in this channel and mention you."
         )
-        embed = cards.status_embed(job, await self.queue_view(job))
-        card = await interaction.followup.send(embed=embed, view=card_view(job.id, True) or discord.utils.MISSING,
-                                               wait=True)
-        self.cards[job.id] = CardRef(card.id, interaction)
-        await self.store.set_status_message(job.id, str(card.id))
+        await self.cards.post_followup(interaction, job)
         self.worker.ring()
 
     async def animate_from_mention(self, message: discord.Message) -> None:
@@ -290,34 +281,39 @@ class JobService:
             word for word in message.content.split() if word not in (f"<@{me.id}>", f"<@!{me.id}>")
         )
         quiet = discord.AllowedMentions.none()
+        replayed = await self.store.for_interaction(f"m{message.id}")
+        if replayed is not None:
+            # The same message again (a gateway replay after a resume): its first card stays the
+            # one that is kept up to date, so refresh that one rather than post another.
+            await self.cards.refresh(replayed.id)
+            return
         if attachment is None:
             await message.reply("Attach an image (or reply to a message with one) and write what should happen.",
                                 mention_author=False, allowed_mentions=quiet)
             return
+        guild_id = message.guild.id if message.guild else None
         try:
-            await self._admit(message.author, message.guild.id if message.guild else None)
-            guild_options = {"guild_id": message.guild.id} if message.guild else {}
-            request, image = await self._from_attachment(attachment, prompt, guild_options)
+            admit = await self._admit(message.author, guild_id)
+            request, image = await self._from_attachment(attachment, prompt, RequestOptions(), guild_id)
+            job, created = await self._create(
+                request, input_path=str(image.path), sha256=image.sha256, user_id=message.author.id,
+                guild=message.guild, guild_id=guild_id, channel_id=message.channel.id, key=f"m{message.id}",
+                admit=admit, request_message_id=message.id,
+            )
         except (Refusal, IntakeError) as problem:
             await message.reply(f"I can't animate that: {problem.message}", mention_author=False,
                                 allowed_mentions=quiet)
             return
-        job = await self._create(
-            request, input_path=str(image.path), sha256=image.sha256, user_id=message.author.id,
-            guild=message.guild, guild_id=message.guild.id if message.guild else None,
-            channel_id=message.channel.id, key=f"m{message.id}", request_message_id=message.id,
-        )
-        card = await message.reply(embed=cards.status_embed(job, await self.queue_view(job)),
-                                   view=card_view(job.id, True) or discord.utils.MISSING,
-                                   mention_author=False, allowed_mentions=quiet)
-        self.cards[job.id] = CardRef(card.id, None)
-        await self.store.set_status_message(job.id, str(card.id))
+        if not created:  # a replay that overlapped the first delivery of the message
+            await self.cards.refresh(job.id)
+            return
+        await self.cards.post_reply(message, job)
         self.worker.ring()
 
     async def _own_job(self, interaction: discord.Interaction[Any], job_id: int) -> Job | None:
         job = await self.store.get(job_id, str(interaction.user.id), is_admin=await self.admin(interaction))
         if job is None:
-            await self.tell(interaction, f"You have no job {job_id}. `/jobs` lists yours.")
+            await tell(interaction, f"You have no job {job_id}. `/jobs` lists yours.")
         return job
 
     async def rerun(self, interaction: discord.Interaction[Any], job_id: int, prompt: str | None = None) -> None:
@@ -330,48 +326,50 @@ class JobService:
             params["seed"] = secrets.randbelow(2**32)
         else:
             params["prompt"] = prompt
-        limits = self.settings.limits
         try:
-            await self._admit(interaction.user, interaction.guild_id)
-            request = GenerationRequest.model_validate(
-                params, context={"max_frames": limits.max_frames, "max_prompt_chars": limits.max_prompt_chars}
-            )
-        except Refusal as refusal:
-            await self.tell(interaction, refusal.message)
+            admit = await self._admit(interaction.user, interaction.guild_id)
+            request = GenerationRequest.model_validate(params)
+            check_owner_limits(self.settings, request)
+        except (Refusal, IntakeError) as refusal:
+            await tell(interaction, refusal.message)
             return
         except ValidationError as exc:
-            await self.tell(interaction, describe_validation_error(exc))
+            await tell(interaction, describe_validation_error(exc))
             return
         if request.family not in self.settings.enabled_families():
             name = FAMILY_NAMES[request.family]
-            await self.tell(interaction, f"The {name} model is no longer set up on this bot; start a new /animate.")
+            await tell(interaction, f"The {name} model is no longer set up on this bot; start a new /animate.")
             return
         if not job.input_path or not await asyncio.to_thread(Path(job.input_path).is_file):
-            await self.tell(interaction, "The image for that clip is no longer stored; start a new /animate.")
+            await tell(interaction, "The image for that clip is no longer stored; start a new /animate.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        new = await self._create(
-            request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
-            guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-            key=str(interaction.id),
-        )
+        try:
+            new, _ = await self._create(
+                request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
+                guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                key=str(interaction.id), admit=admit,
+            )
+        except Refusal as refusal:
+            await tell(interaction, refusal.message)
+            return
         await self._post_card(interaction, new)
 
     async def open_tweak(self, interaction: discord.Interaction[Any], job_id: int) -> None:
         job = await self._own_job(interaction, job_id)
         if job is not None:
-            await interaction.response.send_modal(TweakModal(job.id, job.prompt))
+            await interaction.response.send_modal(TweakModal(job.id, job.prompt, self.settings.limits.max_prompt_chars))
 
     # --- cancelling -----------------------------------------------------------------------
 
     async def cancel(self, interaction: discord.Interaction[Any], job_id: int) -> str:
         outcome = await self.store.cancel(job_id, str(interaction.user.id), is_admin=await self.admin(interaction))
         if outcome == CancelOutcome.CANCELLED:
-            await self.refresh_card(job_id)
-            await self.refresh_queue()
+            await self.cards.refresh(job_id)
+            await self.cards.refresh_queue()
             return f"Job {job_id} is cancelled."
         if outcome == CancelOutcome.STOPPING:
-            await self.refresh_card(job_id)
+            await self.cards.refresh(job_id)
             return f"Job {job_id} is stopping; its card will say when it has."
         if outcome == CancelOutcome.FINISHED:
             return f"Job {job_id} has already finished."
@@ -380,94 +378,92 @@ class JobService:
     async def cancel_from_button(self, interaction: discord.Interaction[Any], job_id: int) -> None:
         await interaction.response.send_message(await self.cancel(interaction, job_id), ephemeral=True)
 
-    # --- status cards -------------------------------------------------------------------------
+    async def queue_summary(self, user_id: int) -> str:
+        """``/queue``: how many wait, what renders now, and where the caller's own clips are."""
+        store = self.store
+        queued = await store.queued_ids()
+        lines = [f"**{len(queued)}** waiting" + (" · the queue is **paused**" if await store.is_paused() else "")]
+        for job in await store.running():
+            live = self.cards.live.get(job.id) or job.progress
+            lines.append(f"Rendering job {job.id}: {cards.stage_text(live)}")
+        mine = [
+            f"job {job_id}: {queued.index(job_id) + 1} of {len(queued)}"
+            for job_id in await store.queued_ids(str(user_id))
+            if job_id in queued  # it may have started between the two queries
+        ]
+        if mine:
+            lines.append("Yours: " + ", ".join(mine))
+        return "\n".join(lines)
 
-    async def queue_view(self, job: Job) -> cards.QueueView:
-        queued = await self.store.queued_ids()
-        position = queued.index(job.id) + 1 if job.id in queued else None
-        eta = None
-        if position is not None:
-            running = await self.store.running()
-            eta = cards.estimate_ready(
-                position, await self.store.recent_durations(), running[0].started_at if running else None
-            )
-        return cards.QueueView(position=position, length=len(queued), eta=eta)
+    # --- privacy -----------------------------------------------------------------------------
+
+    async def purge_user(self, user_id: int) -> str:
+        """Delete a user's stored images and job folders and anonymise their jobs; the admin's answer.
+
+        A running job's generator writes into its folder and reads its image, so that job is
+        stopped first (a bounded wait); if it has not stopped by then, its files are deleted
+        when the worker ends it.
+        """
+        settings = self.settings
+        result = await self.store.purge_user(str(user_id))
+        purged = set(result.jobs)
+        running = [job for job in await self.store.running() if job.id in purged]
+        still_running = await self._wait_stopped([job.id for job in running])
+        kept_images = {job.input_path for job in running if job.id in still_running}
+        now = [(path, settings.uploads_dir) for path in result.images if path not in kept_images] + [
+            (str(job_dir(settings, job_id)), settings.jobs_dir) for job_id in result.jobs if job_id not in still_running
+        ]
+        removed = await asyncio.to_thread(_remove_all, now)
+        for job in running:
+            if job.id in still_running:
+                later = [(str(job_dir(settings, job.id)), settings.jobs_dir)]
+                if job.input_path in result.images:
+                    later.append((job.input_path, settings.uploads_dir))
+                self._purge_when_ended[job.id] = later
+        log.info("purged %d jobs and %d files of one user", len(result.jobs), removed)
+        text = f"Deleted {removed} stored files and anonymised {len(result.jobs)} jobs of <@{user_id}>."
+        if still_running:
+            text += " Their running clip is still stopping; its files are deleted as soon as it has."
+        elif running:
+            text += " Their running clip was stopped first."
+        return text + " Clips already posted in channels stay; delete those messages in Discord if needed."
+
+    async def _wait_stopped(self, job_ids: list[int]) -> set[int]:
+        """Wait (bounded) until the worker has ended these jobs; the ids still running after the wait."""
+        # The worker looks for a cancel every second and gives the generator its grace period.
+        deadline = time.monotonic() + self.settings.generator.kill_grace_seconds + 5.0
+        pending = set(job_ids)
+        while pending:
+            for job_id in list(pending):
+                job = await self.store.get(job_id)
+                if job is None or job.status not in ACTIVE_STATUSES:
+                    pending.discard(job_id)
+            if not pending or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
+        return pending
+
+    # --- progress ------------------------------------------------------------------------------
 
     async def on_worker_event(self, job: Job, event: Any) -> None:
         if isinstance(event, ProgressEvent):
-            self.live[job.id] = event.model_dump(exclude={"event"})
-            await self.refresh_card(job.id)
+            self.cards.live[job.id] = event.model_dump(exclude={"event"})
+            await self.cards.refresh(job.id)
         elif isinstance(event, StartedEvent):
-            self.live[job.id] = {"stage": "starting", "step": 0, "total": 0}
-            await self.refresh_card(job.id)
-            await self.refresh_queue()
+            self.cards.live[job.id] = {"stage": "starting", "step": 0, "total": 0}
+            await self.cards.refresh(job.id)
+            await self.cards.refresh_queue()
         elif isinstance(event, Ending):
-            self.live.pop(job.id, None)
+            self.cards.live.pop(job.id, None)
             if job.status in ACTIVE_STATUSES:  # requeued for another attempt
-                await self.refresh_card(job.id)
+                await self.cards.refresh(job.id)
                 return
+            leftovers = self._purge_when_ended.pop(job.id, None)
+            if leftovers:
+                removed = await asyncio.to_thread(_remove_all, leftovers)
+                log.info("purge: %d files of job %s deleted now that it has stopped", removed, job.id)
             await self.deliver(job)
-            await self.refresh_queue()
-
-    async def refresh_queue(self) -> None:
-        for job_id in (await self.store.queued_ids())[:QUEUE_CARDS_REFRESHED]:
-            await self.refresh_card(job_id)
-
-    async def refresh_card(self, job_id: int) -> None:
-        """Ask for a card edit; edits are coalesced to one per ``progress_interval_seconds``."""
-        self._dirty.add(job_id)
-        if job_id not in self._flushers:
-            self._flushers[job_id] = asyncio.create_task(self._flush(job_id), name=f"ltxbot-card-{job_id}")
-
-    async def _flush(self, job_id: int) -> None:
-        interval = self.settings.discord.progress_interval_seconds
-        try:
-            while job_id in self._dirty:
-                wait = self._last_edit.get(job_id, -interval) + interval - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                self._dirty.discard(job_id)
-                job = await self.store.get(job_id)
-                if job is None or job.status_message_id is None:
-                    return
-                try:
-                    await self._edit_card(job)
-                except discord.HTTPException as exc:
-                    log.warning("could not update the card of job %s: %s", job_id, exc.status)
-                self._last_edit[job_id] = time.monotonic()
-        finally:
-            self._flushers.pop(job_id, None)
-
-    async def _edit_card(self, job: Job) -> None:
-        if job.status == JobStatus.RUNNING and job.id in self.live:
-            job.progress = self.live[job.id]
-        embed = cards.status_embed(job, await self.queue_view(job))
-        view = card_view(job.id, job.status in ACTIVE_STATUSES and not job.cancel_requested)
-        assert job.status_message_id is not None
-        message_id = int(job.status_message_id)
-        ref = self.cards.get(job.id)
-        if (
-            ref is not None and ref.interaction is not None and ref.message_id == message_id
-            and discord.utils.utcnow() - ref.interaction.created_at < TOKEN_LIFE
-        ):
-            with contextlib.suppress(discord.NotFound, discord.Forbidden):
-                await ref.interaction.followup.edit_message(message_id, embed=embed, view=view)
-                return
-        # Past the token's life, or after a restart: the bot's own token edits the message.
-        channel = self._channel(job)
-        try:
-            await channel.get_partial_message(message_id).edit(embed=embed, view=view)
-        except (discord.NotFound, discord.Forbidden):
-            card = await channel.send(embed=embed, view=view or discord.utils.MISSING,
-                                      allowed_mentions=discord.AllowedMentions.none())
-            self.cards[job.id] = CardRef(card.id, None)
-            await self.store.set_status_message(job.id, str(card.id))
-
-    def _channel(self, job: Job) -> discord.PartialMessageable:
-        assert job.channel_id is not None
-        return self.bot.get_partial_messageable(
-            int(job.channel_id), guild_id=int(job.guild_id) if job.guild_id else None
-        )
+            await self.cards.refresh_queue()
 
     def _message_url(self, job: Job, message_id: int) -> str:
         return f"https://discord.com/channels/{job.guild_id or '@me'}/{job.channel_id}/{message_id}"
@@ -487,9 +483,9 @@ class JobService:
             if fresh is None or fresh.channel_id is None or fresh.posted_message_id is not None:
                 return
             if fresh.status == JobStatus.CANCELLED:
-                await self.refresh_card(fresh.id)
+                await self.cards.refresh(fresh.id)
                 return
-            channel = self._channel(fresh)
+            channel = self.cards.channel(fresh)
             reply_to = fresh.request_message_id or fresh.status_message_id
             reference = discord.MessageReference(
                 message_id=int(reply_to), channel_id=int(fresh.channel_id), fail_if_not_exists=False
@@ -514,7 +510,7 @@ class JobService:
             url = self._message_url(fresh, message.id)
             await self.store.mark_delivered(fresh.id, str(message.id), url)
             log.info("job %s posted as message %s", fresh.id, message.id)
-        await self.refresh_card(job.id)
+        await self.cards.refresh(job.id)
 
     async def _post_result(
         self, job: Job, channel: discord.PartialMessageable, reference: discord.MessageReference | None,
