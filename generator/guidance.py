@@ -5,7 +5,9 @@ prompt (CFG), STG (self-attention skipped in the ``stg_blocks``) and isolated mo
 (audio-video cross-attention skipped). They differ only in their text context and in
 their perturbations, and ltx-core's transformer takes per-sample perturbation masks
 (``BatchedPerturbationConfig``), so up to ``max_batch`` of them can share one forward:
-one pass over the weights serves them all (docs/DESIGN.md, 'Batched guidance').
+one pass over the weights serves them all, for more activation memory. Passes batched
+together agree with the passes run alone up to float rounding, not bit for bit
+(matmuls over more rows round differently).
 
 ``max_batch=1`` makes the very calls ltx-pipelines' ``multi_modal_guider_factory_denoising_func``
 makes, in its order, with its arguments: bit-identical to it (``tests/test_guidance.py``).
