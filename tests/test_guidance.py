@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import clean_env, run_python, tiny_model_settings
+from tests.conftest import ROOT, clean_env, run_python, tiny_model_settings
 
 # Six renders of a 30-block model share one process per version (the module fixture).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -168,14 +168,21 @@ def test_guidance_batch_1_is_ltx_pipelines_guider_bit_for_bit(comparison: dict[s
     assert comparison["stock_equal"], comparison
 
 
-STOCK_GENERATOR = """
+GENERATOR = """
 import sys
+import torch
 import generator.pipeline as pipeline
 from ltx_pipelines.utils.helpers import multi_modal_guider_factory_denoising_func
-pipeline.batched_guider_denoising_func = (
-    lambda max_batch, **kwargs: multi_modal_guider_factory_denoising_func(**kwargs))
+spec_path, latents_path, guider = sys.argv[1:]
+if guider == "stock":
+    pipeline.batched_guider_denoising_func = (
+        lambda max_batch, **kwargs: multi_modal_guider_factory_denoising_func(**kwargs))
+latents = []
+pipeline.DENOISE_OBSERVERS.append(lambda stage, video, audio: latents.extend([video.latent, audio.latent]))
 from generator.run import main
-raise SystemExit(main(sys.argv[1:]))
+code = main([spec_path])
+torch.save([t.clone() for t in latents], latents_path)
+raise SystemExit(code)
 """
 
 
@@ -190,20 +197,28 @@ def _decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_guidance_batch_1_clip_is_todays_clip_through_the_generator(tmp_path: Path, tiny_models: Path) -> None:
-    """The real ``python -m generator`` at guidance_batch 1 against the same process running
-    ltx-pipelines' own guider function: the same frames and audio samples, exactly."""
+    """The generator's own ``main`` in a fresh process at guidance_batch 1, against the same
+    process running ltx-pipelines' own guider function: the same float32 latents after
+    each stage, the same frames and audio samples, exactly."""
+    import torch
+
     checkpoint = _deep_checkpoint(tiny_models, tmp_path, "2.3.0")
-    clips = {}
-    for name, command in (("ours", ["-m", "generator"]), ("stock", ["-c", STOCK_GENERATOR])):
-        work = tmp_path / name
+    clips, latents = {}, {}
+    for guider in ("ours", "stock"):
+        work = tmp_path / guider
         work.mkdir()
         spec = _spec(work, tiny_models, checkpoint, pipeline="two_stage", width=128, height=64, frames=9, steps=2)
         assert spec.guidance_batch == 1  # the default
-        (work / "spec.json").write_text(spec.model_dump_json())
-        proc = subprocess.run([sys.executable, *command, str(work / "spec.json")], capture_output=True, text=True,
-                              env=clean_env() | {"OMP_NUM_THREADS": "1"}, timeout=600)
+        (work / "spec.json").write_text(spec.model_copy(update={"dtype": "float32"}).model_dump_json())
+        proc = subprocess.run(
+            [sys.executable, "-c", GENERATOR, str(work / "spec.json"), str(work / "latents.pt"), guider],
+            capture_output=True, text=True, env=clean_env() | {"OMP_NUM_THREADS": "1"}, timeout=600, cwd=ROOT,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        clips[name] = _decoded(spec.output_path)
+        clips[guider] = _decoded(spec.output_path)
+        latents[guider] = torch.load(work / "latents.pt")
     (frames, audio), (stock_frames, stock_audio) = clips["ours"], clips["stock"]
     assert frames.shape == stock_frames.shape and frames.shape[0] == 9 and audio.size > 0
+    assert len(latents["ours"]) == len(latents["stock"]) == 4  # video and audio after stage 1 and stage 2
+    assert all(torch.equal(a, b) for a, b in zip(latents["ours"], latents["stock"], strict=True))
     assert np.array_equal(frames, stock_frames) and np.array_equal(audio, stock_audio)
