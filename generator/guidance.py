@@ -67,7 +67,7 @@ def guidance_passes(
             raise ValueError("Negative context is required for unconditioned denoising")
         v_neg = video_guider.negative_context if video_guider.negative_context is not None else v_context
         a_neg = audio_guider.negative_context if audio_guider.negative_context is not None else a_context
-        # The negative pass always runs both modalities, whatever the skip steps say (as upstream 1.0.0).
+        # The negative pass always runs both modalities, whatever the skip steps say, as in ltx-pipelines 1.0.0.
         passes.append(GuidancePass("uncond", v_neg, a_neg, None, True, True))
     stg: list[Perturbation] = []
     if video_guider.do_perturbed_generation():
