@@ -3,12 +3,19 @@
     python -m bench.vram --out bench/results/h100        # on a CUDA machine (a few minutes)
     python -m bench.vram --out /tmp/b --tiny --device cpu  # the same plumbing on tiny configs
     python -m bench.vram --plot-only bench/results/h100    # redraw the table and plot from results.json
+    python -m bench.vram --out DIR --configs "fp8 1024x768x97" --guidance-batches 1 4 --steps 6 \
+        --skip-unscoped --skip-overhead                    # batched guidance next to sequential
 
 Each configuration runs ``generator.pipeline.generate`` (the production phase
 sequence, phase tracker and memory release) with ``bench.random_weights.RandomLedger``
 in place of the checkpoint loader. Stage 1 runs ``--steps`` steps instead of the
 checkpoint's default; the time per step is reported so full-step times can be
 computed. Writes ``results.json``, ``table.md`` and ``peaks.png`` under ``--out``.
+
+``--guidance-batches 1 4`` runs each chosen configuration once per guidance batch size
+(``JobSpec.guidance_batch``: stage-1 guidance passes per transformer forward), one
+after the other in one process with the same seed, and reports the largest difference
+of the final stage-1 latents from the first size's.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--skip-unscoped", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--guidance-batches", type=int, nargs="+", metavar="N",
+                        help="run each config once per stage-1 guidance batch size (e.g. 1 4) and compare latents")
     parser.add_argument("--plot-only", type=Path, metavar="DIR", help="redraw table.md and peaks.png from DIR")
     return parser
 
@@ -119,8 +128,14 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         configs = [c for c in configs if c.name in args.configs]
     tiling = TINY_TILING if args.tiny else DEFAULT_TILING
     for config in configs:
-        print(f"running {config.name}", file=sys.stderr, flush=True)
-        results["configs"].append(run_config(config, models, work, tiling, args.steps, args.device))
+        if args.guidance_batches:
+            results.setdefault("guidance", []).append(
+                compare_guidance(config, models, work, tiling, args.steps, args.device, args.guidance_batches,
+                                 results["configs"])
+            )
+        else:
+            print(f"running {config.name}", file=sys.stderr, flush=True)
+            results["configs"].append(run_config(config, models, work, tiling, args.steps, args.device))
         (out / "results.json").write_text(json.dumps(results, indent=2))
     if not args.skip_unscoped and device.type == "cuda":
         results["unscoped_decode"] = unscoped_decode(models, device, 1024, 768, 97, tiling)
@@ -129,8 +144,65 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return results
 
 
+def compare_guidance(
+    config: Config, models: dict[str, Path], work: Path, tiling: dict[str, int], steps: int, device: str,
+    batches: list[int], entries: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The same job once per guidance batch size; stage-1 figures and final-latent differences."""
+    import torch
+
+    from generator import guidance, pipeline
+
+    finals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    runs = []
+    plan_forwards = guidance.plan_forwards
+    forwards = [0]
+
+    def counted(passes: Any, max_batch: int) -> Any:
+        planned = plan_forwards(passes, max_batch)
+        forwards[0] += len(planned)
+        return planned
+
+    for batch in batches:
+        def keep(stage: str, video: Any, audio: Any, batch: int = batch) -> None:
+            if stage == "generating":
+                finals[batch] = (video.latent.float().cpu(), audio.latent.float().cpu())
+
+        print(f"running {config.name}, guidance batch {batch}", file=sys.stderr, flush=True)
+        forwards[0] = 0
+        pipeline.DENOISE_OBSERVERS.append(keep)
+        guidance.plan_forwards = counted  # type: ignore[assignment]
+        try:
+            entry = run_config(config, models, work, tiling, steps, device, guidance_batch=batch)
+        finally:
+            pipeline.DENOISE_OBSERVERS.remove(keep)
+            guidance.plan_forwards = plan_forwards  # type: ignore[assignment]
+        entries.append(entry)
+        stage_1 = next((p for p in entry["phases"] if p["name"] == "stage_1"), None)
+        generating = entry["step_seconds"].get("generating", {})
+        runs.append({
+            "guidance_batch": batch, "error": entry.get("error"), "stage_1_forwards": forwards[0],
+            "stage_1_step_median_seconds": generating.get("median"),
+            "stage_1_first_step_seconds": generating.get("first"),
+            "stage_1_seconds": stage_1 and stage_1["seconds"],
+            "stage_1_peak_allocated_gib": stage_1 and stage_1["peak_allocated_gib"],
+            "stage_1_peak_reserved_gib": stage_1 and stage_1["peak_reserved_gib"],
+        })
+    result: dict[str, Any] = {"name": config.name, "steps": steps, "runs": runs}
+    base = batches[0]
+    if base in finals:
+        video, audio = finals[base]
+        result["latent_abs_max"] = {"video": float(video.abs().max()), "audio": float(audio.abs().max())}
+        result["max_abs_diff_vs_first"] = {
+            str(batch): {"video": float((v - video).abs().max()), "audio": float((a - audio).abs().max())}
+            for batch, (v, a) in finals.items() if batch != base
+        }
+    return result
+
+
 def run_config(
-    config: Config, models: dict[str, Path], work: Path, tiling: dict[str, int], steps: int, device: str
+    config: Config, models: dict[str, Path], work: Path, tiling: dict[str, int], steps: int, device: str,
+    *, guidance_batch: int = 1,
 ) -> dict[str, Any]:
     import torch
     from PIL import Image
@@ -147,12 +219,13 @@ def run_config(
                     "pipeline": "two_stage", "audio": True},
         "image_path": str(image), "output_path": str(work / f"{config.name.replace(' ', '-')}.mp4"),
         "models": {k: str(v) for k, v in models.items()}, "tiling": tiling, "fp8_cast": config.fp8,
-        "device": device,
+        "device": device, "guidance_batch": guidance_batch,
     })
     events: list[tuple[float, Any]] = []
     builds: list[dict[str, Any]] = []
-    entry: dict[str, Any] = {"name": config.name, "width": config.width, "height": config.height,
-                             "frames": config.frames, "fp8_cast": config.fp8}
+    name = config.name if guidance_batch == 1 else f"{config.name} guidance x{guidance_batch}"
+    entry: dict[str, Any] = {"name": name, "width": config.width, "height": config.height,
+                             "frames": config.frames, "fp8_cast": config.fp8, "guidance_batch": guidance_batch}
     started = time.perf_counter()
     try:
         with _timed_builds(builds, device):
@@ -381,6 +454,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             r = unscoped[label]
             outcome = "out of memory" if r.get("out_of_memory") else f"{r.get('frames')} frames"
             lines.append(f"| {label} | {r['peak_allocated_gib']:.2f} | {r['peak_reserved_gib']:.2f} | {outcome} |")
+    for comparison in results.get("guidance", []):
+        lines += guidance_lines(comparison)
     lines += target_lines(results)
     overhead = results.get("overhead")
     if overhead and "median_standby" in overhead:
@@ -391,6 +466,31 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += ["", "Per-job overhead, process spawn to first phase start: "
                   f"{overhead['median_to_first_phase_start']:.2f} s"]
     return "\n".join(lines) + "\n"
+
+
+def guidance_lines(comparison: dict[str, Any]) -> list[str]:
+    """Stage 1 with its guidance passes batched, next to the first batch size of the same run."""
+    runs = comparison["runs"]
+    base = runs[0]["guidance_batch"]
+    scale = comparison.get("latent_abs_max", {})
+    diffs = comparison.get("max_abs_diff_vs_first", {})
+    lines = ["", f"{comparison['name']}, stage 1 ({comparison['steps']} steps) by guidance passes per forward; "
+             f"final stage-1 latents compared with batch {base}'s (same seed; largest |latent|: video "
+             f"{_fmt(scale.get('video'))}, audio {_fmt(scale.get('audio'))}):", "",
+             "| guidance batch | transformer forwards | s per step (median) | first step s "
+             "| stage_1 peak allocated / reserved GiB | max abs diff video / audio |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        if run.get("error"):
+            lines.append(f"| {run['guidance_batch']} | error: {run['error']} | | | | |")
+            continue
+        diff = diffs.get(str(run["guidance_batch"]))
+        shown = "(reference)" if run["guidance_batch"] == base else (
+            "-" if diff is None else f"{diff['video']:.3g} / {diff['audio']:.3g}")
+        lines.append(f"| {run['guidance_batch']} | {run['stage_1_forwards']} | "
+                     f"{_fmt(run['stage_1_step_median_seconds'])} | {_fmt(run['stage_1_first_step_seconds'])} | "
+                     f"{_fmt(run['stage_1_peak_allocated_gib'])} / {_fmt(run['stage_1_peak_reserved_gib'])} | "
+                     f"{shown} |")
+    return lines
 
 
 def _peak(config: dict[str, Any]) -> float | None:

@@ -101,6 +101,7 @@ def build_spec(settings: Settings, job: Job) -> JobSpec:
             temporal_frames=t.temporal_frames, temporal_overlap_frames=t.temporal_overlap_frames,
         ),
         fp8_cast=settings.generator.fp8_cast,
+        guidance_batch=settings.generator.guidance_batch,
         device=settings.generator.device,
         crf=settings.generation.crf,
         max_bytes=job.max_bytes,

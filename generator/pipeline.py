@@ -44,7 +44,6 @@ from ltx_pipelines.utils.constants import (
 from ltx_pipelines.utils.helpers import (
     combined_image_conditionings,
     denoise_audio_video,
-    multi_modal_guider_factory_denoising_func,
     simple_denoising_func,
 )
 from ltx_pipelines.utils.samplers import euler_denoising_loop
@@ -52,6 +51,7 @@ from ltx_pipelines.utils.types import PipelineComponents
 
 from generator.checks import main_checkpoint
 from generator.encode import stream_clip
+from generator.guidance import batched_guider_denoising_func
 from generator.models import LtxLedger
 from generator.phases import PhaseTracker, pick_device
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Any], None]
 # Called with each video decoder right after it is built (tests hook submodules here).
 DECODER_OBSERVERS: list[Callable[[torch.nn.Module], None]] = []
+# Called with (stage, video state, audio state) as each denoising stage ends (tests and the
+# benchmark compare final latents here).
+DENOISE_OBSERVERS: list[Callable[[str, Any, Any], None]] = []
 
 
 @dataclass
@@ -93,7 +96,7 @@ class _Run:
         v_pos, a_pos = self.contexts[0].video_encoding, self.contexts[0].audio_encoding
         if guided:
             v_neg, a_neg = self.contexts[1].video_encoding, self.contexts[1].audio_encoding
-            inner = multi_modal_guider_factory_denoising_func(
+            inner = batched_guider_denoising_func(
                 video_guider_factory=create_multimodal_guider_factory(
                     params=steps_params.video_guider_params, negative_context=v_neg
                 ),
@@ -103,6 +106,7 @@ class _Run:
                 v_context=v_pos,
                 a_context=a_pos,
                 transformer=transformer,
+                max_batch=self.spec.guidance_batch,
             )
         else:
             inner = simple_denoising_func(video_context=v_pos, audio_context=a_pos, transformer=transformer)
@@ -120,7 +124,7 @@ class _Run:
             )
 
         self.progress(stage, 0, total)
-        return denoise_audio_video(  # type: ignore[no-any-return]
+        video_state, audio_state = denoise_audio_video(
             output_shape=shape,
             conditionings=conditionings,
             noiser=GaussianNoiser(generator=self.generator),
@@ -132,6 +136,9 @@ class _Run:
             device=self.device,
             **extra,
         )
+        for observe in DENOISE_OBSERVERS:
+            observe(stage, video_state, audio_state)
+        return video_state, audio_state
 
 
 def _to(encoded: tuple[tuple[torch.Tensor, ...], torch.Tensor], device: torch.device) -> Any:

@@ -214,6 +214,8 @@ class JobSpec(_Frozen):
     ltxv_models: LtxvModelFiles = LtxvModelFiles()
     tiling: Tiling = Tiling()
     fp8_cast: bool = True
+    # Stage-1 guidance passes per transformer forward (1: one by one, as ltx-pipelines runs them).
+    guidance_batch: int = Field(default=1, ge=1, le=4)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     crf: int = Field(default=23, ge=0, le=51)

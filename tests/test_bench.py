@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, run_python
+from tests.conftest import ROOT, clean_env, run_python
 
 COUNTS = """
 import json, sys
@@ -67,6 +67,30 @@ def test_benchmark_runs_tiny_configs_and_writes_its_reports(tmp_path: Path) -> N
     table = (out / "table.md").read_text()
     assert "| stage_2 |" in table and "tiny 128x64x9" in table and "Per-job overhead" in table
     assert (out / "peaks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_guidance_comparison_runs_both_batch_sizes_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.vram", "--tiny", "--device", "cpu", "--out", str(out), "--configs",
+         "tiny 128x64x9", "--steps", "2", "--guidance-batches", "1", "4", "--skip-overhead"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=clean_env() | {"OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    (comparison,) = results["guidance"]
+    runs = comparison["runs"]
+    assert [r["guidance_batch"] for r in runs] == [1, 4]
+    # Two guided steps of four passes: eight forwards one by one, two with all four batched.
+    assert [r["stage_1_forwards"] for r in runs] == [8, 2]
+    assert all(r["error"] is None and r["stage_1_step_median_seconds"] > 0 for r in runs)
+    assert [c["name"] for c in results["configs"]] == ["tiny 128x64x9", "tiny 128x64x9 guidance x4"]
+    # Same seed, same model: the batched run lands where the sequential one did (bf16 on CPU).
+    diff, scale = comparison["max_abs_diff_vs_first"]["4"], comparison["latent_abs_max"]
+    assert scale["video"] > 0 and scale["audio"] > 0
+    assert diff["video"] <= 0.01 * scale["video"] and diff["audio"] <= 0.01 * scale["audio"]
+    table = (out / "table.md").read_text()
+    assert "by guidance passes per forward" in table and "| 4 | 2 |" in table
 
 
 def test_targets_are_judged_from_the_figures() -> None:
