@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import resource
 import time
 import weakref
@@ -23,6 +24,7 @@ import torch
 from generator import faults
 from generator.protocol import PhaseEvent
 
+log = logging.getLogger("generator")
 GIB = 2**30
 M = TypeVar("M")
 
@@ -94,6 +96,7 @@ class PhaseTracker:
         _reset_rss_peak()
         self.current = name
         start = time.perf_counter()
+        log.info("phase %s started", name)  # the job's log then shows where a hung generator stopped
         try:
             faults.at_phase_start(name)
             yield
