@@ -346,3 +346,20 @@ async def test_invalid_job_settings_are_told_in_sentences_not_pydantic_text(
     message = job.error_message or ""
     assert "validation error" not in message and "GenerationRequest" not in message
     assert "Frames must be one more than a multiple of 8" in message and "fps must be between 1 and 60" in message
+
+
+def test_the_generator_log_is_on_disk_line_by_line_and_keeps_its_head_and_tail(tmp_path: Path) -> None:
+    from bot.worker import BoundedLog
+
+    path = tmp_path / "generator.log"
+    log = BoundedLog(path, limit=4096)
+    log.write("=== job 1 attempt 1 ===\n")
+    assert path.read_text() == "=== job 1 attempt 1 ===\n"  # before close: a kill -9 keeps it
+    for n in range(2000):
+        log.write(f"line {n:04d} of the generator's stderr\n")
+        assert path.stat().st_size <= 4096 + 64
+    text = path.read_text()
+    assert text.startswith("=== job 1 attempt 1 ===\nline 0000")
+    assert text.endswith("line 1999 of the generator's stderr\n") and "lines dropped ..." in text
+    assert log.close()[-1] == "line 1999 of the generator's stderr\n"
+    assert path.read_text() == text
