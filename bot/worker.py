@@ -312,7 +312,7 @@ class Worker:
         Only jobs whose supervising process is gone are touched: a job that a live bot (or another
         ``ltxbot animate``) is running is left to it.
         """
-        for standby in await self.store.take_orphaned_standbys(self.me):
+        for standby in await self.store.take_orphaned_standbys():
             if is_our_generator(standby.pid, standby.start_ticks):
                 log.warning("stopping standby generator pid %s left by a previous run", standby.pid)
                 kill_group(standby.pid)

@@ -310,7 +310,10 @@ async def test_standbys_of_a_dead_supervisor_are_handed_over_once(
     await store.record_standby(live, ProcessId(host_name(), 111, 1))
     await store.record_standby(dead, ProcessId(host_name(), 222, 2))
     await store.record_standby(dead, ProcessId(host_name(), 333, 3))  # replaces its earlier one
-    assert await store.take_orphaned_standbys(ProcessId.current()) == [ProcessId(host_name(), 333, 3)]
-    assert await store.take_orphaned_standbys(ProcessId.current()) == []
+    assert await store.take_orphaned_standbys() == [ProcessId(host_name(), 333, 3)]
+    assert await store.take_orphaned_standbys() == []  # the live supervisor's standby is kept
+    async with store.engine.connect() as conn:
+        assert (await conn.exec_driver_sql("SELECT pid FROM standbys")).scalars().all() == [111]
     await store.forget_standby(live)
-    assert await store.take_orphaned_standbys(live) == []
+    async with store.engine.connect() as conn:
+        assert (await conn.exec_driver_sql("SELECT pid FROM standbys")).scalars().all() == []

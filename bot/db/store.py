@@ -343,9 +343,11 @@ class JobStore:
         async with self._sessions.begin() as session:
             await session.execute(_standbys_of(supervisor))
 
-    async def take_orphaned_standbys(self, me: ProcessId | None = None) -> list[ProcessId]:
-        """Forget the standbys on this host whose supervisor is gone (or is ``me``); the caller ends them."""
-        me = me or ProcessId.current()
+    async def take_orphaned_standbys(self) -> list[ProcessId]:
+        """Forget the standbys on this host whose supervisor is gone; the caller ends them.
+
+        Unlike a job, a live process's standby is never an orphan: it is waiting, not lost.
+        """
         async with self._sessions.begin() as session:
             rows = list(await session.scalars(
                 select(Standby).where(Standby.supervisor_host == host_name()).with_for_update()
@@ -353,7 +355,7 @@ class JobStore:
             taken = []
             for row in rows:
                 owner = ProcessId(row.supervisor_host, row.supervisor_pid, row.supervisor_start_ticks)
-                if owner == me or not owner.is_alive():
+                if not owner.is_alive():
                     taken.append(ProcessId(row.supervisor_host, row.pid, row.start_ticks))
                     await session.delete(row)
             return taken
