@@ -61,7 +61,7 @@ class LtxBot(commands.Bot):
         # was finished but never posted, then start taking jobs.
         await self.worker.recover()
         await self.service.deliver_pending()
-        self._worker_task = asyncio.create_task(self.worker.run_forever(recover=False), name="ltxbot-worker")
+        self._worker_task = self.worker.start()
 
     async def _sync_commands(self) -> None:
         guilds = self.settings.discord.guilds

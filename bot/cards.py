@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.db.models import JobStatus
+from bot.db.models import EndCode, JobStatus
 from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
@@ -22,14 +22,14 @@ COLOURS = {
     JobStatus.FAILED: discord.Colour.red(),
     JobStatus.CANCELLED: discord.Colour.light_grey(),
 }
-HINTS = {
-    "oom": "Try fewer frames (`seconds:`) or a smaller `size:`.",
-    "timeout": "Try a shorter clip or a smaller size.",
-    "too_large": "Try a shorter clip or a smaller size.",
-    "crashed": "It was tried several times; please try again later or tell the server admins.",
-    "interrupted": "Please try again.",
-    "model_missing": "The bot's model files need attention; please tell the server admins.",
-    "invalid": "Please start a new /animate.",
+HINTS: dict[str, str] = {
+    EndCode.OOM: "Try fewer frames (`seconds:`) or a smaller `size:`.",
+    EndCode.TIMEOUT: "Try a shorter clip or a smaller size.",
+    EndCode.TOO_LARGE: "Try a shorter clip or a smaller size.",
+    EndCode.CRASHED: "It was tried several times; please try again later or tell the server admins.",
+    EndCode.INTERRUPTED: "Please try again.",
+    EndCode.MODEL_MISSING: "The bot's model files need attention; please tell the server admins.",
+    EndCode.INVALID: "Please start a new /animate.",
 }
 
 

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from bot.db.models import NOT_RETRIED, EndCode
+from bot.db.store import is_orphaned
+from bot.processes import ProcessId, is_our_generator, kill_group, process_start_ticks
+from generator.lifeline import SUPERVISOR_ENV
 from generator.protocol import (
     FAMILY_NAMES,
     DoneEvent,
@@ -32,6 +37,7 @@ from generator.protocol import (
     PhaseEvent,
     ProgressEvent,
     Tiling,
+    describe_validation_error,
     parse_event,
 )
 
@@ -49,17 +55,33 @@ ENV_ALLOWLIST = (
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LTXBOT_FAULT", "LTXBOT_FAULT_ONCE",
 )
 CLIP_NAME = "clip.mp4"
-OOM_HINT = "The GPU ran out of memory for this clip. Try fewer frames or a smaller size."
-NOT_RETRIED = {"oom", "invalid", "model_missing", "too_large"}
+# How the generator's own error codes read as the job's end.
+GENERATOR_ERRORS: dict[str, EndCode] = {
+    "oom": EndCode.OOM, "invalid_spec": EndCode.INVALID, "model_missing": EndCode.MODEL_MISSING,
+    "too_large": EndCode.TOO_LARGE,
+}
+INVALID_PREFIX = "This job's settings are not valid any more:"
+# The worker loop's pause after an unexpected error, doubling up to the maximum while errors repeat.
+RETRY_DELAY_SECONDS = 1.0
+MAX_RETRY_DELAY_SECONDS = 60.0
+
+
+def new_error_id() -> str:
+    """A short id that ties a user's apology to the full traceback in the bot's log."""
+    return secrets.token_hex(4)
 
 
 @dataclass(frozen=True)
 class Ending:
     """How one attempt ended, as the store and the user should hear it."""
 
-    code: str  # "ok", "oom", "timeout", "cancelled", "crashed", "invalid", "model_missing", "too_large"
+    code: EndCode
     message: str
     done: DoneEvent | None = None
+
+
+class GeneratorStartError(Exception):
+    """The family's interpreter could not be started at all (a wrong ``python`` path in the config)."""
 
 
 Listener = Callable[["Job", Any], Awaitable[None]]
@@ -113,34 +135,13 @@ def child_env(settings: Settings) -> dict[str, str]:
     if settings.generator.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in env:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     env["PYTHONUNBUFFERED"] = "1"
+    # The generator ends with this process: see generator/lifeline.py.
+    me = ProcessId.current()
+    env[SUPERVISOR_ENV] = f"{me.pid}:{me.start_ticks}"
     # Model files are local paths; nothing in a render may reach the network.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat: tells a process from a later one that reused its pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _is_our_generator(pid: int, start_ticks: int | None) -> bool:
-    if start_ticks is None or process_start_ticks(pid) != start_ticks:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"generator" in cmdline
-
-
-def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 async def _wait_gone(pid: int, start_ticks: int | None, seconds: float = 10.0) -> None:
@@ -151,40 +152,51 @@ async def _wait_gone(pid: int, start_ticks: int | None, seconds: float = 10.0) -
 
 
 class BoundedLog:
-    """The generator's stderr, kept to ``limit`` bytes: the head, then the tail."""
+    """The generator's stderr, written through as it comes and kept to about ``limit`` bytes.
+
+    Every line reaches the file at once (unbuffered), so a kill -9 of the bot keeps what the
+    generator said up to that moment, including where a hung one stopped. The first half of the
+    budget keeps the head; after it the file holds a rolling tail, rewritten behind a
+    "lines dropped" marker whenever it outgrows the other half.
+    """
 
     def __init__(self, path: Path, limit: int) -> None:
-        self.path = path
         self.limit = limit
-        self.written = 0
+        self.handle = path.open("ab", buffering=0)
+        self.head_bytes = 0
+        self.head_end: int | None = None  # where the tail starts, once the head is full
+        self.tail: collections.deque[bytes] = collections.deque()
+        self.tail_bytes = 0
+        self.tail_on_disk = 0
         self.dropped = 0
-        self.tail: collections.deque[str] = collections.deque(maxlen=200)
-        self.handle = path.open("a", encoding="utf-8", errors="replace")
+        self.recent: collections.deque[str] = collections.deque(maxlen=20)
 
     def write(self, line: str) -> None:
-        if self.written + len(line) <= self.limit // 2:
-            self.handle.write(line)
-            self.written += len(line)
-        else:
-            if len(self.tail) == self.tail.maxlen:
-                self.dropped += 1
-            self.tail.append(line)
+        self.recent.append(line)
+        data = line.encode("utf-8", errors="replace")[: self.limit // 4]
+        if self.head_end is None:
+            if self.head_bytes + len(data) <= self.limit // 2:
+                self.handle.write(data)
+                self.head_bytes += len(data)
+                return
+            self.head_end = self.handle.tell()
+        self.handle.write(data)
+        self.tail_on_disk += len(data)
+        self.tail.append(data)
+        self.tail_bytes += len(data)
+        while self.tail_bytes > self.limit // 4 and len(self.tail) > 1:
+            self.tail_bytes -= len(self.tail.popleft())
+            self.dropped += 1
+        if self.tail_on_disk > self.limit // 2:
+            self.handle.truncate(self.head_end)
+            marker = f"... {self.dropped} lines dropped ...\n".encode()
+            self.handle.write(marker + b"".join(self.tail))
+            self.tail_on_disk = len(marker) + self.tail_bytes
 
     def close(self) -> list[str]:
-        tail = list(self.tail)
-        if tail:
-            if self.dropped:
-                self.handle.write(f"... {self.dropped} lines dropped ...\n")
-            budget = self.limit // 2
-            kept = []
-            for line in reversed(tail):
-                budget -= len(line)
-                if budget < 0:
-                    break
-                kept.append(line)
-            self.handle.writelines(reversed(kept))
+        """Close the file; the last lines, for the worker's own log."""
         self.handle.close()
-        return tail[-20:]
+        return list(self.recent)
 
 
 class Worker:
@@ -193,9 +205,11 @@ class Worker:
 
         It cuts the per-job start from about 13 s to well under one; it holds no GPU memory
         while it waits (CUDA starts only with the job) and still runs exactly one job.
+        One worker per process: the store records this process as the supervisor of its jobs.
         """
         self.settings = settings
         self.store = store
+        self.me = ProcessId.current()
         self.doorbell = asyncio.Event()
         self.listeners: list[Listener] = []
         self.current: tuple[int, asyncio.subprocess.Process] | None = None
@@ -203,6 +217,7 @@ class Worker:
         self.standby_enabled = standby
         self._standby: asyncio.subprocess.Process | None = None
         self._standby_family: ModelFamily | None = None
+        self._recovered = False
 
     # --- the standby generator --------------------------------------------------
 
@@ -217,9 +232,18 @@ class Worker:
         return self.settings.generation.family
 
     async def prepare_standby(self, family: ModelFamily | None = None) -> None:
-        """Start the next job's generator now, in its family's interpreter, so its imports are done."""
+        """Start the next job's generator now, in its family's interpreter, so its imports are done.
+
+        Best effort: when it cannot start, the next job starts its own generator (and reports why).
+        """
         if not self.standby_enabled:
             return
+        try:
+            await self._prepare_standby(family)
+        except Exception:
+            log.exception("the standby generator could not be started; the next job starts its own")
+
+    async def _prepare_standby(self, family: ModelFamily | None) -> None:
         family = family or await self._next_family()
         if self._standby is not None and self._standby.returncode is None:
             if self._standby_family == family:
@@ -232,8 +256,15 @@ class Worker:
             env=child_env(self.settings), cwd=str(self.settings.jobs_dir), start_new_session=True,
         )
         self._standby_family = family
+        # Recorded so a start after a kill -9 of this process can end it, should it outlive us.
+        await self.store.record_standby(self.me, ProcessId.of(self._standby.pid))
 
     async def _start_generator(self, spec: JobSpec, spec_path: Path, folder: Path) -> asyncio.subprocess.Process:
+        """The job's generator: the standby, handed the spec, or a fresh process.
+
+        Either way its stdin is a pipe this process holds open until the generator ends: when this
+        process dies, the pipe's end of input tells the generator to end (generator/lifeline.py).
+        """
         standby, self._standby = self._standby, None
         if standby is not None and standby.returncode is None and self._standby_family != spec.family:
             kill_group(standby.pid)
@@ -242,21 +273,27 @@ class Worker:
             try:
                 standby.stdin.write(f"{spec_path}\n".encode())
                 await standby.stdin.drain()
-                standby.stdin.close()
+                await self.store.forget_standby(self.me)
                 return standby
             except (BrokenPipeError, ConnectionResetError):
                 log.warning("the standby generator had exited; starting a fresh one")
-        return await asyncio.create_subprocess_exec(
-            self.settings.interpreter(spec.family), "-m", "generator", str(spec_path),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=child_env(self.settings), cwd=str(folder), start_new_session=True,
-        )
+        interpreter = self.settings.interpreter(spec.family)
+        try:
+            return await asyncio.create_subprocess_exec(
+                interpreter, "-m", "generator", str(spec_path),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=child_env(self.settings), cwd=str(folder), start_new_session=True,
+            )
+        except OSError as exc:
+            log.error("cannot start the %s generator's interpreter %s: %s", spec.family, interpreter, exc)
+            raise GeneratorStartError(spec.family) from exc
 
     async def close(self) -> None:
         standby, self._standby = self._standby, None
         if standby is not None and standby.returncode is None:
             kill_group(standby.pid)
             await standby.wait()
+            await self.store.forget_standby(self.me)
 
     def ring(self) -> None:
         self.doorbell.set()
@@ -271,9 +308,21 @@ class Worker:
     # --- start-up ---------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Before the first job: end generators left by a previous bot, keep finished clips, requeue the rest."""
+        """Before the first job: end what a dead supervisor left behind, keep its finished clips, requeue the rest.
+
+        Only jobs whose supervising process is gone are touched: a job that a live bot (or another
+        ``ltxbot animate``) is running is left to it.
+        """
+        for standby in await self.store.take_orphaned_standbys():
+            if is_our_generator(standby.pid, standby.start_ticks):
+                log.warning("stopping standby generator pid %s left by a previous run", standby.pid)
+                kill_group(standby.pid)
+                await _wait_gone(standby.pid, standby.start_ticks)
         for job in await self.store.running():
-            if job.generator_pid and _is_our_generator(job.generator_pid, job.generator_start_ticks):
+            if not is_orphaned(job, self.me):
+                log.info("job %s is running under another live process; left to it", job.id)
+                continue
+            if job.generator_pid and is_our_generator(job.generator_pid, job.generator_start_ticks):
                 log.warning("stopping generator pid %s left by a previous run (job %s)", job.generator_pid, job.id)
                 kill_group(job.generator_pid)
                 await _wait_gone(job.generator_pid, job.generator_start_ticks)
@@ -284,21 +333,44 @@ class Worker:
                     job.id, job.attempts, output_path=str(clip), output_bytes=clip.stat().st_size,
                     phases=job.phases or [],
                 )
-        await self.store.recover_orphans(self.settings.generator.max_attempts)
+        await self.store.recover_orphans(self.settings.generator.max_attempts, self.me)
+        self._recovered = True
 
     # --- the loop ---------------------------------------------------------------
 
+    def start(self) -> asyncio.Task[None]:
+        """``run_forever`` as the bot's worker task, watched: should it ever end but by cancellation, that is logged."""
+        task = asyncio.create_task(self.run_forever(recover=not self._recovered), name="ltxbot-worker")
+        task.add_done_callback(_report_worker_end)
+        return task
+
     async def run_forever(self, *, recover: bool = True) -> None:
-        if recover:
-            await self.recover()
-        await self.prepare_standby()
+        """Run jobs until cancelled. An unexpected error is logged with an id and the loop goes on after
+        a pause (doubling while errors repeat): a bot that takes jobs must never stop running them."""
+        self._recovered = self._recovered or not recover
+        delay = RETRY_DELAY_SECONDS
+        standby_ready = False
         while True:
-            if await self.store.is_paused():
-                await self._wait_doorbell(5.0)
-                continue
-            job = await self.step()
-            if job is None:
-                await self._wait_doorbell(5.0)
+            try:
+                if not self._recovered:
+                    await self.recover()
+                if not standby_ready:
+                    await self.prepare_standby()
+                    standby_ready = True
+                if await self.store.is_paused():
+                    await self._wait_doorbell(5.0)
+                    continue
+                job = await self.step()
+                delay = RETRY_DELAY_SECONDS
+                if job is None:
+                    await self._wait_doorbell(5.0)
+            except Exception:
+                error_id = new_error_id()
+                log.exception("the worker loop failed (error %s); it carries on in %.0f s", error_id, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
+                # No attempt runs now: a job this process claimed but could not settle goes back to the queue.
+                self._recovered = False
 
     async def _wait_doorbell(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -306,8 +378,15 @@ class Worker:
         self.doorbell.clear()
 
     async def step(self, only_job: int | None = None) -> Job | None:
-        """Claim one queued job and run it to the end of this attempt; None when nothing was queued."""
-        job = await self.store.claim_next(only_id=only_job)
+        """Claim one queued job and run it to the end of this attempt; None when nothing was queued.
+
+        The first step recovers what a dead supervisor left (every worker that starts does, the
+        local CLI's included). Any error while the attempt runs ends that attempt through the
+        store (logged with an error id) instead of escaping: the job is never left ``running``.
+        """
+        if not self._recovered:
+            await self.recover()
+        job = await self.store.claim_next(only_id=only_job, supervisor=self.me)
         if job is None:
             return None
         try:
@@ -318,6 +397,11 @@ class Worker:
             if not (job_dir(self.settings, job.id) / CLIP_NAME).is_file():
                 await asyncio.shield(self.store.release(job.id, job.attempts))
             raise
+        except Exception:
+            error_id = new_error_id()
+            log.exception("job %s: the worker failed while running it (error %s)", job.id, error_id)
+            ending = Ending(EndCode.CRASHED, f"Something went wrong in the bot while rendering this clip "
+                                             f"(error {error_id}; the owner can look it up in the bot's log).")
         await asyncio.shield(self._record(job, ending))
         await self.prepare_standby()
         final = await self.store.get(job.id)
@@ -327,12 +411,12 @@ class Worker:
 
     async def _record(self, job: Job, ending: Ending) -> None:
         attempts = self.settings.generator.max_attempts
-        if ending.code == "ok" and ending.done is not None:
+        if ending.code == EndCode.OK and ending.done is not None:
             await self.store.finish(
                 job.id, job.attempts, output_path=str(ending.done.output_path), output_bytes=ending.done.bytes,
                 phases=[p.model_dump(mode="json", exclude={"event"}) for p in ending.done.phases],
             )
-        elif ending.code == "cancelled":
+        elif ending.code == EndCode.CANCELLED:
             await self.store.mark_cancelled(job.id, job.attempts)
         else:
             await self.store.fail(
@@ -345,16 +429,26 @@ class Worker:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             spec = build_spec(self.settings, job)
-        except (ValidationError, ValueError) as exc:
-            return Ending("invalid", f"This job's settings are not valid any more: {exc}")
+        except ValidationError as exc:
+            return Ending(EndCode.INVALID, f"{INVALID_PREFIX} {describe_validation_error(exc)}")
+        except ValueError as exc:
+            return Ending(EndCode.INVALID, f"{INVALID_PREFIX} {exc}.")
         spec_path = folder / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
         spec.output_path.unlink(missing_ok=True)
         log_file = BoundedLog(folder / "generator.log", self.settings.generator.log_max_bytes)
-        log_file.write(f"=== job {job.id} attempt {job.attempts} ===\n")
-        proc = await self._start_generator(spec, spec_path, folder)
+        try:
+            log_file.write(f"=== job {job.id} attempt {job.attempts} ===\n")
+            proc = await self._start_generator(spec, spec_path, folder)
+        except GeneratorStartError:
+            log_file.close()
+            name = FAMILY_NAMES[spec.family]
+            return Ending(EndCode.MODEL_MISSING, f"The bot could not start its {name} generator; "
+                                                 "the owner needs to check its Python path in the config.")
+        except BaseException:
+            log_file.close()
+            raise
         self.current = (job.id, proc)
-        await self.store.record_process(job.id, job.attempts, proc.pid, process_start_ticks(proc.pid))
         state: dict[str, Any] = {"done": None, "error": None, "phases": []}
         readers = [
             asyncio.create_task(self._read_events(job, proc, state)),
@@ -362,16 +456,18 @@ class Worker:
         ]
         reason = None
         try:
+            await self.store.record_process(job.id, job.attempts, proc.pid, process_start_ticks(proc.pid))
             reason = await self._supervise(job, proc, timeout_for(self.settings, spec.request))
         finally:
             if proc.returncode is None:
                 await self._terminate(proc)
             kill_group(proc.pid)  # grandchildren, if any
+            if proc.stdin is not None:
+                proc.stdin.close()
             await asyncio.gather(*readers, return_exceptions=True)
             tail = log_file.close()
             self.current = None
         return self._ending(spec, proc.returncode, reason, state, tail)
-
     async def _supervise(self, job: Job, proc: asyncio.subprocess.Process, timeout: float) -> str | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -435,19 +531,27 @@ class Worker:
     ) -> Ending:
         if reason == "cancelled":
             spec.output_path.unlink(missing_ok=True)
-            return Ending("cancelled", "Cancelled.")
+            return Ending(EndCode.CANCELLED, "Cancelled.")
         if reason == "timeout":
-            return Ending("timeout", "The render took longer than the time limit and was stopped.")
+            return Ending(EndCode.TIMEOUT, "The render took longer than the time limit and was stopped.")
         done: DoneEvent | None = state["done"]
         error: ErrorEvent | None = state["error"]
         if returncode == 0 and done is not None and spec.output_path.is_file():
-            return Ending("ok", "Done.", done)
+            return Ending(EndCode.OK, "Done.", done)
         if error is not None:
-            mapping = {"oom": ("oom", OOM_HINT), "invalid_spec": ("invalid", error.message),
-                       "model_missing": ("model_missing", error.message), "too_large": ("too_large", error.message)}
-            code, message = mapping.get(error.code, ("crashed", "The generator stopped with an error."))
-            return Ending(code, message)
+            # The generator words its known failures for the user; anything else is ours to say.
+            if error.code in GENERATOR_ERRORS:
+                return Ending(GENERATOR_ERRORS[error.code], error.message)
+            return Ending(EndCode.CRASHED, "The generator stopped with an error.")
         how = f"was killed by signal {-returncode}" if returncode is not None and returncode < 0 else (
             f"exited with status {returncode}")
         log.warning("generator %s without finishing; last log lines:\n%s", how, "".join(tail[-5:]))
-        return Ending("crashed", f"The generator {how} before finishing.")
+        return Ending(EndCode.CRASHED, f"The generator {how} before finishing.")
+
+
+def _report_worker_end(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    log.critical("the worker task ended (error %s): no job runs until the bot is restarted",
+                 new_error_id(), exc_info=error)

@@ -2,12 +2,15 @@
 
 At every boundary the tracker synchronizes, reads ``max_memory_allocated`` and
 ``max_memory_reserved`` and resets the peak, so each phase reports its own peak
-(DESIGN lesson 2). On CPU it reports the phase's peak RSS instead.
+(docs/DESIGN.md, "Measure phase boundaries"). On CPU it reports the phase's peak RSS
+instead. A phase that raises still reports, marked failed, before its error goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import resource
 import time
 import weakref
@@ -21,6 +24,7 @@ import torch
 from generator import faults
 from generator.protocol import PhaseEvent
 
+log = logging.getLogger("generator")
 GIB = 2**30
 M = TypeVar("M")
 
@@ -92,9 +96,23 @@ class PhaseTracker:
         _reset_rss_peak()
         self.current = name
         start = time.perf_counter()
-        faults.at_phase_start(name)
-        yield
-        release_memory(self.device)
+        log.info("phase %s started", name)  # the job's log then shows where a hung generator stopped
+        try:
+            faults.at_phase_start(name)
+            yield
+        except BaseException:
+            # The peak of the phase that ran out of memory is what its owner needs most: report it
+            # before the error goes on, and let nothing here hide that error.
+            with contextlib.suppress(Exception):
+                self._end(name, start, failed=True)
+            raise
+        self._end(name, start, failed=False)
+        self._check_freed()
+
+    def _end(self, name: str, start: float, *, failed: bool) -> None:
+        self.current = None
+        if not failed:
+            release_memory(self.device)
         seconds = time.perf_counter() - start
         allocated = reserved = None
         if self.device.type == "cuda":
@@ -107,8 +125,7 @@ class PhaseTracker:
             peak_allocated_gib=None if allocated is None else round(allocated, 4),
             peak_reserved_gib=None if reserved is None else round(reserved, 4),
             peak_rss_gib=round(_rss_peak_bytes() / GIB, 4),
+            failed=failed,
         )
         self.phases.append(event)
-        self.current = None
         self.emit(event)
-        self._check_freed()

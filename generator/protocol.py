@@ -256,6 +256,8 @@ class PhaseEvent(_Frozen):
     peak_allocated_gib: float | None = None
     peak_reserved_gib: float | None = None
     peak_rss_gib: float = Field(ge=0)
+    # The phase raised (out of memory, say): its figures run up to the error.
+    failed: bool = False
 
 
 class ProgressEvent(_Frozen):

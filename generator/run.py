@@ -5,6 +5,7 @@ family's backend first (torch, ltx-core or ltx-video, transformers: about 13 s),
 reports ``ready``, then reads the spec path from one line
 of stdin and goes on exactly as above. CUDA is not touched before the spec arrives,
 so a waiting standby holds no GPU memory; end of input makes it exit quietly.
+Started by the worker, the generator ends with it (``generator/lifeline.py``).
 
 Exit codes (``protocol.ExitCode``): 0 done, 2 invalid spec, 3 out of memory,
 4 model files missing or wrong, 5 clip cannot fit the delivery limit, 1 anything
@@ -25,6 +26,7 @@ from typing import IO
 from pydantic import BaseModel, ValidationError
 
 from generator.checks import ModelFilesError, check_model_files
+from generator.lifeline import watch_supervisor_pipe
 from generator.protocol import (
     FAMILY_NAMES,
     MODEL_FAMILIES,
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         usage = "usage: python -m generator SPEC.json (or - for stdin, or --standby [ltx2|ltxv])"
         return _fail(emit, "invalid_spec", usage, ExitCode.INVALID_SPEC)
     imported_at: float | None = None
+    if waiting_family is None and args[0] != "-":
+        watch_supervisor_pipe()
     if waiting_family is not None:
         backend(waiting_family)  # the slow imports, done before the job exists
         imported_at = time.perf_counter()
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         line = sys.stdin.readline().strip()
         if not line:
             return int(ExitCode.OK)  # the worker went away before giving us a job
+        watch_supervisor_pipe()  # only now: the spec line was ours to read
         args = [line]
     try:
         spec = _read_spec(args[0])

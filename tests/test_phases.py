@@ -37,3 +37,20 @@ def test_a_model_may_live_until_a_named_later_phase() -> None:
     with tracker.phase("decode"):
         pass
     assert tracker.leaks == []
+
+
+def test_a_phase_that_raises_reports_its_figures_marked_failed_before_the_error_goes_on() -> None:
+    events: list[Any] = []
+    tracker = PhaseTracker(torch.device("cpu"), events.append)
+    with tracker.phase("text_encode"):
+        pass
+    try:
+        with tracker.phase("stage_2"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    except torch.OutOfMemoryError:
+        pass
+    else:
+        raise AssertionError("the phase swallowed its error")
+    assert [(e.name, e.failed) for e in events] == [("text_encode", False), ("stage_2", True)]
+    assert events[-1].peak_rss_gib > 0 and events[-1].seconds >= 0
+    assert tracker.current is None

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
 
 from bot.db.migrate import upgrade
-from bot.db.models import Job, JobStatus
+from bot.db.models import EndCode, Job, JobStatus
 from bot.db.store import DELIVERY_WINDOW, CancelOutcome, DuplicateJobError, JobStore, NewJob, utcnow
+from bot.processes import ProcessId, host_name
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -280,3 +283,78 @@ async def test_fair_order_predicts_the_claims(store: JobStore) -> None:
     assert claimed == predicted
     users = dict(queued)
     assert [users[i] for i in claimed[:4]] == ["alice", "bob", "dave", "carol"]  # carol ran before: last
+
+
+@pytest.fixture
+def live_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A real process that stays alive: the supervisor of a job some other bot is running."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def dead_process() -> ProcessId:
+    proc = subprocess.Popen(["true"])
+    ticks = ProcessId.of(proc.pid).start_ticks
+    proc.wait()
+    return ProcessId(host_name(), proc.pid, ticks)
+
+
+async def test_recovery_takes_back_only_jobs_whose_supervisor_is_gone(
+    store: JobStore, live_process: subprocess.Popen[bytes]
+) -> None:
+    live = ProcessId.of(live_process.pid)
+    dead = dead_process()
+    elsewhere = ProcessId("another-host", 1, 1)
+    kept, orphan, remote, mine = [await store.create(new_job()) for _ in range(4)]
+    me = ProcessId.current()
+    for job, owner in ((kept, live), (orphan, dead), (remote, elsewhere), (mine, me)):
+        claimed = await store.claim_next(only_id=job.id, supervisor=owner)
+        assert claimed is not None and (claimed.supervisor_pid, claimed.supervisor_host) == (owner.pid, owner.host)
+    recovered = await store.recover_orphans(max_attempts=3, me=me)
+    # This process runs no attempt while it recovers: its own running job is an orphan too.
+    assert sorted(j.id for j in recovered) == sorted([orphan.id, mine.id])
+    for job_id, status in ((kept.id, JobStatus.RUNNING), (remote.id, JobStatus.RUNNING),
+                           (orphan.id, JobStatus.QUEUED), (mine.id, JobStatus.QUEUED)):
+        now = await store.get(job_id)
+        assert now is not None and now.status == status
+    back = await store.get(orphan.id)
+    assert back is not None and back.supervisor_pid is None and back.error_code == EndCode.INTERRUPTED
+    assert await store.recover_orphans(max_attempts=3, me=me) == []
+
+
+async def test_every_ending_forgets_the_attempts_processes(store: JobStore) -> None:
+    """finish, fail, mark_cancelled and release all clear the generator and supervisor of the attempt."""
+    endings = {
+        "finish": lambda j: store.finish(j, 1, output_path="/c.mp4", output_bytes=1, phases=[]),
+        "fail": lambda j: store.fail(j, 1, code=EndCode.CRASHED, message="x", retry=True, max_attempts=3),
+        "mark_cancelled": lambda j: store.mark_cancelled(j, 1),
+        "release": lambda j: store.release(j, 1),
+    }
+    for name, end in endings.items():
+        job = await store.create(new_job())
+        await store.claim_next(only_id=job.id)
+        assert await store.record_process(job.id, 1, 4242, 99)
+        assert await end(job.id), name
+        after = await store.get(job.id)
+        assert after is not None, name
+        leftovers = (after.generator_pid, after.generator_start_ticks, after.supervisor_host, after.supervisor_pid,
+                     after.supervisor_start_ticks)
+        assert leftovers == (None,) * 5, name
+
+
+async def test_standbys_of_a_dead_supervisor_are_handed_over_once(
+    store: JobStore, live_process: subprocess.Popen[bytes]
+) -> None:
+    live, dead = ProcessId.of(live_process.pid), dead_process()
+    await store.record_standby(live, ProcessId(host_name(), 111, 1))
+    await store.record_standby(dead, ProcessId(host_name(), 222, 2))
+    await store.record_standby(dead, ProcessId(host_name(), 333, 3))  # replaces its earlier one
+    assert await store.take_orphaned_standbys() == [ProcessId(host_name(), 333, 3)]
+    assert await store.take_orphaned_standbys() == []  # the live supervisor's standby is kept
+    async with store.engine.connect() as conn:
+        assert (await conn.exec_driver_sql("SELECT pid FROM standbys")).scalars().all() == [111]
+    await store.forget_standby(live)
+    async with store.engine.connect() as conn:
+        assert (await conn.exec_driver_sql("SELECT pid FROM standbys")).scalars().all() == []

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from bot.config import Settings
-from bot.db.models import JobStatus
+from bot.db.models import EndCode, JobStatus
 from bot.db.store import JobStore, NewJob
 from bot.intake.image import normalise_image
-from bot.worker import Worker, process_start_ticks
+from bot.processes import process_start_ticks
+from bot.worker import Worker
 from tests.conftest import ROOT, clean_env, image_bytes
 
 pytestmark = pytest.mark.slow
@@ -141,6 +142,10 @@ async def test_oom_is_not_retried_and_carries_the_hint(
     job = await Worker(settings, store).step()
     assert job is not None and job.status == JobStatus.FAILED and job.error_code == "oom"
     assert "fewer frames" in (job.error_message or "") and job.attempts == 1
+    # The phase that ran out of memory still reports its time and peak: what the owner needs to size the next try.
+    phases = [(p["name"], p["failed"]) for p in job.phases or []]
+    assert phases[-1] == ("stage_2", True) and ("stage_1", False) in phases[:-1]
+    assert job.phases is not None and job.phases[-1]["peak_rss_gib"] > 0
 
 
 async def test_generator_environment_has_no_discord_token(
@@ -201,7 +206,11 @@ async def test_bot_killed_mid_job_completes_it_exactly_once_after_restart(
     assert generator_pid is not None, "the generator never started"
     host.send_signal(signal.SIGKILL)
     host.wait()
-    assert alive(generator_pid)  # orphaned, still holding its (GPU) memory
+    # The generator ends with its supervisor instead of rendering on, orphaned, holding its (GPU) memory.
+    deadline = time.monotonic() + 5
+    while alive(generator_pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not alive(generator_pid)
     restarted = subprocess.run([sys.executable, "-c", HOST], cwd=ROOT, env=env, timeout=240)
     assert restarted.returncode == 0
     assert not alive(generator_pid)
@@ -235,6 +244,15 @@ async def test_standby_generator_takes_the_next_job_and_exits_when_released(
 ) -> None:
     first, second = await queue_job(settings, store), await queue_job(settings, store)
     worker = Worker(settings, store, standby=True)
+    recorded: dict[int, tuple[int | None, int]] = {}
+
+    async def pin(job: Any, event: Any) -> None:
+        if getattr(event, "event", None) == "started":
+            row = await store.get(job.id)
+            assert row is not None
+            recorded[job.id] = (row.generator_pid, event.pid)
+
+    worker.listeners.append(pin)
     await worker.prepare_standby()
     assert worker._standby is not None
     waiting = worker._standby.pid
@@ -244,6 +262,7 @@ async def test_standby_generator_takes_the_next_job_and_exits_when_released(
     await worker.step(only_job=first)
     job = await store.get(first)
     assert job is not None and job.status == JobStatus.SUCCEEDED
+    assert recorded[first] == (waiting, waiting)  # the standby rendered it, not a fresh process
     assert job.phases and (time.monotonic() - started) < 60
     assert not alive(waiting)  # the standby ran exactly one job and exited
     assert worker._standby is not None and worker._standby.pid != waiting  # the next one is already up
@@ -251,6 +270,7 @@ async def test_standby_generator_takes_the_next_job_and_exits_when_released(
     await worker.step(only_job=second)
     job2 = await store.get(second)
     assert job2 is not None and job2.status == JobStatus.SUCCEEDED
+    assert recorded[second] == (following, following)
     log = (settings.jobs_dir / str(second) / "generator.log").read_text()
     assert "=== job" in log
     assert not alive(following)
@@ -258,3 +278,90 @@ async def test_standby_generator_takes_the_next_job_and_exits_when_released(
     assert alive(last)
     await worker.close()
     assert worker._standby is None and not alive(last)
+
+
+async def wait_until(check: Callable[[], Any], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not await check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+
+
+async def test_a_missing_interpreter_fails_its_job_and_the_worker_goes_on(
+    make_settings: Callable[..., Settings], store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``generator.python`` pointing at a missing file: each job fails clearly, nothing stays running."""
+    settings = make_settings(generator={"python": str(tmp_path / "no-such-python")})
+    ids = [await queue_job(settings, store) for _ in range(2)]
+    is_paused = store.is_paused
+    calls = 0
+
+    async def flaky_is_paused() -> bool:  # one database hiccup in the loop itself
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("disk I/O error")
+        return await is_paused()
+
+    monkeypatch.setattr(store, "is_paused", flaky_is_paused)
+    worker = Worker(settings, store)
+    task = worker.start()
+
+    async def settled() -> bool:
+        jobs = [await store.get(job_id) for job_id in ids]
+        return task.done() or all(j is not None and j.status == JobStatus.FAILED for j in jobs)
+
+    try:
+        await wait_until(settled, 30)
+        assert not task.done(), task.exception()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for job_id in ids:
+        job = await store.get(job_id)
+        assert job is not None and job.status == JobStatus.FAILED and job.error_code == EndCode.MODEL_MISSING
+        assert "could not start its LTX-2 generator" in (job.error_message or "") and job.attempts == 1
+        assert "no-such-python" not in (job.error_message or "")  # no owner paths in what users read
+
+
+async def test_an_unexpected_error_ends_the_attempt_with_an_error_id(
+    settings: Settings, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = await queue_job(settings, store)
+    worker = Worker(settings, store)
+
+    async def broken(job: Any) -> Any:
+        raise RuntimeError("something internal")
+
+    monkeypatch.setattr(worker, "_attempt", broken)
+    job = await worker.step()
+    assert job is not None and job.id == job_id
+    assert job.status == JobStatus.QUEUED and job.error_code == EndCode.CRASHED  # retried, not stuck running
+    assert "(error " in (job.error_message or "") and "internal" not in (job.error_message or "")
+
+
+async def test_invalid_job_settings_are_told_in_sentences_not_pydantic_text(
+    settings: Settings, store: JobStore
+) -> None:
+    await queue_job(settings, store, frames=10, fps=0)
+    job = await Worker(settings, store).step()
+    assert job is not None and job.status == JobStatus.FAILED and job.error_code == EndCode.INVALID
+    message = job.error_message or ""
+    assert "validation error" not in message and "GenerationRequest" not in message
+    assert "Frames must be one more than a multiple of 8" in message and "fps must be between 1 and 60" in message
+
+
+def test_the_generator_log_is_on_disk_line_by_line_and_keeps_its_head_and_tail(tmp_path: Path) -> None:
+    from bot.worker import BoundedLog
+
+    path = tmp_path / "generator.log"
+    log = BoundedLog(path, limit=4096)
+    log.write("=== job 1 attempt 1 ===\n")
+    assert path.read_text() == "=== job 1 attempt 1 ===\n"  # before close: a kill -9 keeps it
+    for n in range(2000):
+        log.write(f"line {n:04d} of the generator's stderr\n")
+        assert path.stat().st_size <= 4096 + 64
+    text = path.read_text()
+    assert text.startswith("=== job 1 attempt 1 ===\nline 0000")
+    assert text.endswith("line 1999 of the generator's stderr\n") and "lines dropped ..." in text
+    assert log.close()[-1] == "line 1999 of the generator's stderr\n"
+    assert path.read_text() == text

@@ -33,7 +33,25 @@ class JobStatus(enum.StrEnum):
 
 
 ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
-TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class EndCode(enum.StrEnum):
+    """How an attempt ended: the worker decides it, the store records it, the cards explain it."""
+
+    OK = "ok"
+    OOM = "oom"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    CRASHED = "crashed"  # the generator died or failed unexpectedly; retried
+    INVALID = "invalid"  # the job's settings cannot be rendered
+    MODEL_MISSING = "model_missing"  # model files or the family's interpreter need the owner
+    TOO_LARGE = "too_large"  # the clip cannot fit the delivery limit
+    INTERRUPTED = "interrupted"  # its supervising process died mid-render
+    STOPPED = "stopped"  # the bot was stopped on purpose; the attempt is given back
+
+
+# Retrying these renders the same failure again.
+NOT_RETRIED = frozenset({EndCode.OOM, EndCode.INVALID, EndCode.MODEL_MISSING, EndCode.TOO_LARGE})
 
 
 class Job(Base):
@@ -62,6 +80,11 @@ class Job(Base):
     generator_pid: Mapped[int | None] = mapped_column(Integer)
     # /proc/<pid>/stat field 22: tells our generator from a later process with a reused pid.
     generator_start_ticks: Mapped[int | None] = mapped_column(BigInteger)
+    # The process that claimed the job and supervises its generator: recovery takes a running
+    # job back only when this process is gone (a live bot elsewhere keeps its job).
+    supervisor_host: Mapped[str | None] = mapped_column(String(255))
+    supervisor_pid: Mapped[int | None] = mapped_column(Integer)
+    supervisor_start_ticks: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -74,10 +97,6 @@ class Job(Base):
     history: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
 
     @property
     def duration_seconds(self) -> float | None:
@@ -93,3 +112,19 @@ class Setting(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class Standby(Base):
+    """A standby generator (started ahead of its job) and the process that started it.
+
+    Recorded so that the next start ends one whose supervisor died while it was importing.
+    """
+
+    __tablename__ = "standbys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    supervisor_host: Mapped[str] = mapped_column(String(255))
+    supervisor_pid: Mapped[int] = mapped_column(Integer)
+    supervisor_start_ticks: Mapped[int | None] = mapped_column(BigInteger)
+    pid: Mapped[int] = mapped_column(Integer)
+    start_ticks: Mapped[int | None] = mapped_column(BigInteger)

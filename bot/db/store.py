@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import BigInteger, bindparam, func, select, update
+from sqlalchemy import BigInteger, bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bot.db.claims import next_queued_id
 from bot.db.doorbell import make_doorbell
 from bot.db.engine import create_engine, session_factory
-from bot.db.models import ACTIVE_STATUSES, Job, JobStatus, Setting
+from bot.db.models import ACTIVE_STATUSES, EndCode, Job, JobStatus, Setting, Standby
+from bot.processes import ProcessId, host_name
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+T = TypeVar("T")
 
 PAUSED_KEY = "queue_paused"
 PURGED_USER = "purged"
@@ -61,7 +65,6 @@ class CancelOutcome(enum.StrEnum):
 class PurgeResult:
     jobs: list[int]
     images: list[str]
-    clips: list[str]
     running: int
 
 
@@ -235,12 +238,15 @@ class JobStore:
 
     # --- the worker's transitions ---------------------------------------------
 
-    async def claim_next(self, only_id: int | None = None) -> Job | None:
+    async def claim_next(self, only_id: int | None = None, *, supervisor: ProcessId | None = None) -> Job | None:
         """Atomically move the next queued job (fair across users) to running and count the attempt.
 
         One statement, so two claimers can never take the same job; how each database keeps
-        concurrent claimers apart, and the fairness order, are in bot/db/claims.py.
+        concurrent claimers apart, and the fairness order, are in bot/db/claims.py. The claiming
+        process (``supervisor``, by default this one) is recorded: recovery leaves the job
+        alone while that process lives.
         """
+        owner = supervisor or ProcessId.current()
         next_id = next_queued_id(self.engine.dialect.name, only_id)
         statement = (
             update(Job)
@@ -251,6 +257,9 @@ class JobStore:
                 started_at=utcnow(),
                 generator_pid=None,
                 generator_start_ticks=None,
+                supervisor_host=owner.host,
+                supervisor_pid=owner.pid,
+                supervisor_start_ticks=owner.start_ticks,
                 progress=None,
             )
             .returning(Job)
@@ -271,70 +280,53 @@ class JobStore:
     async def finish(
         self, job_id: int, attempt: int, *, output_path: str, output_bytes: int, phases: list[dict[str, Any]]
     ) -> bool:
-        return await self._fenced(
-            job_id,
-            attempt,
-            status=JobStatus.SUCCEEDED,
-            finished_at=utcnow(),
-            output_path=output_path,
-            output_bytes=output_bytes,
-            phases=phases,
-            error_code=None,
-            error_message=None,
-            progress={"stage": "done", "step": 1, "total": 1},
-        )
+        def succeed(job: Job) -> bool:
+            job.output_path = output_path
+            job.output_bytes = output_bytes
+            job.phases = phases
+            job.progress = {"stage": "done", "step": 1, "total": 1}
+            _settle(job, JobStatus.SUCCEEDED)
+            return True
+
+        return await self._in_attempt(job_id, attempt, succeed) is not None
 
     async def fail(
-        self, job_id: int, attempt: int, *, code: str, message: str, retry: bool, max_attempts: int
+        self, job_id: int, attempt: int, *, code: EndCode, message: str, retry: bool, max_attempts: int
     ) -> JobStatus | None:
         """End an attempt that did not succeed; requeue it when ``retry`` and attempts remain.
 
         Returns the job's new status, or None when the attempt no longer owns the job.
         """
-        async with self._sessions.begin() as session:
-            job = await session.get(Job, job_id)
-            if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
-                return None
-            cancelled = job.cancel_requested
-            requeue = retry and not cancelled and job.attempts < max_attempts
-            if cancelled:
-                status = JobStatus.CANCELLED
-            else:
-                status = JobStatus.QUEUED if requeue else JobStatus.FAILED
-            job.history = [*(job.history or []), _history_entry(attempt, code, message)]
-            job.status = status
-            job.error_code = "cancelled" if cancelled else code
-            job.error_message = "Cancelled." if cancelled else message
-            job.generator_pid = None
-            job.generator_start_ticks = None
-            job.finished_at = None if requeue else utcnow()
-            return status
+
+        def end(job: Job) -> JobStatus:
+            _record_attempt(job, code, message)
+            requeue = retry and job.attempts < max_attempts
+            _settle(job, JobStatus.QUEUED if requeue else JobStatus.FAILED, code, message)
+            return JobStatus(job.status)
+
+        return await self._in_attempt(job_id, attempt, end)
 
     async def mark_cancelled(self, job_id: int, attempt: int) -> bool:
-        async with self._sessions.begin() as session:
-            job = await session.get(Job, job_id)
-            if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
-                return False
-            job.history = [*(job.history or []), _history_entry(attempt, "cancelled", "Cancelled while running.")]
-            job.status = JobStatus.CANCELLED
-            job.error_code = "cancelled"
-            job.error_message = "Cancelled."
-            job.finished_at = utcnow()
-            job.generator_pid = None
+        def end(job: Job) -> bool:
+            _record_attempt(job, EndCode.CANCELLED, "Cancelled while running.")
+            _settle(job, JobStatus.CANCELLED, EndCode.CANCELLED, "Cancelled.")
             return True
+
+        return await self._in_attempt(job_id, attempt, end) is not None
 
     async def release(self, job_id: int, attempt: int) -> bool:
         """The bot is stopping on purpose: a running job goes back to the queue with its attempt returned."""
-        async with self._sessions.begin() as session:
-            job = await session.get(Job, job_id)
-            if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
-                return False
+
+        def end(job: Job) -> bool:
             message = "The bot was stopped while this clip was rendering; it renders again when the bot is back."
-            if not _interrupted(job, "stopped", message):
-                job.status = JobStatus.QUEUED
+            _record_attempt(job, EndCode.STOPPED, message)
+            _settle(job, JobStatus.QUEUED, EndCode.STOPPED, message)
+            if job.status == JobStatus.QUEUED:
                 job.attempts = attempt - 1
                 job.started_at = None
             return True
+
+        return await self._in_attempt(job_id, attempt, end) is not None
 
     async def cancel(self, job_id: int, user_id: str | None, *, is_admin: bool = False) -> CancelOutcome:
         """Cancel a queued job at once, or ask the worker to stop a running one."""
@@ -343,10 +335,7 @@ class JobStore:
             if job is None or (user_id is not None and not is_admin and job.user_id != user_id):
                 return CancelOutcome.NOT_FOUND
             if job.status == JobStatus.QUEUED:
-                job.status = JobStatus.CANCELLED
-                job.error_code = "cancelled"
-                job.error_message = "Cancelled before it started."
-                job.finished_at = utcnow()
+                _settle(job, JobStatus.CANCELLED, EndCode.CANCELLED, "Cancelled before it started.")
                 return CancelOutcome.CANCELLED
             if job.status == JobStatus.RUNNING:
                 job.cancel_requested = True
@@ -357,25 +346,58 @@ class JobStore:
         async with self._sessions() as session:
             return bool(await session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
-    async def recover_orphans(self, max_attempts: int) -> list[Job]:
-        """Jobs left running by a dead process go back to the queue, or fail when out of attempts.
+    async def recover_orphans(self, max_attempts: int, me: ProcessId | None = None) -> list[Job]:
+        """Running jobs whose supervising process is gone go back to the queue, or fail when out of attempts.
 
-        Idempotent: a second run finds nothing running and changes nothing.
+        A job supervised by a live process (a bot beside this ``ltxbot animate``) is left alone.
+        ``me`` is the recovering process: it runs no attempt yet, so its own running jobs are orphans.
+        Idempotent: a second run finds no orphan and changes nothing.
         """
+        me = me or ProcessId.current()
         async with self._sessions.begin() as session:
-            orphans = list(await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)))
+            running = await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING).with_for_update())
+            orphans = [job for job in running if is_orphaned(job, me)]
             for job in orphans:
                 message = "The bot stopped while this clip was rendering."
-                if _interrupted(job, "interrupted", message):
-                    continue
+                _record_attempt(job, EndCode.INTERRUPTED, message)
                 if job.attempts >= max_attempts:
-                    job.status = JobStatus.FAILED
-                    job.error_code = "interrupted"
-                    job.error_message = f"{message} It was tried {job.attempts} times; please try again."
-                    job.finished_at = utcnow()
+                    final = f"{message} It was tried {job.attempts} times; please try again."
+                    _settle(job, JobStatus.FAILED, EndCode.INTERRUPTED, final)
                 else:
-                    job.status = JobStatus.QUEUED
+                    _settle(job, JobStatus.QUEUED, EndCode.INTERRUPTED, message)
             return orphans
+
+    # --- standby generators ---------------------------------------------------
+
+    async def record_standby(self, supervisor: ProcessId, standby: ProcessId) -> None:
+        """``standby`` is now ``supervisor``'s waiting generator (replacing any earlier one)."""
+        async with self._sessions.begin() as session:
+            await session.execute(_standbys_of(supervisor))
+            session.add(Standby(
+                supervisor_host=supervisor.host, supervisor_pid=supervisor.pid,
+                supervisor_start_ticks=supervisor.start_ticks, pid=standby.pid, start_ticks=standby.start_ticks,
+            ))
+
+    async def forget_standby(self, supervisor: ProcessId) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(_standbys_of(supervisor))
+
+    async def take_orphaned_standbys(self) -> list[ProcessId]:
+        """Forget the standbys on this host whose supervisor is gone; the caller ends them.
+
+        Unlike a job, a live process's standby is never an orphan: it is waiting, not lost.
+        """
+        async with self._sessions.begin() as session:
+            rows = list(await session.scalars(
+                select(Standby).where(Standby.supervisor_host == host_name()).with_for_update()
+            ))
+            taken = []
+            for row in rows:
+                owner = ProcessId(row.supervisor_host, row.supervisor_pid, row.supervisor_start_ticks)
+                if not owner.is_alive():
+                    taken.append(ProcessId(row.supervisor_host, row.pid, row.start_ticks))
+                    await session.delete(row)
+            return taken
 
     # --- delivery -------------------------------------------------------------
 
@@ -437,9 +459,7 @@ class JobStore:
             running = 0
             for job in jobs:
                 if job.status == JobStatus.QUEUED:
-                    job.status = JobStatus.CANCELLED
-                    job.error_code, job.error_message = "cancelled", "Cancelled: the user's data was purged."
-                    job.finished_at = utcnow()
+                    _settle(job, JobStatus.CANCELLED, EndCode.CANCELLED, "Cancelled: the user's data was purged.")
                 elif job.status == JobStatus.RUNNING:
                     job.cancel_requested = True
                     running += 1
@@ -451,9 +471,16 @@ class JobStore:
         return PurgeResult(
             jobs=[job.id for job in jobs],
             images=sorted(inputs - shared),
-            clips=sorted({job.output_path for job in jobs if job.output_path}),
             running=running,
         )
+
+    async def _in_attempt(self, job_id: int, attempt: int, change: Callable[[Job], T]) -> T | None:
+        """Apply ``change`` to the job if ``attempt`` still owns it (running, same attempt); else None."""
+        async with self._sessions.begin() as session:
+            job = await session.get(Job, job_id, with_for_update=True)
+            if job is None or job.attempts != attempt or job.status != JobStatus.RUNNING:
+                return None
+            return change(job)
 
     async def _fenced(self, job_id: int, attempt: int, **values: Any) -> bool:
         async with self._sessions.begin() as session:
@@ -488,17 +515,47 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def _interrupted(job: Job, code: str, message: str) -> bool:
-    """Record a run that ended without a result; True when that ends the job (its owner cancelled it)."""
+def is_orphaned(job: Job, me: ProcessId) -> bool:
+    """A running job nobody supervises: its claiming process is gone, or is ``me`` (which runs nothing yet).
+
+    Jobs claimed before supervisors were recorded have none and count as orphans. A supervisor on
+    another host cannot be checked from here and is taken to be alive.
+    """
+    if job.supervisor_host is None or job.supervisor_pid is None:
+        return True
+    owner = ProcessId(job.supervisor_host, job.supervisor_pid, job.supervisor_start_ticks)
+    return owner == me or not owner.is_alive()
+
+
+def _standbys_of(supervisor: ProcessId) -> Any:
+    return delete(Standby).where(
+        Standby.supervisor_host == supervisor.host, Standby.supervisor_pid == supervisor.pid,
+        Standby.supervisor_start_ticks == supervisor.start_ticks,
+    )
+
+
+def _record_attempt(job: Job, code: EndCode, message: str) -> None:
+    """The running attempt ended without a result: one history entry, in its own words."""
     job.history = [*(job.history or []), _history_entry(job.attempts, code, message)]
+
+
+def _settle(job: Job, status: JobStatus, code: EndCode | None = None, message: str | None = None) -> None:
+    """The one way a job leaves ``running`` or ``queued``: status, reason and end time together.
+
+    The attempt's processes are forgotten, and a cancel asked for while the job ran wins over any
+    ending but success (the clip exists; the user gets it).
+    """
+    if job.cancel_requested and status != JobStatus.SUCCEEDED:
+        status, code, message = JobStatus.CANCELLED, EndCode.CANCELLED, "Cancelled."
+    job.status = status
+    job.error_code = code
+    job.error_message = message
+    job.finished_at = None if status in ACTIVE_STATUSES else utcnow()
     job.generator_pid = None
     job.generator_start_ticks = None
-    if not job.cancel_requested:
-        return False
-    job.status = JobStatus.CANCELLED
-    job.error_code, job.error_message = "cancelled", "Cancelled."
-    job.finished_at = utcnow()
-    return True
+    job.supervisor_host = None
+    job.supervisor_pid = None
+    job.supervisor_start_ticks = None
 
 
 def _history_entry(attempt: int, code: str, message: str) -> dict[str, Any]:
