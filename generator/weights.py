@@ -60,7 +60,11 @@ class WeightStore:
         with safetensors.safe_open(path, framework="pt", device=str(device)) as handle:
             keys = handle.keys()  # a safetensors handle is not iterable
             for key in keys:
-                name = select(key, lambda key=key: tuple(handle.get_slice(key).get_shape()))
+
+                def shape(key: str = key) -> tuple[int, ...]:
+                    return tuple(handle.get_slice(key).get_shape())
+
+                name = select(key, shape)
                 if name is None:
                     continue
                 tensor = handle.get_tensor(key)
