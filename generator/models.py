@@ -6,7 +6,10 @@ the Gemma root's ``config.json`` (identical to the hard-coded one for the real m
 and without its vision tower, which prompt encoding never calls; the embeddings
 processor takes its input width from the same file; the transformer runs its
 feed-forward in token chunks and keeps per-token AdaLN values as their distinct rows.
-Each change gives ltx-core's own numbers (``tests/test_models.py``).
+Every builder reads through one ``WeightStore`` and only the keys its model holds, and
+stage 2 can take stage 1's transformer with the distilled LoRA fused in place
+(``generator/weights.py``). Each change gives ltx-core's own numbers
+(``tests/test_models.py``, ``tests/test_weights.py``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ltx_core.loader import KeyValueOperationResult
+from ltx_core.loader import KeyValueOperationResult, LoraPathStrengthAndSDOps
 from ltx_core.loader.module_ops import ModuleOps
+from ltx_core.loader.registry import Registry
 from ltx_core.loader.sd_ops import SDOps
-from ltx_core.loader.sft_loader import SafetensorsModelStateDictLoader
 from ltx_core.model.transformer.feed_forward import FeedForward
 from ltx_core.model.transformer.model import LTXModel
 from ltx_core.model.transformer.transformer import BasicAVTransformerBlock
@@ -39,6 +42,7 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from generator.checks import ModelFilesError
+from generator.weights import StoreLoader, UsedKeysBuilder, WeightStore, fuse_loras_in_place
 
 # Feed-forward layers run over at most this many tokens at once. The 4x-wide hidden
 # activation of a 2048x1536x97 stage-2 pass (39,936 tokens) is 1.2 GiB, twice with
@@ -148,17 +152,6 @@ def gemma_config_path(gemma_root: Path) -> Path | None:
     return found[0] if found else None
 
 
-class GemmaRootLoader(SafetensorsModelStateDictLoader):
-    """Hugging Face Gemma shards carry no config metadata: read the root's config.json."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__()
-        self._config = config
-
-    def metadata(self, path: str) -> dict[str, Any]:
-        return self._config
-
-
 class GemmaFromConfigJson(GemmaTextEncoderConfigurator):
     """Gemma 3 from the root's config.json, text only.
 
@@ -250,8 +243,44 @@ class EmbeddingsProcessorForGemma(EmbeddingsProcessorConfigurator):
             return super().from_config(config)
 
 
+# Every builder ModelLedger may make; each reads through the ledger's store.
+BUILDERS = (
+    "transformer_builder", "vae_decoder_builder", "vae_encoder_builder", "audio_encoder_builder",
+    "audio_decoder_builder", "vocoder_builder", "embeddings_processor_builder", "text_encoder_builder",
+    "upsampler_builder",
+)
+
+
 class LtxLedger(ModelLedger):
-    """ModelLedger whose Gemma builders honour the Gemma root; every model is checked for meta weights."""
+    """ModelLedger whose Gemma builders honour the Gemma root; every model is checked for meta weights.
+
+    All builders read through ``store``. With ``used_keys_only`` (the default) each reads
+    only the keys its model holds; ``False`` keeps ltx-core's reads (every key the SDOps
+    match), which the loading benchmark measures side by side.
+    """
+
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        device: torch.device,
+        checkpoint_path: str | None = None,
+        gemma_root_path: str | None = None,
+        spatial_upsampler_path: str | None = None,
+        loras: tuple[LoraPathStrengthAndSDOps, ...] = (),
+        registry: Registry | None = None,
+        quantization: Any = None,
+        *,
+        store: WeightStore | None = None,
+        used_keys_only: bool = True,
+    ) -> None:
+        # ModelLedger.__init__ calls build_model_builders, which needs these.
+        self.store = store if store is not None else WeightStore()
+        self.used_keys_only = used_keys_only
+        super().__init__(
+            dtype=dtype, device=device, checkpoint_path=checkpoint_path, gemma_root_path=gemma_root_path,
+            spatial_upsampler_path=spatial_upsampler_path, loras=loras, registry=registry,
+            quantization=quantization,
+        )
 
     def build_model_builders(self) -> None:
         super().build_model_builders()
@@ -260,23 +289,34 @@ class LtxLedger(ModelLedger):
                 self.transformer_builder,
                 module_ops=(*self.transformer_builder.module_ops, CHUNKED_FEED_FORWARD, TIMESTEPS_BY_VALUE),
             )
-        if self.gemma_root_path is None or not hasattr(self, "text_encoder_builder"):
+        if self.gemma_root_path is not None and hasattr(self, "text_encoder_builder"):
+            root = Path(self.gemma_root_path)
+            config_path = gemma_config_path(root)
+            config = json.loads(config_path.read_text()) if config_path else {}
+            self.text_encoder_builder: Any = replace(
+                self.text_encoder_builder,
+                model_class_configurator=GemmaFromConfigJson,
+                # Hugging Face Gemma shards carry no config metadata: the root's config.json stands in.
+                model_loader=StoreLoader(self.store, config=config),
+                model_sd_ops=GEMMA_TEXT_KEY_OPS,
+                module_ops=tuple(
+                    GEMMA_TEXT_MODEL_OPS if op is GEMMA_MODEL_OPS else op
+                    for op in self.text_encoder_builder.module_ops
+                ),
+            )
+            self.embeddings_processor_builder: Any = replace(
+                self.embeddings_processor_builder, model_class_configurator=EmbeddingsProcessorForGemma.for_root(root)
+            )
+        if not self.used_keys_only:
             return
-        root = Path(self.gemma_root_path)
-        config_path = gemma_config_path(root)
-        config = json.loads(config_path.read_text()) if config_path else {}
-        self.text_encoder_builder: Any = replace(
-            self.text_encoder_builder,
-            model_class_configurator=GemmaFromConfigJson,
-            model_loader=GemmaRootLoader(config),
-            model_sd_ops=GEMMA_TEXT_KEY_OPS,
-            module_ops=tuple(
-                GEMMA_TEXT_MODEL_OPS if op is GEMMA_MODEL_OPS else op for op in self.text_encoder_builder.module_ops
-            ),
-        )
-        self.embeddings_processor_builder: Any = replace(
-            self.embeddings_processor_builder, model_class_configurator=EmbeddingsProcessorForGemma.for_root(root)
-        )
+        for name in BUILDERS:
+            builder = getattr(self, name, None)
+            if builder is None:
+                continue
+            loader = builder.model_loader
+            if not isinstance(loader, StoreLoader):
+                loader = StoreLoader(self.store)
+            setattr(self, name, replace(UsedKeysBuilder.of(builder), model_loader=loader))
 
     def with_loras(self, loras: tuple[Any, ...]) -> LtxLedger:
         # The stock method returns a plain ModelLedger and would drop our builders.
@@ -289,6 +329,8 @@ class LtxLedger(ModelLedger):
             loras=loras,
             registry=self.registry,
             quantization=self.quantization,
+            store=self.store,
+            used_keys_only=self.used_keys_only,
         )
 
     def transformer(self) -> Any:
@@ -297,6 +339,22 @@ class LtxLedger(ModelLedger):
             # ltx-core casts the state dict to the ledger's dtype only when no LoRA is fused.
             model = model.to(self.dtype)
         return model
+
+    def transformer_with_loras(self, loras: tuple[LoraPathStrengthAndSDOps, ...], kept: Any = None) -> Any:
+        """The transformer with ``loras`` added: ``kept`` (a transformer this ledger built) fused in place,
+        or, without one, a fresh build from the checkpoint as ltx-pipelines makes it.
+
+        Both give the same tensors (``fuse_loras_in_place``); the first reads only the
+        LoRA files. A ledger that already fuses LoRAs builds afresh: ltx-core sums all
+        deltas before one rounding, which fusing on top would not reproduce.
+        """
+        if kept is None or self.loras:
+            return self.with_additional_loras(loras).transformer()
+        # The quantized build passes no dtype to ltx-core (model_ledger.py), the plain one the ledger's.
+        fuse_loras_in_place(
+            kept.velocity_model, self.transformer_builder, loras, None if self.quantization else self.dtype
+        )
+        return kept
 
     def video_encoder(self) -> Any:
         return _loaded(super().video_encoder, "video VAE encoder", "checkpoint")

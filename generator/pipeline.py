@@ -215,8 +215,11 @@ def _generate(
         )
         del encoder
 
+    # Stage 2 takes stage 1's transformer (distilled: as is; two-stage: with the distilled LoRA
+    # fused in place) instead of reading the checkpoint again a minute later.
+    reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse")
     with tracker.phase("stage_1"):
-        keep_until = "stage_2" if kind == "distilled" else None
+        keep_until = "stage_2" if reuse else None
         transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
         if guided:
             sigmas = LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
@@ -227,7 +230,7 @@ def _generate(
             "generating", transformer, sigmas, shape_1, cond_1,
             guided=guided, steps_params=params,
         )
-        if kind != "distilled":
+        if not reuse:
             del transformer
 
     if two_stages:
@@ -242,7 +245,10 @@ def _generate(
             if kind == "two_stage":
                 assert spec.models.distilled_lora is not None
                 lora = LoraPathStrengthAndSDOps(str(spec.models.distilled_lora), 1.0, LTXV_LORA_COMFY_RENAMING_MAP)
-                transformer = tracker.watch(ledger.with_additional_loras((lora,)).transformer(), "transformer + LoRA")
+                if reuse:
+                    transformer = ledger.transformer_with_loras((lora,), kept=transformer)
+                else:
+                    transformer = tracker.watch(ledger.transformer_with_loras((lora,)), "transformer + LoRA")
             sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
             shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
             video_state, audio_state = run.denoise(
@@ -277,4 +283,6 @@ def _generate(
     # The decoder is lazy: it is built and runs inside stream_clip, as the encoder consumes it, inside the scope.
     frames = decoded(video_state.latent)
     del video_state
-    return stream_clip(spec, tracker, frames, run.progress, audio_track)
+    done = stream_clip(spec, tracker, frames, run.progress, audio_track)
+    log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
+    return done

@@ -216,6 +216,10 @@ class JobSpec(_Frozen):
     fp8_cast: bool = True
     # Stage-1 guidance passes per transformer forward (1: one by one, as ltx-pipelines runs them).
     guidance_batch: int = Field(default=1, ge=1, le=4)
+    # reuse: stage 2 fuses the distilled LoRA into stage 1's transformer and reads only the
+    # LoRA; reload: it builds the transformer again from the checkpoint, as ltx-pipelines
+    # does. Both give the same clip bit for bit (tests/test_weights.py); reload is the reference.
+    stage_2_transformer: Literal["reuse", "reload"] = "reuse"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     crf: int = Field(default=23, ge=0, le=51)

@@ -65,7 +65,7 @@ TEXT_ONLY = """
 import json, sys
 from dataclasses import replace
 import torch
-from ltx_core.loader.sft_loader import SafetensorsStateDictLoader
+from generator.weights import StoreLoader
 from ltx_core.text_encoders.gemma import GemmaTextEncoder
 from ltx_core.text_encoders.gemma.encoders.encoder_configurator import GEMMA_LLM_KEY_OPS, GEMMA_MODEL_OPS
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
@@ -75,12 +75,12 @@ root = sys.argv[1]
 ledger = models.LtxLedger(dtype=torch.float32, device=torch.device("cpu"),
                           checkpoint_path=root + "/ltx-2.3-tiny-dev.safetensors", gemma_root_path=root + "/gemma")
 read = []
-original_load = SafetensorsStateDictLoader.load
-def recording_load(self, path, sd_ops, device=None):
+original_load = StoreLoader.load
+def recording_load(self, path, sd_ops=None, device=None):
     state = original_load(self, path, sd_ops, device)
     read.append(sorted(state.sd))
     return state
-SafetensorsStateDictLoader.load = recording_load
+StoreLoader.load = recording_load
 
 class WholeGemma(models.GemmaFromConfigJson):
     @classmethod

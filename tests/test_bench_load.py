@@ -1,0 +1,100 @@
+"""The loading benchmark's plumbing on the CPU (``bench/load.py``): files, variants, reports.
+
+Full-size runs need the GPU machine's disk and page-cache drops (bench/README.md); here
+tiny files in the same layouts go through the same code, warm only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_python
+
+pytestmark = pytest.mark.slow
+
+LAYOUT = """
+import json, sys
+from pathlib import Path
+from safetensors import safe_open
+from bench.load import checkpoint_layout, lora_layout, random_pool, write_safetensors
+from bench.random_weights import full_configs
+from generator.tiny import tiny_checkpoint_config
+tiny = Path(sys.argv[1])
+with safe_open(str(tiny / "ltx-2.3-tiny-dev.safetensors"), "pt") as f:
+    official = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+layout = checkpoint_layout(tiny_checkpoint_config(), tiny / "gemma")
+config = full_configs()[0]
+full = checkpoint_layout(config, tiny / "gemma")  # the tiny Gemma root: only the processor's input width differs
+import math
+nbytes = lambda layout: sum(math.prod(s) * 2 for s in layout.values())
+written = Path(sys.argv[2]) / "w.safetensors"
+shapes = {"a.weight": (3, 5), "b.weight": (7,), "c.bias": (1000, 3)}
+size = write_safetensors(written, shapes, {"config": "{}"}, random_pool(1024))
+with safe_open(str(written), "pt") as f:
+    back = {k: f.get_tensor(k) for k in f.keys()}
+    meta = f.metadata()
+print(json.dumps({
+    "same_keys": sorted(layout) == sorted(official),
+    "same_shapes": all(list(layout[k]) == official[k] for k in official),
+    "lora_gb": nbytes(lora_layout(config, 384)) / 1e9,
+    "connector_gb": sum(math.prod(s) * 2 for k, s in full.items() if "embeddings_connector" in k) / 1e9,
+    "transformer_gb": sum(math.prod(s) * 2 for k, s in full.items()
+                          if k.startswith("model.diffusion_model.") and "embeddings_connector" not in k) / 1e9,
+    "written": {k: [str(v.dtype), list(v.shape), bool(v.float().isfinite().all())] for k, v in back.items()},
+    "distinct": not bool((back["a.weight"].flatten()[:7] == back["b.weight"]).all()),
+    "meta": meta, "size": size,
+}))
+"""
+
+
+def test_files_have_the_official_layouts_and_sizes(tmp_path: Path, tiny_models: Path) -> None:
+    result = json.loads(run_python(LAYOUT, str(tiny_models), str(tmp_path)))
+    # The tiny checkpoint written by generator/tiny.py, key for key and shape for shape.
+    assert result["same_keys"] and result["same_shapes"]
+    # Full size: the released files' sizes (the transformer's 18.99 B parameters in bf16, the
+    # rank-384 LoRA's 7.4 GB, the 4 GB of connectors each transformer load used to read).
+    assert 37.9 < result["transformer_gb"] < 38.1
+    assert 7.35 < result["lora_gb"] < 7.45
+    assert 3.9 < result["connector_gb"] < 4.1
+    assert result["written"] == {"a.weight": ["torch.bfloat16", [3, 5], True],
+                                 "b.weight": ["torch.bfloat16", [7], True],
+                                 "c.bias": ["torch.bfloat16", [1000, 3], True]}
+    assert result["distinct"] and result["meta"] == {"config": "{}"}
+
+
+def test_benchmark_runs_every_variant_on_tiny_files_and_writes_its_reports(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--tiny", "--device", "cpu", "--no-cold", "--out", str(out),
+         "--work", str(work), "--budget-s", "3000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["variant"]: r for r in results["runs"]}
+    assert set(runs) == {"today", "reuse", "used_keys", "both"} and results["skipped"] == []
+    assert all(r["mode"] == "warm" and "error" not in r for r in runs.values())
+    files = results["files"]
+    lora, connectors = files["distilled_lora"]["tensor_bytes"], files["checkpoint"]["connector_bytes"]
+
+    def build(variant: str, model: str) -> dict[str, int]:
+        found: dict[str, int] = next(b for b in runs[variant]["builds"] if b["model"] == model)
+        return found
+
+    stage_1, stage_2 = "transformer (stage 1)", "transformer + LoRA (stage 2)"
+    # Reading only used keys drops the connectors from every transformer load.
+    assert build("today", stage_1)["bytes"] - build("used_keys", stage_1)["bytes"] == connectors
+    # Reusing stage 1's transformer makes stage 2 read the LoRA's tensors and nothing else.
+    assert build("both", stage_2)["bytes_by_file"] == {"ltx-2.3-22b-distilled-lora-384.safetensors": lora}
+    assert build("today", stage_2)["bytes"] > build("today", stage_1)["bytes"]
+    assert runs["both"]["bytes"] < runs["used_keys"]["bytes"] < runs["today"]["bytes"]
+    assert runs["both"]["bytes"] < runs["reuse"]["bytes"] < runs["today"]["bytes"]
+    assert all(r["peak_rss_anon_gib"] > 0 and r["peak_rss_file_gib"] > 0 for r in runs.values())
+    table = (out / "table.md").read_text()
+    assert "| transformer + LoRA (stage 2) |" in table and "both warm" in table and "peak RssAnon" in table
+    assert not (work / "models").exists()  # the files are removed after the run
