@@ -26,7 +26,7 @@ from bot.db.models import ACTIVE_STATUSES, JobStatus
 from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
-from bot.intake.image import ImageIntake, confined_path
+from bot.intake.image import DecodeLimits, ImageIntake, confined_path
 from bot.intake.request import RequestOptions, check_owner_limits
 from bot.replies import tell
 from bot.status_cards import StatusCards
@@ -108,7 +108,7 @@ class JobService:
         limits = settings.limits
         self.intake = ImageIntake(
             settings.uploads_dir, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side,
-            threads=limits.intake_threads,
+            threads=limits.intake_threads, limits=DecodeLimits.of(limits),
         )
         self.http: aiohttp.ClientSession | None = None
         self.cards = StatusCards(bot, store, interval=settings.discord.progress_interval_seconds, clock=clock,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from bot.db.models import JobStatus
 from bot.db.store import NewJob
 from bot.intake import IntakeError
-from bot.intake.image import normalise_image, read_local_image
+from bot.intake.image import DecodeLimits, normalise_image, read_local_image
 from bot.intake.request import SizedRequest
 from bot.terminal import StageProgress, make_console, phase_table
 from bot.worker import Worker
@@ -34,7 +34,8 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     try:
         data = read_local_image(args.image, limits.max_upload_bytes)
         image = normalise_image(
-            data, sized, settings.uploads_dir, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side
+            data, sized, settings.uploads_dir, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side,
+            limits=DecodeLimits.of(limits),
         )
     except IntakeError as exc:
         print(f"Cannot animate that: {exc.message} ({exc.code})", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 A pid alone is not an identity: the kernel reuses pids. The start time in clock ticks since
 boot (``/proc/<pid>/stat`` field 22) tells a process from a later one that got its pid, so
-every pid the store records comes with it. See docs/DESIGN.md, "Reaping what we spawn".
+every pid the store records comes with it. See docs/DESIGN.md, "Supervising the generator".
 """
 
 from __future__ import annotations

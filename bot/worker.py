@@ -1,6 +1,6 @@
 """The worker: one job at a time, each in a fresh ``python -m generator`` process group.
 
-The database is the queue and an asyncio.Event is the doorbell. A hang, a crash,
+The database is the queue and the store's doorbell (bot/db/doorbell.py) wakes an idle worker. A hang, a crash,
 an out-of-memory error, a cancel or a restart of the bot never loses a job, never
 runs one twice at once, and never leaves a generator holding GPU memory.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
 import secrets
@@ -210,7 +209,6 @@ class Worker:
         self.settings = settings
         self.store = store
         self.me = ProcessId.current()
-        self.doorbell = asyncio.Event()
         self.listeners: list[Listener] = []
         self.current: tuple[int, asyncio.subprocess.Process] | None = None
         self._progress_saved_at = 0.0
@@ -296,7 +294,7 @@ class Worker:
             await self.store.forget_standby(self.me)
 
     def ring(self) -> None:
-        self.doorbell.set()
+        self.store.doorbell.ring()
 
     async def _notify(self, job: Job, event: Any) -> None:
         for listener in self.listeners:
@@ -373,9 +371,8 @@ class Worker:
                 self._recovered = False
 
     async def _wait_doorbell(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.doorbell.wait(), timeout)
-        self.doorbell.clear()
+        # A ring only hints that a job was queued; the poll after ``timeout`` finds it regardless.
+        await self.store.doorbell.wait(timeout)
 
     async def step(self, only_job: int | None = None) -> Job | None:
         """Claim one queued job and run it to the end of this attempt; None when nothing was queued.

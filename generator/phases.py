@@ -2,7 +2,7 @@
 
 At every boundary the tracker synchronizes, reads ``max_memory_allocated`` and
 ``max_memory_reserved`` and resets the peak, so each phase reports its own peak
-(docs/DESIGN.md, "Measure phase boundaries"). On CPU it reports the phase's peak RSS
+(docs/DESIGN.md, "Phases"). On CPU it reports the phase's peak RSS
 instead. A phase that raises still reports, marked failed, before its error goes on.
 """
 

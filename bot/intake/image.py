@@ -279,7 +279,7 @@ def read_local_image(path: Path, max_bytes: int) -> bytes:
 
 
 def confined_path(root: Path, name: str) -> Path:
-    """``root / name`` after checking it cannot escape ``root`` (DESIGN lesson 9)."""
+    """``root / name`` after checking it cannot escape ``root`` (docs/DESIGN.md, "Uploads")."""
     base = root.resolve()
     path = (base / name).resolve()
     if not path.is_relative_to(base) or path == base:
