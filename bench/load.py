@@ -3,9 +3,9 @@
     python -m bench.load --out DIR                          # on the GPU machine (about 8 minutes)
     python -m bench.load --out DIR --tiny --device cpu --no-cold   # the plumbing, on tiny configs
 
-Writes full-size random bf16 files in the official layouts (keys as ``generator/tiny.py``
+Writes full-size random bf16 files in the official layouts (keys as ``generator/ltx2/tiny.py``
 writes them) to ``--work``, then loads every model a two-stage fp8 job builds, in the
-job's order, through the generator's own ledger (``generator/models.py``), each
+job's order, through the generator's own ledger (``generator/ltx2/models.py``), each
 measurement in a fresh process forked from one that has done the imports and holds no
 CUDA context (what the standby generator hands a job). Variants:
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         results["imports"] = import_seconds()
         context = multiprocessing.get_context("forkserver")
         # The fork server does the slow imports once; every measurement is a fresh fork of it.
-        context.set_forkserver_preload(["generator.models", "generator.pipeline"])
+        context.set_forkserver_preload(["generator.ltx2.models", "generator.ltx2.pipeline"])
 
         def elapsed() -> float:
             return time.perf_counter() - started
@@ -194,7 +194,7 @@ def _filesystem(path: Path) -> str:
 def import_seconds() -> float:
     """What a cold generator pays before its first phase for these imports (the standby hides it)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import generator.models, generator.pipeline"], check=True)
+    subprocess.run([sys.executable, "-c", "import generator.ltx2.models, generator.ltx2.pipeline"], check=True)
     return round(time.perf_counter() - t0, 2)
 
 
@@ -231,12 +231,12 @@ def _state_shapes(configurator: Any, config: dict[str, Any]) -> dict[str, tuple[
 
 
 def checkpoint_layout(config: dict[str, Any], gemma_root: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the official single-file checkpoint (the prefixes ``generator/tiny.py`` writes)."""
+    """Key -> shape of the official single-file checkpoint (the prefixes ``generator/ltx2/tiny.py`` writes)."""
     from ltx_core.model.audio_vae import AudioDecoderConfigurator, AudioEncoderConfigurator, VocoderConfigurator
     from ltx_core.model.transformer import LTXModelConfigurator
     from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfigurator
 
-    from generator.models import EmbeddingsProcessorForGemma
+    from generator.ltx2.models import EmbeddingsProcessorForGemma
 
     layout = {f"model.diffusion_model.{k}": s for k, s in _state_shapes(LTXModelConfigurator, config).items()}
     for vae, parts in (("vae", (("encoder", VideoEncoderConfigurator), ("decoder", VideoDecoderConfigurator))),
@@ -329,7 +329,7 @@ def _gemma_root(models: Path, tiny: bool) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from generator.tiny import write_tiny_gemma
+    from generator.ltx2.tiny import write_tiny_gemma
 
     root = models / "gemma-3-12b-it"
     write_tiny_gemma(root, torch.Generator().manual_seed(1))
@@ -342,7 +342,7 @@ def _gemma_root(models: Path, tiny: bool) -> Path:
 
 
 def build_files(work: Path, *, tiny: bool) -> dict[str, Any]:
-    from generator.tiny import MODEL_VERSION, TINY_UPSAMPLER, tiny_checkpoint_config
+    from generator.ltx2.tiny import MODEL_VERSION, TINY_UPSAMPLER, tiny_checkpoint_config
 
     models = work / "models"
     shutil.rmtree(models, ignore_errors=True)
@@ -512,7 +512,7 @@ def job_loads(variant: Variant, files: dict[str, Any], device: Any) -> Iterator[
     from ltx_core.loader.sd_ops import LTXV_LORA_COMFY_RENAMING_MAP
     from ltx_core.quantization import QuantizationPolicy
 
-    from generator.models import LtxLedger
+    from generator.ltx2.models import LtxLedger
 
     ledger = LtxLedger(
         dtype=torch.bfloat16, device=device, checkpoint_path=files["checkpoint"]["path"],

@@ -3,7 +3,7 @@
     .venv-ltxv/bin/python -m bench.ltxv_vram --out bench/results/h100-ltxv         # on a CUDA machine
     .venv-ltxv/bin/python -m bench.ltxv_vram --out /tmp/b --tiny --device cpu      # the plumbing, tiny models
 
-Runs in the LTX-Video interpreter. Each configuration runs ``generator.ltxv.generate``
+Runs in the LTX-Video interpreter. Each configuration runs ``generator.ltxv.pipeline.generate``
 (the production phase sequence, phase tracker, windowed and tiled decode, encoder)
 with ``Loaders`` that build full-size models with random weights directly on the
 device instead of reading checkpoints: the T5-v1.1-XXL encoder, the transformer,
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from generator import ltxv
+from generator.ltxv import pipeline as ltxv
 from generator.protocol import JobSpec, PhaseEvent, ProgressEvent
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -137,7 +137,7 @@ class RandomModels:
 
 def _files(work: Path, tiny: bool) -> dict[str, Any]:
     """Header-only checkpoints carrying the real metadata configs, and a tokenizer folder."""
-    from generator import tiny_ltxv
+    from generator.ltxv import tiny as tiny_ltxv
 
     work.mkdir(parents=True, exist_ok=True)
     text_root = work / "t5"
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     files = _files(out / "work", args.tiny)
     if args.tiny:
-        import generator.tiny_ltxv as tiny
+        import generator.ltxv.tiny as tiny
 
         t5 = tiny.TINY_T5 | {"vocab_size": 64}
         upsampler = tiny.TINY_UPSAMPLER

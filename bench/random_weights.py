@@ -28,7 +28,7 @@ from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfi
 from ltx_core.text_encoders.gemma.config import GEMMA3_CONFIG_FOR_LTX
 from safetensors.torch import save_file
 
-from generator.models import EmbeddingsProcessorForGemma, GemmaFromConfigJson, LtxLedger
+from generator.ltx2.models import EmbeddingsProcessorForGemma, GemmaFromConfigJson, LtxLedger
 
 log = logging.getLogger(__name__)
 

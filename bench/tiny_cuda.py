@@ -129,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tiny_files(family: str, root: Path) -> dict[str, str]:
     if family == "ltxv":
-        from generator.tiny_ltxv import write_tiny_ltxv
+        from generator.ltxv.tiny import write_tiny_ltxv
 
         tiny_ltxv = write_tiny_ltxv(root)
         return {key: str(getattr(tiny_ltxv, key))
                 for key in ("checkpoint", "distilled_checkpoint", "spatial_upsampler", "text_encoder_root")}
-    from generator.tiny import write_tiny_models
+    from generator.ltx2.tiny import write_tiny_models
 
     models = write_tiny_models(root)
     return {"checkpoint": str(models.checkpoint), "distilled_checkpoint": str(models.checkpoint),

@@ -6,7 +6,7 @@
     python -m bench.vram --out DIR --configs "fp8 1024x768x97" --guidance-batches 1 4 --steps 6 \
         --skip-unscoped --skip-overhead                    # batched guidance next to sequential
 
-Each configuration runs ``generator.pipeline.generate`` (the production phase
+Each configuration runs ``generator.ltx2.pipeline.generate`` (the production phase
 sequence, phase tracker and memory release) with ``bench.random_weights.RandomLedger``
 in place of the checkpoint loader. Stage 1 runs ``--steps`` steps instead of the
 checkpoint's default; the time per step is reported so full-step times can be
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     from bench.random_weights import check_full_size, parameter_counts, write_header_models
     from generator.checks import safetensors_metadata
-    from generator.tiny import write_tiny_models
+    from generator.ltx2.tiny import write_tiny_models
 
     work = out / "work"
     tiny = write_tiny_models(work / "tiny")
@@ -151,7 +151,7 @@ def compare_guidance(
     """The same job once per guidance batch size; stage-1 figures and final-latent differences."""
     import torch
 
-    from generator import guidance, pipeline
+    from generator.ltx2 import guidance, pipeline
 
     finals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     runs = []
@@ -208,7 +208,7 @@ def run_config(
     from PIL import Image
 
     from bench.random_weights import RandomLedger
-    from generator.pipeline import generate
+    from generator.ltx2.pipeline import generate
     from generator.protocol import JobSpec, PhaseEvent, ProgressEvent
 
     image = work / f"in-{config.width}x{config.height}.png"

@@ -203,7 +203,7 @@ def _tiny_ltx2(settings: Settings, root: Path) -> int:
     if not Path(python).exists():
         print(f"No generator interpreter at {python}; check generator.python.", file=sys.stderr)
         return 1
-    lines = _run_writer(python, "generator.tiny", root)
+    lines = _run_writer(python, "generator.ltx2.tiny", root)
     if lines is None:
         return 1
     print("# Tiny random-weight models for smoke tests; they render noise. Put these lines in config.yaml:")
@@ -218,7 +218,7 @@ def _tiny_ltxv(settings: Settings, root: Path) -> int:
     if not Path(python).exists():
         print(f"No LTX-Video interpreter at {settings.ltxv.python}; run `make ltxv` first.", file=sys.stderr)
         return 1
-    output = _run_writer(python, "generator.tiny_ltxv", root)
+    output = _run_writer(python, "generator.ltxv.tiny", root)
     if output is None:
         return 1
     files = json.loads(output.strip().splitlines()[-1])

@@ -17,12 +17,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from generator import faults
 from generator.protocol import PhaseEvent
+
+if TYPE_CHECKING:
+    from generator.protocol import DoneEvent, JobSpec
 
 log = logging.getLogger("generator")
 GIB = 2**30
@@ -129,3 +132,17 @@ class PhaseTracker:
         )
         self.phases.append(event)
         self.emit(event)
+
+
+def run_scoped(
+    spec: JobSpec,
+    emit: Callable[[Any], None],
+    scope: Callable[[], contextlib.AbstractContextManager[Any]],
+    body: Callable[[torch.device, PhaseTracker], DoneEvent],
+) -> DoneEvent:
+    """Every backend's ``generate``: pick the device, track the phases, and run the whole job,
+    encoder included, inside one scope (docs/DESIGN.md, 'Scope')."""
+    device = pick_device(spec.device)
+    tracker = PhaseTracker(device, emit)
+    with scope():
+        return body(device, tracker)

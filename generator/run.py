@@ -77,10 +77,10 @@ STANDBY_ARGS: dict[tuple[str, ...], ModelFamily] = {
 def backend(family: ModelFamily) -> Callable[[JobSpec, EventWriter], DoneEvent]:
     """The family's ``generate``; importing it is the slow part (torch and the model package)."""
     if family == "ltxv":
-        from generator import ltxv
+        from generator.ltxv import pipeline as ltxv
 
         return ltxv.generate
-    from generator import pipeline
+    from generator.ltx2 import pipeline
 
     return pipeline.generate
 

@@ -24,7 +24,7 @@ from bot.db.store import JobStore
 from tests.support.postgres import pg_url, postgres_server  # noqa: F401  (fixtures for every module)
 
 ROOT = Path(__file__).resolve().parents[1]
-_TINY_SCRIPT = "from pathlib import Path; import sys; from generator.tiny import write_tiny_models; " \
+_TINY_SCRIPT = "from pathlib import Path; import sys; from generator.ltx2.tiny import write_tiny_models; " \
                "write_tiny_models(Path(sys.argv[1]))"
 
 
@@ -51,7 +51,7 @@ def ltxv_python() -> Path:
 def tiny_ltxv(tmp_path_factory: pytest.TempPathFactory, ltxv_python: Path) -> dict[str, str]:
     """Tiny LTX-Video files, written by the LTX-Video interpreter with that package's own classes."""
     root = tmp_path_factory.mktemp("tiny-ltxv")
-    done = subprocess.run([str(ltxv_python), "-m", "generator.tiny_ltxv", str(root)], check=True,
+    done = subprocess.run([str(ltxv_python), "-m", "generator.ltxv.tiny", str(root)], check=True,
                           capture_output=True, text=True, cwd=ROOT)
     files: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
     return files

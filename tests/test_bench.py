@@ -17,7 +17,7 @@ COUNTS = """
 import json, sys
 from pathlib import Path
 from bench.random_weights import check_full_size, parameter_counts, write_header_models
-from generator.tiny import write_tiny_models
+from generator.ltx2.tiny import write_tiny_models
 root = Path(sys.argv[1])
 models = write_header_models(root / "models", write_tiny_models(root / "tiny").gemma_root)
 full = parameter_counts(models)

@@ -23,7 +23,7 @@ from pathlib import Path
 from safetensors import safe_open
 from bench.load import checkpoint_layout, lora_layout, random_pool, write_safetensors
 from bench.random_weights import full_configs
-from generator.tiny import tiny_checkpoint_config
+from generator.ltx2.tiny import tiny_checkpoint_config
 tiny = Path(sys.argv[1])
 with safe_open(str(tiny / "ltx-2.3-tiny-dev.safetensors"), "pt") as f:
     official = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -54,7 +54,7 @@ print(json.dumps({
 
 def test_files_have_the_official_layouts_and_sizes(tmp_path: Path, tiny_models: Path) -> None:
     result = json.loads(run_python(LAYOUT, str(tiny_models), str(tmp_path)))
-    # The tiny checkpoint written by generator/tiny.py, key for key and shape for shape.
+    # The tiny checkpoint written by generator/ltx2/tiny.py, key for key and shape for shape.
     assert result["same_keys"] and result["same_shapes"]
     # Full size: the released files' sizes (the transformer's 18.99 B parameters in bf16, the
     # rank-384 LoRA's 7.4 GB, the 4 GB of connectors each transformer load used to read).

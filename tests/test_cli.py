@@ -11,7 +11,7 @@ import pytest
 
 from bot.cli import _parser
 from tests.conftest import ROOT, clean_env
-from tests.fake_discord import FakeDiscord
+from tests.support.fake_discord import FakeDiscord
 
 
 def ltxbot(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -72,7 +72,7 @@ async def test_token_is_not_printed_when_discord_rejects_it(tmp_path: Path) -> N
     await fake.start()
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "tests" / "fake_bot.py"), fake.url, "run", cwd=tmp_path,
+            sys.executable, str(ROOT / "tests" / "support" / "fake_bot.py"), fake.url, "run", cwd=tmp_path,
             env=clean_env() | {"DISCORD_TOKEN": secret, "PYTHONPATH": str(ROOT)},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )

@@ -17,8 +17,8 @@ from PIL import Image
 from bot.db.models import JobStatus
 from bot.worker import process_start_ticks
 from tests.conftest import image_bytes
-from tests.discord_harness import ADMIN, ALICE, BOB, CAROL, Harness, decode_mp4
-from tests.fake_discord import FakeDiscord, custom_ids
+from tests.support.discord_harness import ADMIN, ALICE, BOB, CAROL, Harness, decode_mp4
+from tests.support.fake_discord import FakeDiscord, custom_ids
 
 pytestmark = pytest.mark.timeout(600)
 

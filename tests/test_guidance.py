@@ -1,4 +1,4 @@
-"""Batched stage-1 guidance (``generator/guidance.py``) against the passes run one by one.
+"""Batched stage-1 guidance (``generator/ltx2/guidance.py``) against the passes run one by one.
 
 The tiny checkpoint has 2 transformer blocks, and ltx-core silently perturbs nothing
 when the STG blocks (28 for LTX-2.3, 29 for LTX-2.0) do not exist, so these tests
@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from ltx_core.model.transformer import LTXModelConfigurator
-from generator.tiny import random_state
+from generator.ltx2.tiny import random_state
 source, target, version, blocks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 with safe_open(source, "pt") as f:
     metadata = f.metadata()
@@ -57,8 +57,8 @@ print(json.dumps(sorted({int(k.split(".")[1]) for k in state if k.startswith("tr
 COMPARE = """
 import json, sys
 import torch
-import generator.guidance as guidance
-import generator.pipeline as pipeline
+import generator.ltx2.guidance as guidance
+import generator.ltx2.pipeline as pipeline
 from ltx_pipelines.utils.helpers import multi_modal_guider_factory_denoising_func
 from generator.protocol import JobSpec
 
@@ -171,7 +171,7 @@ def test_guidance_batch_1_is_ltx_pipelines_guider_bit_for_bit(comparison: dict[s
 GENERATOR = """
 import sys
 import torch
-import generator.pipeline as pipeline
+import generator.ltx2.pipeline as pipeline
 from ltx_pipelines.utils.helpers import multi_modal_guider_factory_denoising_func
 spec_path, latents_path, guider = sys.argv[1:]
 if guider == "stock":

@@ -4,7 +4,7 @@ Each example goes through the real decoder process (and a few through ``ltxbot i
 the limits are checked on what the decoder measured in itself. Reproducible in CI (derandomised);
 a longer campaign: ``INTAKE_FUZZ_EXAMPLES=2000 INTAKE_FUZZ_SEED=1 INTAKE_FUZZ_REPORT=fuzz.jsonl
 pytest tests/test_intake_fuzz.py``, which appends one JSON line per example to the report
-(``python tests/intake_fuzz_report.py fuzz.jsonl`` sums it up).
+(``python tests/support/intake_fuzz_report.py fuzz.jsonl`` sums it up).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image
 
 from bot.intake import IntakeError
 from bot.intake.image import DecodeLimits, DecoderUsage, normalise_image
-from tests.intake_images import assert_clean_output, many_scans, patch_jpeg_size, png_chunk, tiff, webp_canvas
+from tests.support.intake_images import assert_clean_output, many_scans, patch_jpeg_size, png_chunk, tiff, webp_canvas
 
 LIMITS = DecodeLimits()
 MIB = 2**20

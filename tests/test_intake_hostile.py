@@ -21,7 +21,7 @@ from bot.config import Limits
 from bot.intake import IntakeError
 from bot.intake.image import DecodeLimits, DecoderUsage, ImageIntake, NormalisedImage, normalise_image
 from tests.conftest import clean_env, image_bytes
-from tests.intake_images import (
+from tests.support.intake_images import (
     ORIENTATION,
     RESOLUTION_UNIT,
     X_RESOLUTION,

@@ -89,7 +89,7 @@ def test_the_decode_runs_inside_the_scope_and_the_guard_has_teeth(
     spec_path.write_text(ltxv_spec(tmp_path, tiny_ltxv, frames=33).model_dump_json())
 
     def records(mode: str) -> list[bool]:
-        done = subprocess.run([str(ltxv_python), "tests/ltxv_probe.py", "scope", str(spec_path), mode],
+        done = subprocess.run([str(ltxv_python), "tests/support/ltxv_probe.py", "scope", str(spec_path), mode],
                               capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=240, check=True)
         result: list[bool] = json.loads(done.stdout.strip().splitlines()[-1])
         return result
@@ -101,7 +101,7 @@ def test_the_decode_runs_inside_the_scope_and_the_guard_has_teeth(
 
 
 def test_windowed_decode_matches_the_one_shot_decode(ltxv_python: Path, tiny_ltxv: dict[str, str]) -> None:
-    done = subprocess.run([str(ltxv_python), "tests/ltxv_probe.py", "stream", tiny_ltxv["checkpoint"]],
+    done = subprocess.run([str(ltxv_python), "tests/support/ltxv_probe.py", "stream", tiny_ltxv["checkpoint"]],
                           capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=240, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["frames"] == [65, 65]  # 9 latent frames: 1 + 8 x 8
@@ -113,7 +113,7 @@ def test_windowed_decode_matches_the_one_shot_decode(ltxv_python: Path, tiny_ltx
 def test_the_generators_loaders_read_what_the_packages_own_loaders_read(
     ltxv_python: Path, tiny_ltxv: dict[str, str]
 ) -> None:
-    done = subprocess.run([str(ltxv_python), "tests/ltxv_probe.py", "loaders", tiny_ltxv["checkpoint"]],
+    done = subprocess.run([str(ltxv_python), "tests/support/ltxv_probe.py", "loaders", tiny_ltxv["checkpoint"]],
                           capture_output=True, text=True, cwd=ROOT, env=clean_env(), timeout=240, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for name in ("transformer", "vae"):

@@ -1,4 +1,4 @@
-"""The generator's own model ops (``generator/models.py``): each must give the numbers that
+"""The generator's own model ops (``generator/ltx2/models.py``): each must give the numbers that
 ltx-core's stock model gives, and each test must be able to fail."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 CHUNKED = """
 import torch
 from ltx_core.model.transformer.feed_forward import FeedForward
-from generator.models import chunk_feed_forward
+from generator.ltx2.models import chunk_feed_forward
 torch.manual_seed(0)
 ff = FeedForward(16, 16)
 x = torch.randn(2, 50, 16)
@@ -32,8 +32,8 @@ BY_VALUE = """
 import json, sys
 import torch
 from ltx_core.loader.module_ops import ModuleOps
-import generator.models as models
-from generator.pipeline import generate
+import generator.ltx2.models as models
+from generator.ltx2.pipeline import generate
 from generator.protocol import JobSpec
 
 built = []
@@ -65,11 +65,11 @@ TEXT_ONLY = """
 import json, sys
 from dataclasses import replace
 import torch
-from generator.weights import StoreLoader
+from generator.ltx2.weights import StoreLoader
 from ltx_core.text_encoders.gemma import GemmaTextEncoder
 from ltx_core.text_encoders.gemma.encoders.encoder_configurator import GEMMA_LLM_KEY_OPS, GEMMA_MODEL_OPS
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-import generator.models as models
+import generator.ltx2.models as models
 
 root = sys.argv[1]
 ledger = models.LtxLedger(dtype=torch.float32, device=torch.device("cpu"),

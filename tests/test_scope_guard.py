@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _run_in_process(tmp_path: Path, tiny_models: Path, scope: Any) -> list[bool]:
-    from generator import pipeline
+    from generator.ltx2 import pipeline
 
     records: list[bool] = []
 

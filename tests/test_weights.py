@@ -1,4 +1,4 @@
-"""What a job reads (``generator/weights.py``), counted at the safetensors reader itself.
+"""What a job reads (``generator/ltx2/weights.py``), counted at the safetensors reader itself.
 
 Each job runs the real ``generate`` on the tiny checkpoints in a fresh interpreter, with
 ``safetensors.safe_open`` wrapped so every tensor handed out is recorded with the phase
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import safetensors
 import torch
-from generator import faults, pipeline
-from generator.models import LtxLedger
+from generator import faults
+from generator.ltx2 import pipeline
+from generator.ltx2.models import LtxLedger
 from generator.protocol import JobSpec
 
 phase = ["-"]

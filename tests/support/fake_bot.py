@@ -1,7 +1,7 @@
 """Run the real ``ltxbot`` command line against the loopback fake Discord.
 
-Usage: ``python tests/fake_bot.py http://127.0.0.1:PORT run --config CONFIG``. Only the
-two hosts discord.py hard-codes are redirected (see ``tests/fake_discord.py``);
+Usage: ``python tests/support/fake_bot.py http://127.0.0.1:PORT run --config CONFIG``. Only the
+two hosts discord.py hard-codes are redirected (see ``tests/support/fake_discord.py``);
 everything else is the production code path.
 """
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from generator import ltxv
+from generator.ltxv import pipeline as ltxv
 from generator.protocol import JobSpec, Tiling
 
 

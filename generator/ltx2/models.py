@@ -8,7 +8,7 @@ processor takes its input width from the same file; the transformer runs its
 feed-forward in token chunks and keeps per-token AdaLN values as their distinct rows.
 Every builder reads through one ``WeightStore`` and only the keys its model holds, and
 stage 2 can take stage 1's transformer with the distilled LoRA fused in place
-(``generator/weights.py``). Each change gives ltx-core's own numbers
+(``generator/ltx2/weights.py``). Each change gives ltx-core's own numbers
 (``tests/test_models.py``, ``tests/test_weights.py``).
 """
 
@@ -42,7 +42,7 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from generator.checks import ModelFilesError
-from generator.weights import StoreLoader, UsedKeysBuilder, WeightStore, fuse_loras_in_place
+from generator.ltx2.weights import StoreLoader, UsedKeysBuilder, WeightStore, fuse_loras_in_place
 
 # Feed-forward layers run over at most this many tokens at once. The 4x-wide hidden
 # activation of a 2048x1536x97 stage-2 pass (39,936 tokens) is 1.2 GiB, twice with

@@ -266,7 +266,7 @@ def write_tiny_models(root: Path, seed: int = SEED) -> TinyModels:
     from ltx_core.model.upsampler import LatentUpsamplerConfigurator
     from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfigurator
 
-    from generator.models import EmbeddingsProcessorForGemma
+    from generator.ltx2.models import EmbeddingsProcessorForGemma
 
     root.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """A loopback fake of Discord's REST API, gateway and CDN for end-to-end tests.
 
 The real, unmodified discord.py client connects to it once ``discord.http.Route.BASE``
-and ``DiscordWebSocket.DEFAULT_GATEWAY`` point here (``tests/fake_bot.py`` does that
+and ``DiscordWebSocket.DEFAULT_GATEWAY`` point here (``tests/support/fake_bot.py`` does that
 in the bot process). Wire details follow docs/LIBRARIES.md, 'discord.py 2.7 against a
 loopback fake': exact
 ``application/json`` content type, JSON bodies for interaction callbacks, 404 (never

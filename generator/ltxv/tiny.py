@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from generator.ltxv import DISTILLED_FIRST_PASS, DISTILLED_SECOND_PASS, build_vae
-from generator.tiny import SEED, random_state
+from generator.ltx2.tiny import SEED, random_state
+from generator.ltxv.pipeline import DISTILLED_FIRST_PASS, DISTILLED_SECOND_PASS, build_vae
 
 T5_D_MODEL = 32
 LATENT_CHANNELS = 32

@@ -19,7 +19,7 @@ import yaml
 from bot.db.models import Job
 from bot.db.store import JobStore
 from tests.conftest import ROOT, TINY_TILING, clean_env, tiny_model_settings
-from tests.fake_discord import FakeDiscord, FakeUser, Recorded, snowflake
+from tests.support.fake_discord import FakeDiscord, FakeUser, Recorded, snowflake
 
 ALICE = FakeUser(snowflake(), "alice")
 BOB = FakeUser(snowflake(), "bob")
@@ -68,9 +68,9 @@ class Harness:
         env.update(self.extra_env)
         self.fake.identify = None
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "tests" / "fake_bot.py"), self.fake.url, "--config", str(self.config_path),
-            "run", cwd=str(self.root), env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+            sys.executable, str(ROOT / "tests" / "support" / "fake_bot.py"), self.fake.url,
+            "--config", str(self.config_path), "run", cwd=str(self.root), env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         self._reader = asyncio.create_task(self._read_log(self.proc))
         try:

@@ -51,9 +51,9 @@ from ltx_pipelines.utils.types import PipelineComponents
 
 from generator.checks import main_checkpoint
 from generator.encode import stream_clip
-from generator.guidance import batched_guider_denoising_func
-from generator.models import LtxLedger
-from generator.phases import PhaseTracker, pick_device
+from generator.ltx2.guidance import batched_guider_denoising_func
+from generator.ltx2.models import LtxLedger
+from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,7 @@ def generate(
     only so the GPU benchmark can build full-size models with random weights
     (``bench/random_weights.py``) and run this same phase sequence through them.
     """
-    device = pick_device(spec.device)
-    tracker = PhaseTracker(device, emit)
-    with scope():
-        return _generate(spec, device, tracker, emit, ledger_factory)
+    return run_scoped(spec, emit, scope, lambda device, tracker: _generate(spec, device, tracker, emit, ledger_factory))
 
 
 def _generate(

@@ -2,7 +2,7 @@
 
 Runs only in the LTX-Video interpreter (``.venv-ltxv``): the package pins
 ``transformers<4.52``, which ltx-core cannot use. Same contract as the LTX-2 backend
-(``generator.pipeline``): one ``torch.inference_mode()`` scope over the whole run,
+(``generator.ltx2.pipeline``): one ``torch.inference_mode()`` scope over the whole run,
 the encoder's consumption of the decoded frames included (the package's
 multi-scale wrapper has no no-grad of its own); the same phase tracker; each model
 built for its phase and freed after it.
@@ -46,7 +46,7 @@ from transformers import T5EncoderModel, T5Tokenizer
 
 from generator.checks import main_checkpoint, safetensors_metadata
 from generator.encode import stream_clip
-from generator.phases import PhaseTracker, pick_device
+from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, PipelineKind, ProgressEvent, Tiling
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,7 @@ def generate(
     ``scope`` is a parameter only so a test can prove what it guards; ``loaders`` only so
     the GPU benchmark (``bench/ltxv_vram.py``) can run this same sequence on full-size models.
     """
-    device = pick_device(spec.device)
-    tracker = PhaseTracker(device, emit)
-    with scope():
-        return _generate(spec, device, tracker, emit, loaders)
+    return run_scoped(spec, emit, scope, lambda device, tracker: _generate(spec, device, tracker, emit, loaders))
 
 
 def _generate(spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, loaders: Loaders) -> DoneEvent:
