@@ -131,7 +131,7 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
     store = await _open_store(settings)
     try:
         if args.command == "db":
-            print(f"Database is at the newest schema ({settings.db_url.split('///')[-1]}).")
+            print(f"Database is at the newest schema ({_shown_url(settings.db_url)}).")
             return 0
         if args.command == "jobs":
             _print_jobs(await store.history(args.user, args.page, page_size=20), as_json=args.json)
@@ -282,3 +282,10 @@ def _intake(settings: Settings, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _shown_url(url: str) -> str:
+    """The database URL as an owner may see it printed: never its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -125,3 +125,10 @@ def test_config_after_the_subcommand_is_the_file_used(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "elsewhere" / "ltxbot.db").is_file() and not (tmp_path / "data").exists()
     assert "No jobs yet" in ltxbot("jobs", "--config", "other.yaml", cwd=tmp_path).stdout
+
+
+def test_a_database_url_is_shown_without_its_password() -> None:
+    from bot.cli import _shown_url
+
+    shown = _shown_url("postgresql+asyncpg://ltxbot:s3cret@db.local:5432/ltxbot")
+    assert "s3cret" not in shown and "db.local" in shown
