@@ -6,8 +6,8 @@
 Writes full-size random bf16 files in the official layouts (keys as ``generator/ltx2/tiny.py``
 writes them) to ``--work``, then loads every model a two-stage fp8 job builds, in the
 job's order, through the generator's own ledger (``generator/ltx2/models.py``), each
-measurement in a fresh process forked from one that has done the imports and holds no
-CUDA context (what the standby generator hands a job). Variants:
+measurement in a fresh process (spawned, so no CUDA state is inherited; its imports are
+timed apart, as the standby generator has them done before a job arrives). Variants:
 
 - ``today``: ltx-core's reads, stage 2 builds the transformer again with the LoRA;
 - ``reuse``: stage 2 fuses the LoRA into stage 1's transformer (reads only the LoRA);
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             print(files["error"], file=sys.stderr)
             return 1
         results["imports"] = import_seconds()
-        context = multiprocessing.get_context("forkserver")
-        # The fork server does the slow imports once; every measurement is a fresh fork of it.
-        context.set_forkserver_preload(["generator.ltx2.models", "generator.ltx2.pipeline"])
+        # Spawned, not forked: a fork of a process whose imports touched CUDA cannot use it
+        # (measured: "Cannot re-initialize CUDA in forked subprocess" on the H200).
+        context = multiprocessing.get_context("spawn")
 
         def elapsed() -> float:
             return time.perf_counter() - started
