@@ -17,6 +17,7 @@ from PIL import Image
 from bot.intake import IntakeError
 from bot.intake.image import ImageIntake, confined_path, normalise_image, sniff
 from tests.conftest import clean_env, image_bytes
+from tests.support.intake_images import png_chunks
 
 TARGET = (256, 192)
 
@@ -108,13 +109,7 @@ def test_accepted_images_come_out_exact_and_clean(tmp_path: Path, name: str) -> 
     with Image.open(result.path) as out:
         assert out.size == TARGET and out.mode == "RGB" and out.format == "PNG"
         assert not out.info.get("icc_profile") and not out.info.get("exif") and not getattr(out, "text", {})
-    chunks = []
-    position = 8
-    while position < len(raw):
-        length = int.from_bytes(raw[position:position + 4], "big")
-        chunks.append(raw[position + 4:position + 8])
-        position += 12 + length
-    assert position == len(raw), "trailing bytes after IEND"
+    chunks = png_chunks(raw)
     assert set(chunks) <= {b"IHDR", b"IDAT", b"IEND"}, chunks
     for secret in (b"Exif", b"CameraMaker", b"secret", b"someone private", b"PK\x03\x04", b"GPS"):
         assert secret not in raw
