@@ -317,7 +317,7 @@ class Worker:
                 kill_group(standby.pid)
                 await _wait_gone(standby.pid, standby.start_ticks)
         for job in await self.store.running():
-            if not is_orphaned(job, self.me):
+            if not is_orphaned(job, self.me, one_host=self.store.one_host):
                 log.info("job %s is running under another live process; left to it", job.id)
                 continue
             if job.generator_pid and is_our_generator(job.generator_pid, job.generator_start_ticks):

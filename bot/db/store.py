@@ -92,6 +92,11 @@ class JobStore:
         # Idle workers await it; create() rings it in the job's own transaction.
         self.doorbell = make_doorbell(engine)
 
+    @property
+    def one_host(self) -> bool:
+        """SQLite is one file on one machine: every process on it runs on this host."""
+        return self.engine.dialect.name == "sqlite"
+
     @classmethod
     def from_url(cls, url: str) -> JobStore:
         return cls(create_engine(url))
@@ -356,7 +361,7 @@ class JobStore:
         me = me or ProcessId.current()
         async with self._sessions.begin() as session:
             running = await session.scalars(select(Job).where(Job.status == JobStatus.RUNNING).with_for_update())
-            orphans = [job for job in running if is_orphaned(job, me)]
+            orphans = [job for job in running if is_orphaned(job, me, one_host=self.one_host)]
             for job in orphans:
                 message = "The bot stopped while this clip was rendering."
                 _record_attempt(job, EndCode.INTERRUPTED, message)
@@ -515,15 +520,19 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def is_orphaned(job: Job, me: ProcessId) -> bool:
+def is_orphaned(job: Job, me: ProcessId, *, one_host: bool = False) -> bool:
     """A running job nobody supervises: its claiming process is gone, or is ``me`` (which runs nothing yet).
 
     Jobs claimed before supervisors were recorded have none and count as orphans. A supervisor on
-    another host cannot be checked from here and is taken to be alive.
+    another host cannot be checked from here and is taken to be alive, except on a ``one_host``
+    database (SQLite: one file on one machine), where another host name means this machine's
+    name changed, as a recreated container's does, and that supervisor is gone.
     """
     if job.supervisor_host is None or job.supervisor_pid is None:
         return True
     owner = ProcessId(job.supervisor_host, job.supervisor_pid, job.supervisor_start_ticks)
+    if one_host and not owner.on_this_host:
+        return True
     return owner == me or not owner.is_alive()
 
 
