@@ -280,12 +280,12 @@ def _intake(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _shown_url(url: str) -> str:
     """The database URL as an owner may see it printed: never its password."""
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
