@@ -202,6 +202,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _ltx2_tiles(self) -> Settings:
+        # LTX-2 is always enabled, and ltx-core refuses a temporal overlap as large as the tile.
+        t = self.vae_tiling
+        if t.temporal_overlap_frames >= t.temporal_frames:
+            raise ValueError(
+                f"vae_tiling.temporal_overlap_frames ({t.temporal_overlap_frames}) must be smaller than "
+                f"vae_tiling.temporal_frames ({t.temporal_frames})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _families_enabled(self) -> Settings:
         used = {"generation.family": self.generation.family} | {
             f"generation.guild_families.{guild}": family for guild, family in self.generation.guild_families.items()

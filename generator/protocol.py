@@ -180,8 +180,8 @@ class Tiling(_Frozen):
             raise ValueError("spatial_px and spatial_overlap_px must be multiples of 32, overlap < tile")
         if self.temporal_frames % 8 or self.temporal_overlap_frames % 8:
             raise ValueError("temporal_frames and temporal_overlap_frames must be multiples of 8")
-        if self.temporal_overlap_frames >= self.temporal_frames:
-            raise ValueError("temporal_overlap_frames must be smaller than temporal_frames")
+        # Temporal overlap below the tile is LTX-2's rule only: LTX-Video's windowed decode reads
+        # temporal_overlap_frames as context on each side, which may exceed the window (JobSpec checks).
         return self
 
 
@@ -228,6 +228,12 @@ class JobSpec(_Frozen):
     @property
     def family(self) -> ModelFamily:
         return self.request.family
+
+    @model_validator(mode="after")
+    def _tiles_fit_the_family(self) -> JobSpec:
+        if self.family == "ltx2" and self.tiling.temporal_overlap_frames >= self.tiling.temporal_frames:
+            raise ValueError("vae_tiling.temporal_overlap_frames must be smaller than temporal_frames for LTX-2")
+        return self
 
 
 # --- events: one JSON object per line on stdout ---------------------------------

@@ -103,3 +103,18 @@ def test_the_config_uses_the_contracts_models_so_the_spec_refuses_what_ltx_core_
     with pytest.raises(ValidationError, match="multiples of 8"):
         JobSpec.model_validate({"request": {"prompt": "p", "width": 64, "height": 64, "frames": 9, "seed": 1},
                                 "image_path": "i.png", "output_path": "o.mp4", "tiling": {"temporal_frames": 20}})
+
+
+def test_a_temporal_overlap_as_large_as_the_tile_is_refused_for_ltx2_but_not_in_ltxv_specs() -> None:
+    """ltx-core refuses it deep in a render; LTX-Video reads the same number as window context."""
+    from bot.config import Settings
+    from generator.protocol import GenerationRequest
+
+    with pytest.raises(ValidationError, match=r"vae_tiling\.temporal_overlap_frames"):
+        Settings.model_validate({"vae_tiling": {"temporal_frames": 16, "temporal_overlap_frames": 16}})
+    wide = Tiling(temporal_frames=16, temporal_overlap_frames=48)
+    request = {"prompt": "p", "width": 64, "height": 64, "frames": 9, "fps": 24, "steps": 2, "seed": 1}
+    spec = {"image_path": "/x.png", "output_path": "/y.mp4", "tiling": wide}
+    JobSpec(request=GenerationRequest(**request, family="ltxv", pipeline="distilled", audio=False), **spec)
+    with pytest.raises(ValidationError, match="smaller than temporal_frames"):
+        JobSpec(request=GenerationRequest(**request, family="ltx2", pipeline="two_stage"), **spec)
