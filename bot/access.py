@@ -72,7 +72,7 @@ def budget_gate(limits: Limits, *, admin: bool) -> Callable[[UserUsage], None] |
 
 
 def check_usage(limits: Limits, usage: UserUsage, now: datetime | None = None) -> None:
-    """Per-user limits on new jobs: queued jobs, the daily quota and the cooldown."""
+    """Per-user limits on new jobs: queued jobs, the daily quota, the daily GPU time and the cooldown."""
     active = usage.active
     if active >= limits.max_queued_per_user:
         raise Refusal(
@@ -84,6 +84,11 @@ def check_usage(limits: Limits, usage: UserUsage, now: datetime | None = None) -
         raise Refusal(
             f"You have made {usage.created_last_day} clips in the last 24 hours, the daily limit here. "
             "Please try again tomorrow."
+        )
+    if limits.daily_gpu_seconds and usage.gpu_seconds_last_day >= limits.daily_gpu_seconds:
+        raise Refusal(
+            f"Your clips used {usage.gpu_seconds_last_day / 60:.0f} of your {limits.daily_gpu_seconds / 60:.0f} "
+            "GPU minutes for the last 24 hours. Please try again later, when older clips drop out of that window."
         )
     if limits.cooldown_seconds and usage.last_created_at is not None:
         ready = usage.last_created_at + timedelta(seconds=limits.cooldown_seconds)

@@ -31,7 +31,8 @@ EXTENSIONS = ("bot.cogs.animate", "bot.cogs.jobs", "bot.cogs.admin")
 
 
 class LtxBot(commands.Bot):
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, *, run_worker: bool = True) -> None:
+        """``run_worker=False`` (``ltxbot run --no-worker``): the Discord front end alone; workers elsewhere render."""
         intents = discord.Intents.default()
         intents.message_content = settings.discord.message_content_intent
         super().__init__(
@@ -42,7 +43,8 @@ class LtxBot(commands.Bot):
         )
         self.settings = settings
         self.store = store
-        self.worker = Worker(settings, store, standby=settings.generator.standby)
+        self.run_worker = run_worker
+        self.worker = Worker(settings, store, standby=settings.generator.standby and run_worker)
         self.service = JobService(self, settings, store, self.worker)
         self._worker_task: asyncio.Task[None] | None = None
         self.tree.error(self._on_app_command_error)
@@ -59,9 +61,12 @@ class LtxBot(commands.Bot):
         await self._sync_commands()
         # Order matters: stop a generator left by a previous run and keep its clip, post what
         # was finished but never posted, then start taking jobs.
-        await self.worker.recover()
+        if self.run_worker:
+            await self.worker.recover()
         await self.service.deliver_pending()
-        self._worker_task = self.worker.start()
+        if self.run_worker:
+            self._worker_task = self.worker.start()
+        self.service.watch_workers()
 
     async def _sync_commands(self) -> None:
         guilds = self.settings.discord.guilds
@@ -104,14 +109,14 @@ class LtxBot(commands.Bot):
         await super().close()
 
 
-async def _serve(settings: Settings, token: str) -> None:
+async def _serve(settings: Settings, token: str, run_worker: bool) -> None:
     from bot.db.migrate import upgrade
     from bot.db.store import JobStore
 
     store = JobStore.from_url(settings.db_url)
     await upgrade(store.engine)
     try:
-        async with LtxBot(settings, store) as bot:
+        async with LtxBot(settings, store, run_worker=run_worker) as bot:
             loop = asyncio.get_running_loop()
             # A task, so a stop can end it: during an outage discord.py sleeps out its reconnect
             # backoff (minutes) inside start(), and close() alone does not wake it.
@@ -142,7 +147,7 @@ async def _serve(settings: Settings, token: str) -> None:
         await store.close()
 
 
-def run_bot(settings: Settings) -> int:
+def run_bot(settings: Settings, *, run_worker: bool = True) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
@@ -153,7 +158,7 @@ def run_bot(settings: Settings) -> int:
         return 2
     settings.data_path.mkdir(parents=True, exist_ok=True)
     try:
-        asyncio.run(_serve(settings, token))
+        asyncio.run(_serve(settings, token, run_worker))
     except discord.LoginFailure:
         print("Discord rejected the token: reset it in the developer portal and set DISCORD_TOKEN again.",
               file=sys.stderr)

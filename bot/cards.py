@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.db.models import EndCode, JobStatus
+from bot.db.models import EndCode, JobStatus, WorkerState
 from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
-    from bot.db.models import Job
+    from bot.db.models import Job, WorkerRecord
 
 COLOURS = {
     JobStatus.QUEUED: discord.Colour.blurple(),
@@ -168,3 +168,28 @@ def details_embed(job: Job) -> discord.Embed:
             rows.append(f"{phase['name']:<13}{phase['seconds']:>6.1f}  {'-' if peak is None else f'{peak:.2f}':>7}")
         embed.add_field(name="Phases", value="```\n" + "\n".join(rows) + "\n```", inline=False)
     return embed
+
+
+# A worker that has not beaten for this long is shown as not answering (its lease runs out too).
+WORKER_SILENT_AFTER = timedelta(minutes=3)
+
+
+def worker_status(worker: WorkerRecord, now: datetime | None = None) -> str:
+    """idle / rendering / draining / stopped, or 'not answering' when its heartbeat stopped."""
+    now = now or datetime.now(UTC)
+    beat = worker.heartbeat_at if worker.heartbeat_at.tzinfo else worker.heartbeat_at.replace(tzinfo=UTC)
+    if worker.state != WorkerState.STOPPED and now - beat > WORKER_SILENT_AFTER:
+        return "not answering"
+    return str(worker.state)
+
+
+def worker_line(worker: WorkerRecord, now: datetime | None = None) -> str:
+    """One line of /admin workers: name, GPU, state, current job, clips, last heartbeat."""
+    state = worker_status(worker, now)
+    doing = f" job {worker.current_job_id}" if worker.current_job_id and state == "rendering" else ""
+    gpu = worker.gpu_name or "no GPU reported"
+    if worker.gpu is not None:
+        gpu = f"GPU {worker.gpu}: {gpu}"
+    families = "/".join(FAMILY_NAMES.get(f, f) for f in worker.families)
+    return (f"**{worker.name}** · {gpu} · {families} · {state}{doing} · {worker.clips_rendered} clips · "
+            f"heartbeat {timestamp(worker.heartbeat_at)}")

@@ -36,7 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, parents=[common])
 
-    command("run", "run the Discord bot (applies migrations first)")
+    run = command("run", "run the Discord bot (applies migrations first)")
+    run.add_argument("--no-worker", action="store_true",
+                     help="the Discord front end alone: `ltxbot worker` processes render, here or on other hosts")
+    worker = command("worker", "render queued jobs on one GPU, without Discord (one per GPU, on any host)")
+    worker.add_argument("--gpu", type=int, default=None, help="the GPU index this worker uses (default: worker.gpu)")
+    worker.add_argument("--name", default=None, help="how /admin workers shows it (default: host name and GPU)")
+    command("workers", "the registered workers, their GPUs, state and last heartbeat")
+    drain = command("drain", "let a worker finish its clip and stop taking new ones")
+    drain.add_argument("worker", help="the worker's name (as `ltxbot workers` shows it) or id")
     db = command("db", "database maintenance")
     db.add_argument("action", choices=["upgrade"])
     jobs = command("jobs", "job history, newest first")
@@ -67,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--model", choices=["ltx2", "ltxv"], help="model family (default: generation.family)")
     animate.add_argument("--no-audio", action="store_true")
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
+    animate.add_argument("--no-worker", action="store_true",
+                         help="only queue the job and wait: running `ltxbot worker` processes render it")
     models = command("models", "model files")
     models.add_argument("action", choices=["tiny", "tiny-ltxv"],
                         help="write tiny random-weight LTX-2 (tiny) or LTX-Video (tiny-ltxv) files for smoke tests")
@@ -111,8 +121,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "run":
         from bot.app import run_bot
 
-        return run_bot(_settings(args, create=True))
+        return run_bot(_settings(args, create=True), run_worker=not args.no_worker)
     settings = _settings(args)
+    if command == "worker":
+        from bot.worker_main import serve_worker
+
+        worker = settings.worker.model_copy(update={
+            key: value for key, value in (("gpu", args.gpu), ("name", args.name)) if value is not None
+        })
+        return serve_worker(settings.model_copy(update={"worker": worker}))
     if command == "intake":
         return _intake(settings, args)
     return asyncio.run(_with_store(settings, args))
@@ -153,6 +170,18 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
                 from bot.terminal import job_view, make_console
 
                 make_console().print(job_view(job, position))
+            return 0
+        if args.command == "workers":
+            from bot.terminal import make_console, workers_table
+
+            make_console().print(workers_table(await store.workers()))
+            return 0
+        if args.command == "drain":
+            asked = await store.request_drain(args.worker)
+            if not asked:
+                print(f"No running worker is called {args.worker!r}; `ltxbot workers` lists them.", file=sys.stderr)
+                return 1
+            print(f"Asked {len(asked)} worker(s) to finish their clip and stop.")
             return 0
         if args.command == "animate":
             from bot.local import animate

@@ -107,6 +107,8 @@ class Limits(_Section):
     decode_memory_mib: int = Field(default=300, ge=128, le=65536)
     decode_cpu_seconds: int = Field(default=10, ge=1, le=600)
     decode_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
+    # Per user, seconds of generator phases in the last 24 hours (null: no GPU-time budget).
+    daily_gpu_seconds: float | None = Field(default=None, gt=0)
 
 
 class LtxvSettings(_Section):
@@ -138,6 +140,17 @@ class GeneratorSettings(_Section):
     standby: bool = True
 
 
+class WorkerSettings(_Section):
+    """This process's worker: which GPU it renders on and how long its claim on a job holds."""
+
+    # Shown in /admin workers and named by /admin drain (default: host name, plus ":gpuN" with --gpu).
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    # The GPU index this worker's generators see (CUDA_VISIBLE_DEVICES); `ltxbot worker --gpu N` sets it.
+    gpu: int | None = Field(default=None, ge=0, le=63)
+    # A running job whose worker has not renewed its claim for this long is given to another worker.
+    lease_seconds: float = Field(default=60.0, ge=2.0, le=3600.0)
+
+
 class DiscordSettings(_Section):
     guilds: list[int] = Field(default_factory=list)
     required_role: str | None = None
@@ -151,6 +164,8 @@ class DiscordSettings(_Section):
     cdn_hosts: list[str] = Field(default_factory=lambda: ["cdn.discordapp.com", "media.discordapp.net"])
     # Only for tests against the loopback fake Discord: also allow http:// URLs.
     allow_insecure_cdn: bool = False
+    # How often the front end looks for progress and finished clips of workers in other processes.
+    remote_poll_seconds: float = Field(default=2.0, ge=0.2, le=60.0)
 
 
 class Settings(BaseSettings):
@@ -161,6 +176,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     database_url: str | None = None
+    # How input images and clips reach workers and front ends on other hosts: through the database
+    # ("database"), or not at all because every process shares this data dir ("local").
+    # "auto": the database on PostgreSQL, local on SQLite (one file, one machine).
+    share_files: Literal["auto", "database", "local"] = "auto"
     token_file: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The contract's own models, so a config the bot accepts is one the generator accepts.
@@ -169,6 +188,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     vae_tiling: Tiling = Tiling()
     generator: GeneratorSettings = GeneratorSettings()
+    worker: WorkerSettings = WorkerSettings()
     ltxv: LtxvSettings = LtxvSettings()
     discord: DiscordSettings = DiscordSettings()
 
@@ -253,6 +273,11 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_path / 'ltxbot.db'}"
+
+    def files_through_database(self) -> bool:
+        if self.share_files == "auto":
+            return self.db_url.startswith("postgresql")
+        return self.share_files == "database"
 
     @property
     def uploads_dir(self) -> Path:

@@ -22,13 +22,14 @@ from pydantic import ValidationError
 
 from bot import cards
 from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, is_admin
-from bot.db.models import ACTIVE_STATUSES, JobStatus
+from bot.db.models import ACTIVE_STATUSES, JobStatus, WorkerState
 from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
 from bot.intake.image import DecodeLimits, ImageIntake, confined_path
 from bot.intake.request import RequestOptions, check_owner_limits
 from bot.replies import tell
+from bot.shared_files import SharedFiles
 from bot.status_cards import StatusCards
 from bot.views import AnimateModal, TweakModal, delivery_view
 from bot.worker import Ending, job_dir
@@ -58,6 +59,9 @@ DEFAULT_UPLOAD_LIMIT = 10 * 2**20
 # Room for the caption and multipart overhead next to the clip.
 UPLOAD_MARGIN = 64 * 1024
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# /queue lists this many waiting jobs by position; /admin workers this many workers.
+QUEUE_SHOWN = 10
+WORKERS_SHOWN = 25
 
 
 def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachment | None:
@@ -110,7 +114,11 @@ class JobService:
             settings.uploads_dir, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side,
             threads=limits.intake_threads, limits=DecodeLimits.of(limits),
         )
+        self.files = SharedFiles(settings, store)
         self.http: aiohttp.ClientSession | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        # Jobs whose post failed: not retried by the watcher before this time (monotonic).
+        self._retry_after: dict[int, float] = {}
         self.cards = StatusCards(bot, store, interval=settings.discord.progress_interval_seconds, clock=clock,
                                  sleep=sleep)
         # Folders and images of purged jobs that were still stopping: deleted when the worker ends them.
@@ -122,7 +130,38 @@ class JobService:
     async def start(self) -> None:
         self.http = aiohttp.ClientSession()
 
+    def watch_workers(self) -> None:
+        """Follow jobs that workers in other processes (other GPUs, other hosts) render: their cards and posts."""
+        self._watcher = asyncio.create_task(self._watch(), name="ltxbot-watch-workers")
+
+    async def _watch(self) -> None:
+        seen: dict[int, Any] = {}
+        while True:
+            await asyncio.sleep(self.settings.discord.remote_poll_seconds)
+            try:
+                seen = await self._watch_once(seen)
+            except Exception:
+                log.exception("following the workers failed this time; trying again")
+
+    async def _watch_once(self, seen: dict[int, Any]) -> dict[int, Any]:
+        now: dict[int, Any] = {}
+        for job in await self.store.running():
+            if job.worker_id == self.worker.claiming.id:
+                continue  # this process's own worker reports it as it happens
+            now[job.id] = (job.attempts, job.progress)
+            if seen.get(job.id) != now[job.id]:
+                await self.cards.refresh(job.id)
+        for job in await self.store.undelivered():
+            if self._retry_after.get(job.id, 0.0) <= time.monotonic():
+                await self.deliver(job)
+        if seen.keys() != now.keys():
+            await self.cards.refresh_queue()
+        return now
+
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         self.cards.close()
         if self.http is not None:
             await self.http.close()
@@ -190,6 +229,8 @@ class JobService:
             interaction_id=key, request_message_id=str(request_message_id) if request_message_id else None,
             max_bytes=self.clip_limit(guild),
         )
+        # Stored before the job exists: a worker on another host may claim it at once.
+        await self.files.publish_input(Path(input_path), sha256)
         try:
             return await self.store.create(new, admit=admit), True
         except DuplicateJobError as duplicate:
@@ -379,21 +420,49 @@ class JobService:
         await interaction.response.send_message(await self.cancel(interaction, job_id), ephemeral=True)
 
     async def queue_summary(self, user_id: int) -> str:
-        """``/queue``: how many wait, what renders now, and where the caller's own clips are."""
+        """``/queue``: the workers and what each renders, then every waiting job in the order it will start."""
         store = self.store
         queued = await store.queued_ids()
         lines = [f"**{len(queued)}** waiting" + (" · the queue is **paused**" if await store.is_paused() else "")]
+        workers = {w.id: w for w in await store.workers() if w.state != WorkerState.STOPPED}
         for job in await store.running():
             live = self.cards.live.get(job.id) or job.progress
-            lines.append(f"Rendering job {job.id}: {cards.stage_text(live)}")
-        mine = [
-            f"job {job_id}: {queued.index(job_id) + 1} of {len(queued)}"
-            for job_id in await store.queued_ids(str(user_id))
-            if job_id in queued  # it may have started between the two queries
-        ]
-        if mine:
-            lines.append("Yours: " + ", ".join(mine))
+            where = workers.get(job.worker_id or "")
+            on = f" on {where.name}" if where is not None else ""
+            lines.append(f"Rendering job {job.id}{on}: {cards.stage_text(live)}")
+        idle = [w.name for w in workers.values() if cards.worker_status(w) in ("idle", "draining")
+                and w.current_job_id is None]
+        if idle:
+            lines.append("Idle: " + ", ".join(idle[:10]))
+        if queued:
+            mine = set(await store.queued_ids(str(user_id)))
+            shown = [f"{n}. job {job_id}" + (" (yours)" if job_id in mine else "")
+                     for n, job_id in enumerate(queued[:QUEUE_SHOWN], start=1)]
+            lines.append("Next: " + " · ".join(shown) + (f" · and {len(queued) - QUEUE_SHOWN} more"
+                                                         if len(queued) > QUEUE_SHOWN else ""))
+            beyond = [f"job {job_id}: {queued.index(job_id) + 1} of {len(queued)}"
+                      for job_id in queued[QUEUE_SHOWN:] if job_id in mine]
+            if beyond:
+                lines.append("Yours further back: " + ", ".join(beyond))
         return "\n".join(lines)
+
+    async def workers_summary(self) -> str:
+        """``/admin workers``: each worker's GPU, state, current job, clips rendered and last heartbeat."""
+        workers = await self.store.workers()
+        if not workers:
+            return "No worker has registered yet."
+        lines = [cards.worker_line(w) for w in workers[:WORKERS_SHOWN]]
+        if len(workers) > WORKERS_SHOWN:
+            lines.append(f"… and {len(workers) - WORKERS_SHOWN} more (`ltxbot workers` lists all).")
+        return "\n".join(lines)
+
+    async def drain_worker(self, name: str) -> str:
+        asked = await self.store.request_drain(name)
+        if not asked:
+            return f"No running worker is called {cards.shorten(name, 80)}; `/admin workers` lists them."
+        log.info("drain requested for worker %s", name)
+        return (f"Asked {asked[0].name} to finish its current clip and stop taking new ones."
+                if len(asked) == 1 else f"Asked {len(asked)} workers called {asked[0].name} to stop after their clip.")
 
     # --- privacy -----------------------------------------------------------------------------
 
@@ -499,14 +568,15 @@ class JobService:
                 message = await self._post_result(fresh, channel, reference, mentions, nonce)
             except discord.HTTPException as exc:
                 if exc.status != 413:
-                    log.warning("could not post job %s (HTTP %s); will retry on the next start", fresh.id,
-                                exc.status)
+                    log.warning("could not post job %s (HTTP %s); will retry in a minute", fresh.id, exc.status)
+                    self._retry_after[fresh.id] = time.monotonic() + 60.0
                     return
                 message = await channel.send(
                     f"<@{fresh.user_id}> job {fresh.id} is done, but the clip is over this server's upload "
                     "limit. Try a shorter clip or a smaller size.",
                     reference=reference or discord.utils.MISSING, allowed_mentions=mentions,
                 )
+            self._retry_after.pop(fresh.id, None)
             url = self._message_url(fresh, message.id)
             await self.store.mark_delivered(fresh.id, str(message.id), url)
             log.info("job %s posted as message %s", fresh.id, message.id)
@@ -516,11 +586,8 @@ class JobService:
         self, job: Job, channel: discord.PartialMessageable, reference: discord.MessageReference | None,
         mentions: discord.AllowedMentions, nonce: str,
     ) -> discord.Message:
-        clip = None
-        if job.output_path:
-            with contextlib.suppress(ValueError):
-                clip = confined_path(self.settings.jobs_dir, job.output_path)
-        if job.status == JobStatus.SUCCEEDED and clip is not None and clip.is_file():
+        clip = await self.files.clip_for(job) if job.status == JobStatus.SUCCEEDED else None
+        if clip is not None:
             return await channel.send(
                 cards.delivery_caption(job), file=discord.File(clip, filename=f"ltxbot-{job.id}.mp4"),
                 reference=reference or discord.utils.MISSING, allowed_mentions=mentions,

@@ -42,6 +42,8 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
         return 2
     request = sized.request
     assert request is not None
+    worker = Worker(settings, store)
+    await worker.files.publish_input(image.path, image.sha256)
     job = await store.create(
         NewJob(
             user_id=LOCAL_USER, prompt=request.prompt, negative_prompt=request.negative_prompt,
@@ -51,14 +53,13 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     print(f"Job {job.id}: {FAMILY_NAMES[request.family]} {request.pipeline}, "
           f"{request.width}x{request.height}, {request.frames} frames, "
           f"seed {request.seed}", file=sys.stderr)
-    worker = Worker(settings, store)
     # stderr: stdout carries only the clip's path, for scripts.
     console = make_console(stderr=True)
     final = job
     with StageProgress(console) as progress:
         worker.listeners.append(progress)
         while True:
-            ran = await worker.step(only_job=job.id)
+            ran = None if args.no_worker else await worker.step(only_job=job.id)
             final = ran or await store.get(job.id) or job
             if final.status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}:
                 break
@@ -69,7 +70,11 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     if final.status != JobStatus.SUCCEEDED or final.output_path is None:
         print(f"Job {job.id} {final.status}: {final.error_message}", file=sys.stderr)
         return 1
-    output = final.output_path
+    clip = await worker.files.clip_for(final)
+    if clip is None:
+        print(f"Job {job.id} finished, but its clip is not on this machine or in the database.", file=sys.stderr)
+        return 1
+    output = str(clip)
     if args.out is not None:
         shutil.copyfile(output, args.out)
         output = str(args.out)

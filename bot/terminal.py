@@ -29,7 +29,7 @@ from rich.text import Text
 from generator.protocol import PhaseEvent, ProgressEvent
 
 if TYPE_CHECKING:
-    from bot.db.models import Job
+    from bot.db.models import Job, WorkerRecord
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -193,3 +193,19 @@ class StageProgress:
             self.progress.update(task, completed=event.step, total=event.total)
         elif isinstance(event, PhaseEvent) and event.name == "finalize":
             self._end_stage(finished=True)
+
+
+def workers_table(workers: list[WorkerRecord]) -> RenderableType:
+    """``ltxbot workers``: what /admin workers shows, for a terminal."""
+    if not workers:
+        return Text("No worker has registered yet: `ltxbot run` or `ltxbot worker` starts one.")
+    from bot.cards import worker_status
+
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("name", "host", "GPU", "families", "state", "job", "clips", "heartbeat", "id"):
+        table.add_column(column)
+    for w in workers:
+        gpu = (w.gpu_name or "-") if w.gpu is None else f"{w.gpu}: {w.gpu_name or '-'}"
+        table.add_row(w.name, w.host, gpu, ",".join(w.families), worker_status(w),
+                      str(w.current_job_id or "-"), str(w.clips_rendered), _when(w.heartbeat_at), w.id[:8])
+    return table

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import importlib.metadata
 import logging
 import os
 import secrets
+import shutil
 import signal
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from bot.db.models import NOT_RETRIED, EndCode
-from bot.db.store import is_orphaned
-from bot.processes import ProcessId, is_our_generator, kill_group, process_start_ticks
+from bot.db.models import NOT_RETRIED, EndCode, WorkerState
+from bot.db.store import ClaimingWorker, WorkerInfo, is_orphaned
+from bot.processes import ProcessId, host_name, is_our_generator, kill_group, process_start_ticks
+from bot.shared_files import MissingFileError, SharedFiles
 from generator.lifeline import SUPERVISOR_ENV
 from generator.protocol import (
     FAMILY_NAMES,
@@ -35,6 +40,7 @@ from generator.protocol import (
     ModelFiles,
     PhaseEvent,
     ProgressEvent,
+    StartedEvent,
     Tiling,
     describe_validation_error,
     parse_event,
@@ -101,9 +107,10 @@ def _absolute(paths: dict[str, Path | None]) -> dict[str, Path | None]:
     return {key: None if path is None else path.expanduser().absolute() for key, path in paths.items()}
 
 
-def build_spec(settings: Settings, job: Job) -> JobSpec:
+def build_spec(settings: Settings, job: Job, image_path: Path | None = None) -> JobSpec:
+    """The generator's spec for ``job``; ``image_path`` is the job's image on this host, when it was fetched."""
     uploads = settings.uploads_dir.resolve()
-    image = Path(job.input_path).resolve()
+    image = (image_path or Path(job.input_path)).resolve()
     if not image.is_relative_to(uploads):
         raise ValueError("the job's image is outside the uploads folder")
     t = settings.vae_tiling
@@ -134,6 +141,9 @@ def child_env(settings: Settings) -> dict[str, str]:
     if settings.generator.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in env:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     env["PYTHONUNBUFFERED"] = "1"
+    if settings.worker.gpu is not None:
+        # One worker per GPU: its generators see that GPU alone, as device 0.
+        env["CUDA_VISIBLE_DEVICES"] = str(settings.worker.gpu)
     # The generator ends with this process: see generator/lifeline.py.
     me = ProcessId.current()
     env[SUPERVISOR_ENV] = f"{me.pid}:{me.start_ticks}"
@@ -198,6 +208,39 @@ class BoundedLog:
         return list(self.recent)
 
 
+def worker_name(settings: Settings) -> str:
+    gpu = settings.worker.gpu
+    return settings.worker.name or (host_name() + (f":gpu{gpu}" if gpu is not None else ""))
+
+
+def _bot_side_libraries() -> dict[str, str]:
+    """Versions as installed beside the bot (the generator reports its own with its first job)."""
+    versions = {}
+    for name in ("torch", "ltx-core", "transformers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+async def gpu_name(index: int | None) -> str | None:
+    """The GPU's name from nvidia-smi, without touching CUDA here; None without one."""
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            tool, "--query-gpu=name", "--format=csv,noheader", "-i", str(index or 0),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    except (OSError, TimeoutError):
+        return None
+    name = out.decode(errors="replace").strip().splitlines()
+    return name[0][:255] if proc.returncode == 0 and name else None
+
+
 class Worker:
     def __init__(self, settings: Settings, store: JobStore, *, standby: bool = False) -> None:
         """``standby``: keep the next generator process started and imported, waiting for its job.
@@ -216,6 +259,16 @@ class Worker:
         self._standby: asyncio.subprocess.Process | None = None
         self._standby_family: ModelFamily | None = None
         self._recovered = False
+        self.files = SharedFiles(settings, store)
+        self.claiming = ClaimingWorker(
+            id=uuid.uuid4().hex, families=tuple(settings.enabled_families()),
+            lease_seconds=settings.worker.lease_seconds,
+        )
+        self.heartbeat_seconds = max(0.5, settings.worker.lease_seconds / 3)
+        self.registered = False
+        self.drain_requested = False
+        self._reported: dict[str, Any] = {}
+        self._expired_checked_at = float("-inf")
 
     # --- the standby generator --------------------------------------------------
 
@@ -287,6 +340,9 @@ class Worker:
             raise GeneratorStartError(spec.family) from exc
 
     async def close(self) -> None:
+        if self.registered:
+            with contextlib.suppress(Exception):
+                await self.heartbeat(WorkerState.STOPPED)
         standby, self._standby = self._standby, None
         if standby is not None and standby.returncode is None:
             kill_group(standby.pid)
@@ -342,26 +398,63 @@ class Worker:
         task.add_done_callback(_report_worker_end)
         return task
 
+    async def register(self) -> None:
+        """Tell the database this worker exists: what GPU it has and which families it renders."""
+        gpu = self.settings.worker.gpu
+        await self.store.register_worker(WorkerInfo(
+            id=self.claiming.id, name=worker_name(self.settings), host=host_name(), pid=self.me.pid, gpu=gpu,
+            gpu_name=await gpu_name(gpu), vram_budget_gib=self.claiming.vram_budget_gib,
+            families=list(self.claiming.families), libraries=_bot_side_libraries(),
+        ))
+        self.registered = True
+
+    async def heartbeat(self, state: WorkerState, job_id: int | None = None, *, rendered: int = 0) -> None:
+        """The worker row's heartbeat; picks up an admin's drain request."""
+        if not self.registered:
+            return
+        reported, self._reported = self._reported, {}
+        drain = await self.store.worker_heartbeat(self.claiming.id, state, job_id, rendered=rendered, **reported)
+        if drain and not self.drain_requested:
+            log.info("worker %s: drain requested; it takes no new jobs", worker_name(self.settings))
+        self.drain_requested = self.drain_requested or drain
+
+    async def take_back_expired(self, *, force: bool = False) -> None:
+        """Requeue jobs whose worker stopped renewing its lease (at most every half lease)."""
+        loop = asyncio.get_running_loop()
+        if not force and loop.time() - self._expired_checked_at < self.settings.worker.lease_seconds / 2:
+            return
+        self._expired_checked_at = loop.time()
+        for job in await self.store.recover_expired(self.settings.generator.max_attempts):
+            log.warning("job %s: its worker stopped renewing its lease; it goes back to the queue", job.id)
+
     async def run_forever(self, *, recover: bool = True) -> None:
-        """Run jobs until cancelled. An unexpected error is logged with an id and the loop goes on after
-        a pause (doubling while errors repeat): a bot that takes jobs must never stop running them."""
+        """Run jobs until cancelled or drained. An unexpected error is logged with an id and the loop goes on
+        after a pause (doubling while errors repeat): a bot that takes jobs must never stop running them."""
         self._recovered = self._recovered or not recover
         delay = RETRY_DELAY_SECONDS
         standby_ready = False
         while True:
             try:
+                if not self.registered:
+                    await self.register()
                 if not self._recovered:
                     await self.recover()
+                await self.heartbeat(WorkerState.IDLE)
+                if self.drain_requested:
+                    await self.heartbeat(WorkerState.STOPPED)
+                    log.info("worker %s drained: it takes no more jobs", worker_name(self.settings))
+                    return
                 if not standby_ready:
                     await self.prepare_standby()
                     standby_ready = True
+                await self.take_back_expired()
                 if await self.store.is_paused():
                     await self._wait_doorbell(5.0)
                     continue
                 job = await self.step()
                 delay = RETRY_DELAY_SECONDS
                 if job is None:
-                    await self._wait_doorbell(5.0)
+                    await self._wait_doorbell(min(5.0, self.heartbeat_seconds))
             except Exception:
                 error_id = new_error_id()
                 log.exception("the worker loop failed (error %s); it carries on in %.0f s", error_id, delay)
@@ -383,9 +476,10 @@ class Worker:
         """
         if not self._recovered:
             await self.recover()
-        job = await self.store.claim_next(only_id=only_job, supervisor=self.me)
+        job = await self.store.claim_next(only_id=only_job, supervisor=self.me, worker=self.claiming)
         if job is None:
             return None
+        await self.heartbeat(WorkerState.RENDERING, job.id)
         try:
             ending = await self._attempt(job)
         except asyncio.CancelledError:
@@ -400,6 +494,7 @@ class Worker:
             ending = Ending(EndCode.CRASHED, f"Something went wrong in the bot while rendering this clip "
                                              f"(error {error_id}; the owner can look it up in the bot's log).")
         await asyncio.shield(self._record(job, ending))
+        await self.heartbeat(WorkerState.IDLE, rendered=int(ending.code == EndCode.OK))
         await self.prepare_standby()
         final = await self.store.get(job.id)
         if final is not None:
@@ -409,6 +504,8 @@ class Worker:
     async def _record(self, job: Job, ending: Ending) -> None:
         attempts = self.settings.generator.max_attempts
         if ending.code == EndCode.OK and ending.done is not None:
+            # Stored before the job reads as done, so a front end on another host finds it.
+            await self.files.publish_clip(job.id, ending.done.output_path)
             await self.store.finish(
                 job.id, job.attempts, output_path=str(ending.done.output_path), output_bytes=ending.done.bytes,
                 phases=[p.model_dump(mode="json", exclude={"event"}) for p in ending.done.phases],
@@ -425,7 +522,9 @@ class Worker:
         folder = job_dir(self.settings, job.id)
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            spec = build_spec(self.settings, job)
+            spec = build_spec(self.settings, job, await self.files.input_for(job))
+        except MissingFileError as exc:
+            return Ending(EndCode.INVALID, str(exc))
         except ValidationError as exc:
             return Ending(EndCode.INVALID, f"{INVALID_PREFIX} {describe_validation_error(exc)}")
         except ValueError as exc:
@@ -468,6 +567,7 @@ class Worker:
     async def _supervise(self, job: Job, proc: asyncio.subprocess.Process, timeout: float) -> str | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        renewed_at = loop.time()
         waiter = asyncio.ensure_future(proc.wait())
         try:
             while True:
@@ -480,9 +580,31 @@ class Worker:
                 if loop.time() >= deadline:
                     await self._terminate(proc)
                     return "timeout"
+                if loop.time() - renewed_at >= self.heartbeat_seconds:
+                    renewed_at = loop.time()
+                    if not await self._renew(job):
+                        await self._terminate(proc)
+                        return "lost"
         finally:
             if not waiter.done():
                 waiter.cancel()
+
+    async def _renew(self, job: Job) -> bool:
+        """Renew the attempt's lease and the worker's heartbeat; False once the job was given to another worker.
+
+        A database hiccup is not a lost lease: the render goes on, and should the lease run out
+        meanwhile, the attempt's writes are fenced like any lost worker's.
+        """
+        try:
+            held = await self.store.renew_lease(job.id, job.attempts, self.claiming.id,
+                                                self.settings.worker.lease_seconds)
+            await self.heartbeat(WorkerState.RENDERING, job.id)
+        except Exception:
+            log.warning("job %s: the lease could not be renewed this time", job.id, exc_info=True)
+            return True
+        if not held:
+            log.warning("job %s: its lease was taken back (this worker was cut off too long); stopping it", job.id)
+        return held
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM to the group, SIGKILL after the grace period."""
@@ -514,6 +636,8 @@ class Worker:
                 state["done"] = event
             elif isinstance(event, ErrorEvent):
                 state["error"] = event
+            elif isinstance(event, StartedEvent):
+                self._reported = {"gpu_name": event.device_name, "libraries": event.libraries}
             await self._notify(job, event)
 
     @staticmethod
@@ -531,6 +655,8 @@ class Worker:
             return Ending(EndCode.CANCELLED, "Cancelled.")
         if reason == "timeout":
             return Ending(EndCode.TIMEOUT, "The render took longer than the time limit and was stopped.")
+        if reason == "lost":  # another worker has the job now; the store fences this ending
+            return Ending(EndCode.INTERRUPTED, "This worker lost its claim on the clip.")
         done: DoneEvent | None = state["done"]
         error: ErrorEvent | None = state["error"]
         if returncode == 0 and done is not None and spec.output_path.is_file():
@@ -550,5 +676,7 @@ def _report_worker_end(task: asyncio.Task[None]) -> None:
     if task.cancelled():
         return
     error = task.exception()
+    if error is None:
+        return  # drained on an admin's request
     log.critical("the worker task ended (error %s): no job runs until the bot is restarted",
                  new_error_id(), exc_info=error)

@@ -1,4 +1,6 @@
-"""The ``/admin`` group: pause and resume the queue, purge a user's data. Admins only, decided in code.
+"""The ``/admin`` group: pause and resume the queue, purge a user's data, list and drain workers.
+
+Admins only, decided in code.
 
 Discord's ``default_permissions`` only hides the group by default; server admins can change
 that, so every command checks the bot's own admin rules (``bot/access.py``).
@@ -55,6 +57,27 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Bot admini
         await interaction.response.defer(ephemeral=True, thinking=True)
         text = await self.bot.service.purge_user(user.id)
         await interaction.edit_original_response(content=text, allowed_mentions=discord.AllowedMentions.none())
+
+
+    @app_commands.command(name="workers", description="Each worker's GPU, state, current clip and heartbeat.")
+    async def workers(self, interaction: discord.Interaction[Any]) -> None:
+        if await self._admin_only(interaction):
+            await interaction.response.send_message(await self.bot.service.workers_summary(), ephemeral=True)
+
+    @app_commands.command(name="drain", description="Let a worker finish its clip, then take no new ones.")
+    @app_commands.describe(worker="The worker's name, as /admin workers shows it")
+    async def drain(self, interaction: discord.Interaction[Any], worker: app_commands.Range[str, 1, 200]) -> None:
+        if await self._admin_only(interaction):
+            await interaction.response.send_message(await self.bot.service.drain_worker(worker), ephemeral=True)
+
+    @drain.autocomplete("worker")
+    async def _worker_names(
+        self, interaction: discord.Interaction[Any], current: str
+    ) -> list[app_commands.Choice[str]]:
+        if not await self.bot.service.admin(interaction):
+            return []
+        names = sorted({w.name for w in await self.bot.store.workers() if w.state != "stopped"})
+        return [app_commands.Choice(name=n[:100], value=n[:100]) for n in names if current.lower() in n.lower()][:25]
 
 
 async def setup(bot: LtxBot) -> None:

@@ -17,14 +17,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ScalarSelect, func, select
+from sqlalchemy import ScalarSelect, func, or_, select
 from sqlalchemy.orm import aliased
 
 from bot.db.models import Job, JobStatus
 
 
-def next_queued_id(dialect: str, only_id: int | None = None) -> ScalarSelect[Any]:
-    """The id of the job to claim next, as a scalar subquery for the claim's UPDATE."""
+def next_queued_id(
+    dialect: str, only_id: int | None = None, *, families: tuple[str, ...] | None = None,
+    vram_budget_gib: float | None = None,
+) -> ScalarSelect[Any]:
+    """The id of the job to claim next, as a scalar subquery for the claim's UPDATE.
+
+    A worker passes its capabilities: only jobs of its ``families``, and with a budget only jobs
+    whose predicted peak fits it (a job without a prediction fits any). The fair order holds
+    among the jobs it can run.
+    """
     queued, earlier = aliased(Job, name="queued"), aliased(Job, name="earlier")
     last_started = (
         select(func.max(earlier.started_at)).where(earlier.user_id == queued.user_id).correlate(queued)
@@ -33,6 +41,11 @@ def next_queued_id(dialect: str, only_id: int | None = None) -> ScalarSelect[Any
     candidates = select(queued.id).where(queued.status == JobStatus.QUEUED)
     if only_id is not None:
         candidates = candidates.where(queued.id == only_id)
+    if families is not None:
+        candidates = candidates.where(queued.family.in_(families))
+    if vram_budget_gib is not None:
+        candidates = candidates.where(or_(queued.predicted_peak_gib.is_(None),
+                                          queued.predicted_peak_gib <= vram_budget_gib))
     candidates = candidates.order_by(last_started.asc().nulls_first(), queued.id).limit(1)
     if dialect == "postgresql":
         candidates = candidates.with_for_update(skip_locked=True)

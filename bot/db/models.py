@@ -6,7 +6,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Double, Index, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -68,6 +68,8 @@ class Job(Base):
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str | None] = mapped_column(Text)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # params["family"] as a column, so a worker claims only the families it can render.
+    family: Mapped[str] = mapped_column(String(16), default="ltx2", server_default="ltx2")
     input_path: Mapped[str] = mapped_column(Text)
     input_sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
@@ -85,6 +87,14 @@ class Job(Base):
     supervisor_host: Mapped[str | None] = mapped_column(String(255))
     supervisor_pid: Mapped[int | None] = mapped_column(Integer)
     supervisor_start_ticks: Mapped[int | None] = mapped_column(BigInteger)
+    # The worker rendering the attempt (workers.id) and how long its claim holds without a heartbeat:
+    # past ``lease_until`` any worker may take the job back (bot/db/store.py, ``recover_expired``).
+    worker_id: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Seconds of generator phases over every attempt, for the per-user daily GPU budget.
+    gpu_seconds: Mapped[float | None] = mapped_column(Double)
+    # The VRAM predictor's peak for this request, when one was made: a worker with a smaller budget passes it by.
+    predicted_peak_gib: Mapped[float | None] = mapped_column(Double)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -96,7 +106,11 @@ class Job(Base):
     # One entry per ended attempt: {"attempt", "code", "message", "at"}.
     history: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
-    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_status_id", "status", "id"),
+        # The fair claim's "when did this user's last job start".
+        Index("ix_jobs_user_id_started_at", "user_id", "started_at"),
+    )
 
     @property
     def duration_seconds(self) -> float | None:
@@ -128,3 +142,44 @@ class Standby(Base):
     supervisor_start_ticks: Mapped[int | None] = mapped_column(BigInteger)
     pid: Mapped[int] = mapped_column(Integer)
     start_ticks: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class WorkerState(enum.StrEnum):
+    IDLE = "idle"
+    RENDERING = "rendering"
+    DRAINING = "draining"  # finishes its clip, then takes no more
+    STOPPED = "stopped"
+
+
+class WorkerRecord(Base):
+    """One worker process (one GPU) as it registered, and its last heartbeat."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    gpu: Mapped[int | None] = mapped_column(Integer)
+    gpu_name: Mapped[str | None] = mapped_column(String(255))
+    vram_budget_gib: Mapped[float | None] = mapped_column(Double)
+    families: Mapped[list[str]] = mapped_column(JSON)
+    libraries: Mapped[dict[str, str]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
+    clips_rendered: Mapped[int] = mapped_column(Integer, default=0)
+    drain_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Blob(Base):
+    """A file that hosts share through the database: an input image or a finished clip."""
+
+    __tablename__ = "blobs"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -13,13 +13,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import BigInteger, bindparam, delete, func, select, update
+from sqlalchemy import BigInteger, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from bot.db.claims import next_queued_id
+from bot.db.claims import fair_order, next_queued_id
 from bot.db.doorbell import make_doorbell
 from bot.db.engine import create_engine, session_factory
-from bot.db.models import ACTIVE_STATUSES, EndCode, Job, JobStatus, Setting, Standby
+from bot.db.models import (
+    ACTIVE_STATUSES,
+    Blob,
+    EndCode,
+    Job,
+    JobStatus,
+    Setting,
+    Standby,
+    WorkerRecord,
+    WorkerState,
+)
 from bot.processes import ProcessId, host_name
 
 if TYPE_CHECKING:
@@ -33,6 +43,15 @@ PAUSED_KEY = "queue_paused"
 PURGED_USER = "purged"
 # A clip still undelivered after this long is not posted any more: the channel has moved on.
 DELIVERY_WINDOW = timedelta(days=2)
+
+
+def input_key(sha256: str) -> str:
+    """The blob of an input image, named by its content like its file."""
+    return f"input:{sha256}"
+
+
+def clip_key(job_id: int) -> str:
+    return f"clip:{job_id}"
 
 
 def utcnow() -> datetime:
@@ -52,6 +71,7 @@ class NewJob:
     interaction_id: str | None = None
     request_message_id: str | None = None
     max_bytes: int | None = None
+    predicted_peak_gib: float | None = None
 
 
 class CancelOutcome(enum.StrEnum):
@@ -75,6 +95,32 @@ class UserUsage:
     active: int  # queued plus running
     created_last_day: int  # every job of the last 24 hours, cancelled ones too
     last_created_at: datetime | None
+    gpu_seconds_last_day: float = 0.0  # generator phase seconds of jobs started in the last 24 hours
+
+
+@dataclass(frozen=True)
+class ClaimingWorker:
+    """What a worker's claim needs to know about it."""
+
+    id: str
+    families: tuple[str, ...]
+    lease_seconds: float
+    vram_budget_gib: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker registers: where it runs and what it can render."""
+
+    id: str
+    name: str
+    host: str
+    pid: int
+    gpu: int | None
+    gpu_name: str | None
+    vram_budget_gib: float | None
+    families: list[str]
+    libraries: dict[str, str]
 
 
 class DuplicateJobError(Exception):
@@ -125,6 +171,8 @@ class JobStore:
             prompt=new.prompt,
             negative_prompt=new.negative_prompt,
             params=new.params,
+            family=str(new.params.get("family", "ltx2")),
+            predicted_peak_gib=new.predicted_peak_gib,
             input_path=new.input_path,
             input_sha256=new.input_sha256,
             status=JobStatus.QUEUED,
@@ -188,22 +236,24 @@ class JobStore:
 
     async def queue_position(self, job_id: int) -> int | None:
         """1 for the next job to run; None when the job is not queued."""
-        async with self._sessions() as session:
-            job = await session.get(Job, job_id)
-            if job is None or job.status != JobStatus.QUEUED:
-                return None
-            ahead = await session.scalar(
-                select(func.count(Job.id)).where(Job.status == JobStatus.QUEUED, Job.id < job_id)
-            )
-        return int(ahead or 0) + 1
+        order = await self.queued_ids()
+        return order.index(job_id) + 1 if job_id in order else None
 
     async def queued_ids(self, user_id: str | None = None) -> list[int]:
-        """Queued job ids in the order they will run (only ``user_id``'s when given)."""
-        query = select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.id)
-        if user_id is not None:
-            query = query.where(Job.user_id == user_id)
+        """Queued job ids in the order the fair claim will take them (only ``user_id``'s when given)."""
         async with self._sessions() as session:
-            return list(await session.scalars(query))
+            queued = [(job_id, user) for job_id, user in
+                      (await session.execute(select(Job.id, Job.user_id).where(Job.status == JobStatus.QUEUED))).all()]
+            users = {user for _, user in queued}
+            starts = (await session.execute(
+                select(Job.user_id, func.max(Job.started_at)).where(Job.user_id.in_(users)).group_by(Job.user_id)
+            )).all() if users else []
+        last_started = {user: _aware(at) for user, at in starts if at is not None}
+        order = fair_order(queued, {user: at for user, at in last_started.items() if at is not None})
+        if user_id is None:
+            return order
+        owners = dict(queued)
+        return [job_id for job_id in order if owners[job_id] == user_id]
 
     async def active_count(self, user_id: str) -> int:
         """Queued plus running jobs of one user."""
@@ -243,16 +293,22 @@ class JobStore:
 
     # --- the worker's transitions ---------------------------------------------
 
-    async def claim_next(self, only_id: int | None = None, *, supervisor: ProcessId | None = None) -> Job | None:
+    async def claim_next(
+        self, only_id: int | None = None, *, supervisor: ProcessId | None = None, worker: ClaimingWorker | None = None,
+    ) -> Job | None:
         """Atomically move the next queued job (fair across users) to running and count the attempt.
 
         One statement, so two claimers can never take the same job; how each database keeps
         concurrent claimers apart, and the fairness order, are in bot/db/claims.py. The claiming
         process (``supervisor``, by default this one) is recorded: recovery leaves the job
-        alone while that process lives.
+        alone while that process lives. A ``worker`` claims only what it can run (its families,
+        its VRAM budget) and holds the job for its lease, renewed by its heartbeat.
         """
         owner = supervisor or ProcessId.current()
-        next_id = next_queued_id(self.engine.dialect.name, only_id)
+        families = worker.families if worker is not None else None
+        budget = worker.vram_budget_gib if worker is not None else None
+        next_id = next_queued_id(self.engine.dialect.name, only_id, families=families, vram_budget_gib=budget)
+        lease_until = utcnow() + timedelta(seconds=worker.lease_seconds) if worker is not None else None
         statement = (
             update(Job)
             .where(Job.id == next_id, Job.status == JobStatus.QUEUED)
@@ -265,13 +321,52 @@ class JobStore:
                 supervisor_host=owner.host,
                 supervisor_pid=owner.pid,
                 supervisor_start_ticks=owner.start_ticks,
+                worker_id=worker.id if worker is not None else None,
+                lease_until=lease_until,
                 progress=None,
+                phases=None,
             )
             .returning(Job)
             .execution_options(synchronize_session=False)
         )
         async with self._sessions.begin() as session:
             return (await session.scalars(statement)).first()
+
+    async def renew_lease(self, job_id: int, attempt: int, worker_id: str, seconds: float) -> bool:
+        """Extend this attempt's claim; False when the attempt no longer holds the job (taken back, ended)."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.attempts == attempt, Job.status == JobStatus.RUNNING,
+                       Job.worker_id == worker_id)
+                .values(lease_until=utcnow() + timedelta(seconds=seconds))
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def recover_expired(self, max_attempts: int) -> list[Job]:
+        """Running jobs whose worker stopped renewing its lease go back to the queue (or fail when out of attempts).
+
+        Any worker may run this: a lease that has run out means its worker is gone or cut off, and
+        its late writes are fenced by the attempt. Jobs without a lease (claimed without a worker
+        record) are left to the supervisor checks of ``recover_orphans``.
+        """
+        async with self._sessions.begin() as session:
+            expired = list(await session.scalars(
+                select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_until.is_not(None),
+                                  Job.lease_until < utcnow()).with_for_update(skip_locked=True)
+            ))
+            for job in expired:
+                message = "The worker rendering this clip stopped answering."
+                _record_attempt(job, EndCode.INTERRUPTED, message)
+                _count_gpu_time(job)
+                if job.attempts >= max_attempts:
+                    _settle(job, JobStatus.FAILED, EndCode.INTERRUPTED,
+                            f"{message} It was tried {job.attempts} times; please try again.")
+                else:
+                    _settle(job, JobStatus.QUEUED, EndCode.INTERRUPTED, message)
+            if expired:
+                await self.doorbell.announce(session)
+            return expired
 
     async def record_process(self, job_id: int, attempt: int, pid: int, start_ticks: int | None) -> bool:
         return await self._fenced(job_id, attempt, generator_pid=pid, generator_start_ticks=start_ticks)
@@ -290,6 +385,7 @@ class JobStore:
             job.output_bytes = output_bytes
             job.phases = phases
             job.progress = {"stage": "done", "step": 1, "total": 1}
+            _count_gpu_time(job)
             _settle(job, JobStatus.SUCCEEDED)
             return True
 
@@ -305,6 +401,7 @@ class JobStore:
 
         def end(job: Job) -> JobStatus:
             _record_attempt(job, code, message)
+            _count_gpu_time(job)
             requeue = retry and job.attempts < max_attempts
             _settle(job, JobStatus.QUEUED if requeue else JobStatus.FAILED, code, message)
             return JobStatus(job.status)
@@ -314,6 +411,7 @@ class JobStore:
     async def mark_cancelled(self, job_id: int, attempt: int) -> bool:
         def end(job: Job) -> bool:
             _record_attempt(job, EndCode.CANCELLED, "Cancelled while running.")
+            _count_gpu_time(job)
             _settle(job, JobStatus.CANCELLED, EndCode.CANCELLED, "Cancelled.")
             return True
 
@@ -325,6 +423,7 @@ class JobStore:
         def end(job: Job) -> bool:
             message = "The bot was stopped while this clip was rendering; it renders again when the bot is back."
             _record_attempt(job, EndCode.STOPPED, message)
+            _count_gpu_time(job)
             _settle(job, JobStatus.QUEUED, EndCode.STOPPED, message)
             if job.status == JobStatus.QUEUED:
                 job.attempts = attempt - 1
@@ -365,6 +464,7 @@ class JobStore:
             for job in orphans:
                 message = "The bot stopped while this clip was rendering."
                 _record_attempt(job, EndCode.INTERRUPTED, message)
+                _count_gpu_time(job)
                 if job.attempts >= max_attempts:
                     final = f"{message} It was tried {job.attempts} times; please try again."
                     _settle(job, JobStatus.FAILED, EndCode.INTERRUPTED, final)
@@ -404,6 +504,81 @@ class JobStore:
                     await session.delete(row)
             return taken
 
+    # --- workers --------------------------------------------------------------
+
+    async def register_worker(self, info: WorkerInfo) -> None:
+        """Record (or re-record, after a restart of the same process id) a worker as idle and alive."""
+        now = utcnow()
+        async with self._sessions.begin() as session:
+            row = await session.get(WorkerRecord, info.id)
+            if row is None:
+                row = WorkerRecord(id=info.id, clips_rendered=0, started_at=now)
+                session.add(row)
+            row.name, row.host, row.pid, row.gpu = info.name, info.host, info.pid, info.gpu
+            row.gpu_name, row.vram_budget_gib = info.gpu_name, info.vram_budget_gib
+            row.families, row.libraries = list(info.families), dict(info.libraries)
+            row.state, row.current_job_id, row.drain_requested, row.heartbeat_at = WorkerState.IDLE, None, False, now
+
+    async def worker_heartbeat(
+        self, worker_id: str, state: WorkerState, current_job_id: int | None = None, *, rendered: int = 0,
+        gpu_name: str | None = None, libraries: dict[str, str] | None = None,
+    ) -> bool:
+        """Note that the worker is alive and what it does; True when an admin asked it to drain."""
+        async with self._sessions.begin() as session:
+            row = await session.get(WorkerRecord, worker_id)
+            if row is None:
+                return False
+            row.heartbeat_at = utcnow()
+            row.state = WorkerState.DRAINING if row.drain_requested and state != WorkerState.STOPPED else state
+            row.current_job_id = current_job_id
+            row.clips_rendered += rendered
+            if gpu_name:
+                row.gpu_name = gpu_name
+            if libraries:
+                row.libraries = dict(libraries)
+            return bool(row.drain_requested)
+
+    async def workers(self) -> list[WorkerRecord]:
+        """Every registered worker, the newest heartbeat first."""
+        async with self._sessions() as session:
+            return list(await session.scalars(select(WorkerRecord).order_by(WorkerRecord.heartbeat_at.desc())))
+
+    async def request_drain(self, name_or_id: str) -> list[WorkerRecord]:
+        """Ask the live workers of that name (or id) to finish their clip and take no more; those asked."""
+        async with self._sessions.begin() as session:
+            rows = list(await session.scalars(
+                select(WorkerRecord).where(or_(WorkerRecord.id == name_or_id, WorkerRecord.name == name_or_id),
+                                           WorkerRecord.state != WorkerState.STOPPED)
+            ))
+            for row in rows:
+                row.drain_requested = True
+            return rows
+
+    # --- files shared between hosts ----------------------------------------------
+
+    async def put_blob(self, key: str, data: bytes, sha256: str) -> None:
+        async with self._sessions.begin() as session:
+            row = await session.get(Blob, key)
+            if row is None:
+                session.add(Blob(key=key, sha256=sha256, size=len(data), data=data, created_at=utcnow()))
+            elif row.sha256 != sha256:
+                row.sha256, row.size, row.data, row.created_at = sha256, len(data), data, utcnow()
+
+    async def has_blob(self, key: str) -> bool:
+        async with self._sessions() as session:
+            return await session.scalar(select(Blob.key).where(Blob.key == key)) is not None
+
+    async def get_blob(self, key: str) -> tuple[bytes, str] | None:
+        """The blob's bytes and sha256, or None."""
+        async with self._sessions() as session:
+            row = (await session.execute(select(Blob.data, Blob.sha256).where(Blob.key == key))).first()
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
+    async def delete_blobs(self, keys: list[str]) -> None:
+        if keys:
+            async with self._sessions.begin() as session:
+                await session.execute(delete(Blob).where(Blob.key.in_(keys)))
+
     # --- delivery -------------------------------------------------------------
 
     async def set_status_message(self, job_id: int, message_id: str) -> None:
@@ -432,6 +607,8 @@ class JobStore:
                 .where(Job.id == job_id, Job.posted_message_id.is_(None))
                 .values(posted_message_id=message_id, posted_message_url=url)
             )
+            # Posted: the front end holds the clip now, so the database copy for other hosts goes.
+            await session.execute(delete(Blob).where(Blob.key == clip_key(job_id)))
             return bool(getattr(result, "rowcount", 0))
 
     # --- queue control ---------------------------------------------------------
@@ -461,6 +638,14 @@ class JobStore:
                     select(Job.input_path).where(Job.user_id != user_id, Job.input_path.in_(inputs))
                 )
             )
+            shas = {job.input_sha256 for job in jobs if job.input_sha256}
+            kept_shas = set(
+                await session.scalars(
+                    select(Job.input_sha256).where(Job.user_id != user_id, Job.input_sha256.in_(shas))
+                )
+            )
+            blobs = [input_key(sha) for sha in shas - kept_shas] + [clip_key(job.id) for job in jobs]
+            await session.execute(delete(Blob).where(Blob.key.in_(blobs)))
             running = 0
             for job in jobs:
                 if job.status == JobStatus.QUEUED:
@@ -510,7 +695,11 @@ async def _usage(session: AsyncSession, user_id: str, now: datetime) -> UserUsag
     active = await session.scalar(select(func.count(Job.id)).where(mine, Job.status.in_(ACTIVE_STATUSES)))
     recent = await session.scalar(select(func.count(Job.id)).where(mine, Job.created_at >= now - timedelta(days=1)))
     last = await session.scalar(select(func.max(Job.created_at)).where(mine))
-    return UserUsage(active=int(active or 0), created_last_day=int(recent or 0), last_created_at=_aware(last))
+    gpu = await session.scalar(
+        select(func.sum(Job.gpu_seconds)).where(mine, Job.started_at >= now - timedelta(days=1))
+    )
+    return UserUsage(active=int(active or 0), created_last_day=int(recent or 0), last_created_at=_aware(last),
+                     gpu_seconds_last_day=float(gpu or 0.0))
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -565,6 +754,14 @@ def _settle(job: Job, status: JobStatus, code: EndCode | None = None, message: s
     job.supervisor_host = None
     job.supervisor_pid = None
     job.supervisor_start_ticks = None
+    job.worker_id = None
+    job.lease_until = None
+
+
+def _count_gpu_time(job: Job) -> None:
+    """Add the ending attempt's measured phase seconds to the job's GPU time (the daily budget counts it)."""
+    seconds = sum(float(p.get("seconds") or 0.0) for p in job.phases or [])
+    job.gpu_seconds = round((job.gpu_seconds or 0.0) + seconds, 3)
 
 
 def _history_entry(attempt: int, code: str, message: str) -> dict[str, Any]:
