@@ -5,6 +5,7 @@
   hang  sleep forever when the phase starts
   kill  SIGKILL this process; in video_decode, after the first frames were written
   fail  raise RuntimeError when the phase starts
+  slow  sleep LTXBOT_FAULT_SECONDS (default 5) when the phase starts, then go on
 With ``LTXBOT_FAULT_ONCE=PATH`` the fault fires only while PATH does not exist
 (it is created just before firing), so a retried job succeeds.
 """
@@ -34,7 +35,9 @@ def _armed(phase: str, kinds: set[str]) -> str | None:
 
 
 def at_phase_start(phase: str) -> None:
-    kind = _armed(phase, {"oom", "hang", "fail"} | ({"kill"} if phase != "video_decode" else set()))
+    kind = _armed(phase, {"oom", "hang", "fail", "slow"} | ({"kill"} if phase != "video_decode" else set()))
+    if kind == "slow":
+        time.sleep(float(os.environ.get("LTXBOT_FAULT_SECONDS", "5")))
     if kind == "oom":
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {phase})")
     if kind == "hang":

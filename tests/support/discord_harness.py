@@ -49,8 +49,14 @@ def bot_config(data_dir: Path, tiny: Path, fake: FakeDiscord, **overrides: Any) 
 
 class Harness:
     def __init__(self, fake: FakeDiscord, root: Path, tiny: Path, *, env: dict[str, str] | None = None,
-                 **overrides: Any) -> None:
+                 db_url: str | None = None, run_args: tuple[str, ...] = (), **overrides: Any) -> None:
+        """``db_url``: a shared database (PostgreSQL) instead of the data dir's SQLite file;
+        ``run_args``: extra arguments of ``ltxbot run`` (``--no-worker``)."""
         self.fake = fake
+        self.db_url = db_url or f"sqlite+aiosqlite:///{root / 'data' / 'ltxbot.db'}"
+        self.run_args = run_args
+        if db_url is not None:
+            overrides["database_url"] = db_url
         self.extra_env = env or {}
         self.root = root
         self.data_dir = root / "data"
@@ -69,7 +75,7 @@ class Harness:
         self.fake.identify = None
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "tests" / "support" / "fake_bot.py"), self.fake.url,
-            "--config", str(self.config_path), "run", cwd=str(self.root), env=env,
+            "--config", str(self.config_path), "run", *self.run_args, cwd=str(self.root), env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )
         self._reader = asyncio.create_task(self._read_log(self.proc))
@@ -130,7 +136,7 @@ class Harness:
 
     async def store(self) -> JobStore:
         if self._store is None:
-            self._store = JobStore.from_url(f"sqlite+aiosqlite:///{self.data_dir / 'ltxbot.db'}")
+            self._store = JobStore.from_url(self.db_url)
         return self._store
 
     async def jobs(self) -> list[Job]:

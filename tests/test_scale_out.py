@@ -1,0 +1,152 @@
+"""Scale-out in the store, on both databases: leases, capabilities, worker records, shared files, GPU time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bot.access import Refusal, check_usage
+from bot.config import Limits, Settings
+from bot.db.models import EndCode, JobStatus, WorkerState
+from bot.db.store import ClaimingWorker, JobStore, NewJob, WorkerInfo, clip_key, input_key
+from bot.shared_files import SharedFiles
+from bot.worker import Worker
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+def new_job(user: str = "u1", family: str = "ltx2", **extra: object) -> NewJob:
+    return NewJob(user_id=user, prompt="waves", params={"frames": 9, "family": family}, input_path="/x.png",
+                  input_sha256="0" * 64, **extra)  # type: ignore[arg-type]
+
+
+def worker(name: str, *families: str, lease: float = 60.0, budget: float | None = None) -> ClaimingWorker:
+    return ClaimingWorker(id=name, families=families or ("ltx2",), lease_seconds=lease, vram_budget_gib=budget)
+
+
+async def test_an_expired_lease_goes_to_another_worker_and_fences_the_lost_one(store: JobStore) -> None:
+    job = await store.create(new_job())
+    lost = await store.claim_next(worker=worker("a", lease=0.3))
+    assert lost is not None and lost.worker_id == "a" and lost.lease_until is not None
+    assert await store.recover_expired(max_attempts=3) == []  # the lease still holds
+    await asyncio.sleep(0.5)
+    taken = await store.recover_expired(max_attempts=3)
+    assert [j.id for j in taken] == [job.id]
+    back = await store.get(job.id)
+    assert back is not None and back.status == JobStatus.QUEUED and back.worker_id is None
+    assert back.history and back.history[-1]["code"] == EndCode.INTERRUPTED
+    again = await store.claim_next(worker=worker("b"))
+    assert again is not None and again.id == job.id and again.attempts == 2 and again.worker_id == "b"
+    # The lost worker's late writes change nothing, and it learns it lost the job.
+    assert not await store.renew_lease(job.id, 1, "a", 60)
+    assert not await store.finish(job.id, 1, output_path="/late.mp4", output_bytes=1, phases=[])
+    assert await store.renew_lease(job.id, 2, "b", 60)
+    assert await store.finish(job.id, 2, output_path="/c.mp4", output_bytes=1, phases=[])
+    assert await store.recover_expired(max_attempts=3) == []
+
+
+async def test_a_lease_out_of_attempts_fails_the_job(store: JobStore) -> None:
+    job = await store.create(new_job())
+    await store.claim_next(worker=worker("a", lease=0.2))
+    await asyncio.sleep(0.4)
+    await store.recover_expired(max_attempts=1)
+    failed = await store.get(job.id)
+    assert failed is not None and failed.status == JobStatus.FAILED and "stopped answering" in (
+        failed.error_message or "")
+
+
+async def test_a_worker_claims_only_its_families_and_what_fits_its_budget(store: JobStore) -> None:
+    ltxv = await store.create(new_job(family="ltxv"))
+    big = await store.create(new_job(predicted_peak_gib=30.0))
+    small = await store.create(new_job("u2", predicted_peak_gib=7.5))
+    unknown = await store.create(new_job("u3"))
+    card_16 = worker("a", "ltx2", budget=16.0)
+    claimed = [await store.claim_next(worker=card_16) for _ in range(3)]
+    assert [j.id if j else None for j in claimed] == [small.id, unknown.id, None]
+    assert (await store.get(ltxv.id)).status == JobStatus.QUEUED  # type: ignore[union-attr]
+    both = await store.claim_next(worker=worker("b", "ltx2", "ltxv"))
+    last = await store.claim_next(worker=worker("b", "ltx2", "ltxv"))
+    assert {both.id, last.id} == {ltxv.id, big.id}  # type: ignore[union-attr]
+
+
+async def test_gpu_time_counts_every_attempt_and_feeds_the_daily_budget(store: JobStore) -> None:
+    job = await store.create(new_job())
+    await store.claim_next()
+    await store.record_phases(job.id, 1, [{"name": "stage_1", "seconds": 50.0}])
+    await store.fail(job.id, 1, code=EndCode.CRASHED, message="boom", retry=True, max_attempts=3)
+    claimed = await store.claim_next()
+    assert claimed is not None and claimed.phases is None  # a new attempt starts with no phases
+    await store.finish(job.id, 2, output_path="/c.mp4", output_bytes=1,
+                       phases=[{"name": "stage_1", "seconds": 60.0}, {"name": "decode", "seconds": 10.5}])
+    done = await store.get(job.id)
+    assert done is not None and done.gpu_seconds == pytest.approx(120.5)
+    usage = await store.usage("u1")
+    assert usage.gpu_seconds_last_day == pytest.approx(120.5)
+    check_usage(Limits(daily_gpu_seconds=121, daily_quota=0, cooldown_seconds=0), usage)
+    with pytest.raises(Refusal, match="GPU minutes"):
+        check_usage(Limits(daily_gpu_seconds=120, daily_quota=0, cooldown_seconds=0), usage)
+
+
+async def test_workers_register_beat_and_drain(store: JobStore) -> None:
+    info = WorkerInfo(id="w1", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name="H200", vram_budget_gib=None,
+                      families=["ltx2"], libraries={"torch": "2"})
+    await store.register_worker(info)
+    assert not await store.worker_heartbeat("w1", WorkerState.RENDERING, 7)
+    assert not await store.worker_heartbeat("w1", WorkerState.IDLE, rendered=1)
+    assert [w.name for w in await store.request_drain("box:gpu0")] == ["box:gpu0"]
+    assert await store.worker_heartbeat("w1", WorkerState.IDLE)
+    (row,) = await store.workers()
+    assert row.state == WorkerState.DRAINING and row.clips_rendered == 1 and row.gpu_name == "H200"
+    await store.worker_heartbeat("w1", WorkerState.STOPPED)
+    assert await store.request_drain("box:gpu0") == []  # a stopped worker is not asked again
+    assert await store.request_drain("nobody") == []
+
+
+async def test_a_drained_worker_ends_its_loop(tmp_path: Path, db_url: str, store: JobStore) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, generator={"standby": False})
+    runner = Worker(settings, store)
+    loop = asyncio.create_task(runner.run_forever())
+    for _ in range(100):
+        if [w for w in await store.workers() if w.id == runner.claiming.id]:
+            break
+        await asyncio.sleep(0.05)
+    await store.request_drain(runner.claiming.id)
+    await asyncio.wait_for(loop, 20)  # returns by itself, no cancel
+    (row,) = await store.workers()
+    assert row.state == WorkerState.STOPPED
+
+
+async def test_files_travel_through_the_database_and_go_when_done(tmp_path: Path, db_url: str,
+                                                                  store: JobStore) -> None:
+    front = Settings(data_dir=tmp_path / "front", database_url=db_url, share_files="database")
+    far = Settings(data_dir=tmp_path / "far", database_url=db_url, share_files="database")
+    image = front.uploads_dir / ("a" * 64 + ".png")
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"png bytes")
+    import hashlib
+
+    sha = hashlib.sha256(b"png bytes").hexdigest()
+    await SharedFiles(front, store).publish_input(image, sha)
+    job = await store.create(NewJob(user_id="u1", prompt="p", params={}, input_path=str(image), input_sha256=sha))
+    fetched = await SharedFiles(far, store).input_for(job)
+    assert fetched.is_relative_to(far.uploads_dir) and fetched.read_bytes() == b"png bytes"
+    clip = far.jobs_dir / str(job.id) / "clip.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"mp4 bytes")
+    await SharedFiles(far, store).publish_clip(job.id, clip)
+    job.output_path = str(clip)  # the worker's own path: not under the front end's data dir
+    posted = await SharedFiles(front, store).clip_for(job)
+    assert posted is not None and posted.is_relative_to(front.jobs_dir) and posted.read_bytes() == b"mp4 bytes"
+    await store.mark_delivered(job.id, "1", "u")
+    assert not await store.has_blob(clip_key(job.id))
+    await store.purge_user("u1")
+    assert not await store.has_blob(input_key(sha))
+    # On one machine nothing is copied.
+    local = Settings(data_dir=tmp_path / "front", database_url=db_url, share_files="local")
+    assert not SharedFiles(local, store).enabled
