@@ -202,10 +202,10 @@ def workers_table(workers: list[WorkerRecord]) -> RenderableType:
     from bot.cards import worker_status
 
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("name", "host", "GPU", "families", "state", "job", "clips", "heartbeat", "id"):
-        table.add_column(column)
+    for column in ("name", "GPU", "families", "state", "job", "clips", "heartbeat"):
+        table.add_column(column, overflow="fold")
     for w in workers:
         gpu = (w.gpu_name or "-") if w.gpu is None else f"{w.gpu}: {w.gpu_name or '-'}"
-        table.add_row(w.name, w.host, gpu, ",".join(w.families), worker_status(w),
-                      str(w.current_job_id or "-"), str(w.clips_rendered), _when(w.heartbeat_at), w.id[:8])
+        table.add_row(w.name, gpu, ",".join(w.families), worker_status(w),
+                      str(w.current_job_id or "-"), str(w.clips_rendered), _when(w.heartbeat_at))
     return table

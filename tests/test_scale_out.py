@@ -150,3 +150,25 @@ async def test_files_travel_through_the_database_and_go_when_done(tmp_path: Path
     # On one machine nothing is copied.
     local = Settings(data_dir=tmp_path / "front", database_url=db_url, share_files="local")
     assert not SharedFiles(local, store).enabled
+
+
+async def test_cli_lists_and_drains_workers(tmp_path: Path) -> None:
+    from tests.test_cli import ltxbot
+
+    db = tmp_path / "data" / "ltxbot.db"
+    store = JobStore.from_url(f"sqlite+aiosqlite:///{db}")
+    from bot.db.migrate import upgrade
+
+    await upgrade(store.engine)
+    await store.register_worker(WorkerInfo(id="abcdef0123", name="box:gpu1", host="box", pid=1, gpu=1,
+                                           gpu_name="RTX 4090", vram_budget_gib=None, families=["ltx2"],
+                                           libraries={}))
+    (tmp_path / "config.yaml").write_text(f"data_dir: {tmp_path / 'data'}\n")
+    listed = await asyncio.to_thread(ltxbot, "workers", cwd=tmp_path)
+    assert listed.returncode == 0 and "box:gpu1" in listed.stdout and "RTX 4090" in listed.stdout
+    missing = await asyncio.to_thread(ltxbot, "drain", "nope", cwd=tmp_path)
+    assert missing.returncode == 1 and "ltxbot workers" in missing.stderr
+    drained = await asyncio.to_thread(ltxbot, "drain", "box:gpu1", cwd=tmp_path)
+    assert drained.returncode == 0
+    assert await store.worker_heartbeat("abcdef0123", WorkerState.IDLE)
+    await store.close()
