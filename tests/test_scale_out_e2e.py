@@ -19,7 +19,7 @@ import yaml
 from bot.db.models import EndCode, JobStatus
 from bot.processes import process_start_ticks
 from tests.conftest import ROOT, clean_env, image_bytes
-from tests.support.discord_harness import ALICE, BOB, Harness, bot_config, decode_mp4
+from tests.support.discord_harness import ADMIN, ALICE, BOB, Harness, bot_config, decode_mp4
 from tests.support.fake_discord import FakeDiscord
 
 pytestmark = pytest.mark.timeout(600)
@@ -160,6 +160,12 @@ async def test_every_clip_is_posted_once_across_a_front_end_restart(cluster: Cal
     for job_id in (1, 2):
         await harness.wait_job(job_id, lambda j: j.status == JobStatus.RUNNING and j.worker_id in ids, timeout=240)
     assert {(await harness.job(1)).worker_id, (await harness.job(2)).worker_id} == ids  # one per worker
+    queue = await harness.answer_text(await fake.slash(ALICE, "queue"))
+    assert "on gpu0" in queue and "on gpu1" in queue, queue
+    listing = await harness.answer_text(await fake.slash(ADMIN, "workers", group="admin"))
+    assert "**gpu0**" in listing and "**gpu1**" in listing and listing.count("rendering job") == 2, listing
+    refused = await harness.answer_text(await fake.slash(BOB, "workers", group="admin"))
+    assert "Only the bot's admins" in refused
     await harness.kill_bot()
     for job_id in (1, 2):
         await harness.wait_job(job_id, lambda j: j.status == JobStatus.SUCCEEDED, timeout=300)
@@ -169,3 +175,8 @@ async def test_every_clip_is_posted_once_across_a_front_end_restart(cluster: Cal
     posts = harness.clip_posts()
     assert len(posts) == 2
     assert {(await harness.job(job_id)).posted_message_id for job_id in (1, 2)} == {p.message_id for p in posts}
+    # An admin drains one worker: it ends by itself, the other keeps running.
+    drained = await harness.answer_text(await fake.slash(ADMIN, "drain", {"worker": "gpu0"}, group="admin"))
+    assert "Asked gpu0" in drained, drained
+    assert workers[0].proc is not None and await asyncio.wait_for(workers[0].proc.wait(), 60) == 0
+    assert workers[1].proc is not None and workers[1].proc.returncode is None
