@@ -172,3 +172,11 @@ async def test_cli_lists_and_drains_workers(tmp_path: Path) -> None:
     assert drained.returncode == 0
     assert await store.worker_heartbeat("abcdef0123", WorkerState.IDLE)
     await store.close()
+
+
+async def test_the_same_image_published_at_once_by_many_requests(store: JobStore) -> None:
+    await asyncio.gather(*(store.put_blob(input_key("f" * 64), b"same", "f" * 64) for _ in range(8)))
+    assert await store.get_blob(input_key("f" * 64)) == (b"same", "f" * 64)
+    await store.put_blob(clip_key(1), b"old", "a")
+    await store.put_blob(clip_key(1), b"new", "b")  # a later attempt's clip replaces the earlier one
+    assert await store.get_blob(clip_key(1)) == (b"new", "b")

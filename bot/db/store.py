@@ -557,12 +557,22 @@ class JobStore:
     # --- files shared between hosts ----------------------------------------------
 
     async def put_blob(self, key: str, data: bytes, sha256: str) -> None:
-        async with self._sessions.begin() as session:
-            row = await session.get(Blob, key)
-            if row is None:
-                session.add(Blob(key=key, sha256=sha256, size=len(data), data=data, created_at=utcnow()))
-            elif row.sha256 != sha256:
-                row.sha256, row.size, row.data, row.created_at = sha256, len(data), data, utcnow()
+        """Store (or replace) a blob. Two requests storing the same image at once both succeed."""
+        try:
+            async with self._sessions.begin() as session:
+                row = await session.get(Blob, key)
+                if row is None:
+                    session.add(Blob(key=key, sha256=sha256, size=len(data), data=data, created_at=utcnow()))
+                elif row.sha256 != sha256:
+                    row.sha256, row.size, row.data, row.created_at = sha256, len(data), data, utcnow()
+        except IntegrityError:
+            # Another process inserted the key between our read and our insert: same key, its content
+            # is for that process to have written; replace it only if ours differs.
+            async with self._sessions.begin() as session:
+                await session.execute(
+                    update(Blob).where(Blob.key == key, Blob.sha256 != sha256)
+                    .values(sha256=sha256, size=len(data), data=data, created_at=utcnow())
+                )
 
     async def has_blob(self, key: str) -> bool:
         async with self._sessions() as session:
