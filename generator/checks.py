@@ -37,7 +37,7 @@ def required_files(spec: JobSpec) -> list[str]:
         main = "distilled_checkpoint" if kind == "distilled" else "checkpoint"
         upsampler = [] if kind == "one_stage" else ["spatial_upsampler"]
         return [main, *upsampler, "text_encoder_root"]
-    if kind == "two_stage":
+    if kind in {"two_stage", "two_stage_hq"}:
         return ["checkpoint", "distilled_lora", "spatial_upsampler", "gemma_root"]
     if kind == "distilled":
         return ["distilled_checkpoint", "spatial_upsampler", "gemma_root"]

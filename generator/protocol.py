@@ -21,7 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-PipelineKind = Literal["two_stage", "distilled", "one_stage"]
+PipelineKind = Literal["two_stage", "distilled", "one_stage", "two_stage_hq"]
+PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage", "two_stage_hq")
 # ltx2: LTX-2 / LTX-2.3 through ltx-core; ltxv: LTX-Video 0.9.x through the ltx-video package.
 ModelFamily = Literal["ltx2", "ltxv"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("ltx2", "ltxv")
@@ -86,6 +87,11 @@ class GenerationRequest(_Frozen):
     pipeline: PipelineKind = "two_stage"
     audio: bool = True
     image_strength: float = Field(default=1.0, ge=0.0, le=1.0)
+    # The upload name (in the bot's uploads folder) of an image for the last frame; the
+    # worker resolves it inside that folder (docs/DESIGN.md, 'Modes').
+    end_image: str | None = Field(default=None, max_length=200)
+    # The first image at the last frame too, so the clip loops.
+    loop: bool = False
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -127,7 +133,24 @@ class GenerationRequest(_Frozen):
     def _family_features(self) -> GenerationRequest:
         if self.family == "ltxv" and self.audio:
             raise ValueError("LTX-Video makes silent clips: turn audio off, or choose the LTX-2 model for sound")
+        if self.family == "ltxv" and self.pipeline == "two_stage_hq":
+            raise ValueError("pipeline two_stage_hq is LTX-2's: choose two_stage, distilled or one_stage for LTX-Video")
+        if self.end_image is not None and self.loop:
+            raise ValueError("end_image and loop cannot go together: loop already ends on your first image; "
+                             "drop one of them")
+        if self.family == "ltxv" and (self.end_image is not None or self.loop):
+            name = "loop" if self.loop else "end_image"
+            raise ValueError(f"{name} needs the LTX-2 model: LTX-Video conditions on the first frame only")
+        if self.end_image is not None and (
+            not self.end_image or "/" in self.end_image or "\\" in self.end_image or self.end_image.startswith(".")
+        ):
+            raise ValueError("end_image must be the name of an uploaded file, not a path")
         return self
+
+    @property
+    def keyframed(self) -> bool:
+        """An image is set at the last frame too (an end image, or a loop)."""
+        return self.end_image is not None or self.loop
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -209,6 +232,8 @@ class JobSpec(_Frozen):
 
     request: GenerationRequest
     image_path: Path
+    # The image at the last frame: the request's end image, or image_path itself for a loop.
+    end_image_path: Path | None = None
     output_path: Path
     models: ModelFiles = ModelFiles()
     ltxv_models: LtxvModelFiles = LtxvModelFiles()
@@ -228,6 +253,14 @@ class JobSpec(_Frozen):
     @property
     def family(self) -> ModelFamily:
         return self.request.family
+
+    @model_validator(mode="after")
+    def _end_image_given(self) -> JobSpec:
+        if self.request.keyframed and self.end_image_path is None:
+            raise ValueError("end_image_path is required when the request has end_image or loop")
+        if not self.request.keyframed and self.end_image_path is not None:
+            raise ValueError("end_image_path is set but the request has neither end_image nor loop")
+        return self
 
     @model_validator(mode="after")
     def _tiles_fit_the_family(self) -> JobSpec:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def make_spec(tmp_path: Path, tiny_models: Path, **request: Any) -> JobSpec:
     image = tmp_path / "in.png"
     image.write_bytes(image_bytes(size=(128, 128)))
-    extra = {k: request.pop(k) for k in ("max_bytes", "crf", "models", "fp8_cast") if k in request}
+    extra = {k: request.pop(k) for k in ("max_bytes", "crf", "models", "fp8_cast", "end_image_path") if k in request}
     return JobSpec.model_validate({
         "request": {"prompt": "waves roll in", "width": 128, "height": 128, "frames": 17, "steps": 2,
                     "seed": 3, "pipeline": "two_stage", "audio": True} | request,
