@@ -101,6 +101,19 @@ def _absolute(paths: dict[str, Path | None]) -> dict[str, Path | None]:
     return {key: None if path is None else path.expanduser().absolute() for key, path in paths.items()}
 
 
+def end_image_path(settings: Settings, request: GenerationRequest, image: Path) -> Path | None:
+    """The image for the last frame: the first one for a loop, else the end image, inside the uploads folder."""
+    if request.loop:
+        return image
+    if request.end_image is None:
+        return None
+    uploads = settings.uploads_dir.resolve()
+    end = (uploads / request.end_image).resolve()
+    if not end.is_relative_to(uploads):
+        raise ValueError("the job's end image is outside the uploads folder")
+    return end
+
+
 def build_spec(settings: Settings, job: Job) -> JobSpec:
     uploads = settings.uploads_dir.resolve()
     image = Path(job.input_path).resolve()
@@ -108,12 +121,14 @@ def build_spec(settings: Settings, job: Job) -> JobSpec:
         raise ValueError("the job's image is outside the uploads folder")
     t = settings.vae_tiling
     request = GenerationRequest.model_validate(job.params)
+    end_image = end_image_path(settings, request, image)
     if request.family not in settings.enabled_families():
         raise ValueError(f"the {FAMILY_NAMES[request.family]} model family is not enabled on this bot")
     ltxv = settings.ltxv
     return JobSpec(
         request=request,
         image_path=image,
+        end_image_path=end_image,
         output_path=job_dir(settings, job.id) / CLIP_NAME,
         models=ModelFiles(**_absolute(settings.models.model_dump())),
         ltxv_models=LtxvModelFiles(**_absolute(ltxv.model_dump(include=set(LtxvModelFiles.model_fields)))),

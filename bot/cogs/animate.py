@@ -41,8 +41,10 @@ class Animate(commands.Cog):
         height="Exact height in pixels (with width)",
         seed="Seed, to repeat a result",
         audio="Generate a sound track",
-        pipeline="two_stage (best), distilled (fast) or one_stage",
+        pipeline="two_stage (best), distilled (fast), one_stage, or two_stage_hq (finest, slower)",
         model="LTX-2 (sound, best quality) or LTX-Video (silent, lighter); default: this server's choice",
+        end_image="A picture for the last frame: the clip moves from the first image to this one",
+        loop="End on the first image, so the clip loops",
     )
     @app_commands.choices(model=[
         app_commands.Choice(name="LTX-2", value="ltx2"),
@@ -60,14 +62,16 @@ class Animate(commands.Cog):
         height: app_commands.Range[int, 1, 8192] | None = None,
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
         audio: bool | None = None,
-        pipeline: Literal["two_stage", "distilled", "one_stage"] | None = None,
+        pipeline: Literal["two_stage", "distilled", "one_stage", "two_stage_hq"] | None = None,
         model: app_commands.Choice[str] | None = None,
+        end_image: discord.Attachment | None = None,
+        loop: bool | None = None,
     ) -> None:
         options = RequestOptions(
             preset=size, seconds=seconds, frames=frames, width=width, height=height, seed=seed, audio=audio,
-            pipeline=pipeline, family=FAMILIES[model.value] if model is not None else None,
+            pipeline=pipeline, family=FAMILIES[model.value] if model is not None else None, loop=loop,
         )
-        await self.bot.service.animate_from_command(interaction, image, prompt, options)
+        await self.bot.service.animate_from_command(interaction, image, prompt, options, end_image)
 
     @animate.autocomplete("size")
     async def _sizes(self, interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:

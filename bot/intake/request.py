@@ -67,6 +67,8 @@ def build_request(
     negative_prompt: str | None = None,
     family: ModelFamily | None = None,
     guild_id: int | None = None,
+    end_image: str | None = None,
+    loop: bool | None = None,
 ) -> GenerationRequest:
     """Fill defaults from the config and validate; problems raise IntakeError('invalid_request').
 
@@ -116,6 +118,8 @@ def build_request(
         "family": family,
         "audio": (gen.audio and family != "ltxv") if audio is None else audio,
         "image_strength": gen.image_strength,
+        "end_image": end_image,
+        "loop": bool(loop),
     }
     try:
         request = GenerationRequest.model_validate(data)
@@ -175,6 +179,13 @@ class RequestOptions:
     audio: bool | None = None
     pipeline: PipelineKind | None = None
     family: ModelFamily | None = None
+    loop: bool | None = None
+
+    def check_end_image(self, given: bool) -> None:
+        """Refuse an end image with a loop before anything is downloaded."""
+        if given and self.loop:
+            raise IntakeError("invalid_request", "end_image and loop cannot go together: loop already ends on "
+                              "your first image. Drop one of them.")
 
     def build(
         self, settings: Settings, *, prompt: str, source_size: tuple[int, int] | None, guild_id: int | None
@@ -182,10 +193,23 @@ class RequestOptions:
         return build_request(
             settings, prompt=prompt, source_size=source_size, guild_id=guild_id, preset=self.preset,
             width=self.width, height=self.height, frames=self.frames, seconds=self.seconds, seed=self.seed,
-            audio=self.audio, pipeline=self.pipeline, family=self.family,
+            audio=self.audio, pipeline=self.pipeline, family=self.family, loop=self.loop,
         )
 
     def sized(self, settings: Settings, *, prompt: str, guild_id: int | None) -> SizedRequest:
         """The ``normalise_image`` target for these options: the size waits for the image's own."""
         return SizedRequest(settings, build=lambda size: self.build(settings, prompt=prompt, source_size=size,
                                                                     guild_id=guild_id))
+
+
+def with_end_image(request: GenerationRequest, upload_name: str) -> GenerationRequest:
+    """``request`` with its end image, validated again (the model's own rules name the field)."""
+    try:
+        return GenerationRequest.model_validate(request.model_dump() | {"end_image": upload_name})
+    except ValidationError as exc:
+        raise IntakeError("invalid_request", describe_validation_error(exc)) from None
+
+
+def fixed_size(request: GenerationRequest) -> Callable[[int, int], tuple[int, int]]:
+    """The ``normalise_image`` target for an end image: fitted to the first image's clip size."""
+    return lambda _width, _height: (request.width, request.height)
