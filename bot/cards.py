@@ -96,9 +96,10 @@ def mode_text(params: dict[str, Any]) -> str | None:
 def _describe(job: Job) -> str:
     p = job.params
     seconds = p["frames"] / p["fps"]
-    mode = mode_text(p)
+    extras = [mode] if (mode := mode_text(p)) else []
+    extras += [f"LoRA {lora['name']} {lora['strength']:g}" for lora in p.get("loras") or []]
     return (f"{_family(p)} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
-            + (f" · {mode}" if mode else ""))
+            + "".join(f" · {extra}" for extra in extras))
 
 
 def status_embed(job: Job, queue: QueueView | None = None) -> discord.Embed:

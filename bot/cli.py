@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--pipeline", choices=list(PIPELINE_KINDS))
     animate.add_argument("--end-image", type=Path, default=None, help="an image for the last frame")
     animate.add_argument("--loop", action="store_true", help="end on the first image, so the clip loops")
+    animate.add_argument("--lora", default=None, help="a LoRA by its name under loras in the config")
+    animate.add_argument("--lora-strength", type=float, default=None, help="its strength (default: the config's)")
     animate.add_argument("--model", choices=["ltx2", "ltxv"], help="model family (default: generation.family)")
     animate.add_argument("--no-audio", action="store_true")
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")

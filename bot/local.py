@@ -31,7 +31,7 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     sized = SizedRequest(
         settings, prompt=args.prompt, width=args.width, height=args.height, frames=args.frames,
         seconds=args.seconds, seed=args.seed, pipeline=args.pipeline, audio=False if args.no_audio else None,
-        family=args.model, loop=args.loop or None,
+        family=args.model, loop=args.loop or None, lora=args.lora, lora_strength=args.lora_strength,
     )
 
     def fit(path: Path, target: TargetSize) -> NormalisedImage:

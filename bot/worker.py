@@ -30,6 +30,7 @@ from generator.protocol import (
     ErrorEvent,
     GenerationRequest,
     JobSpec,
+    LoraFile,
     LtxvModelFiles,
     ModelFamily,
     ModelFiles,
@@ -114,6 +115,17 @@ def end_image_path(settings: Settings, request: GenerationRequest, image: Path) 
     return end
 
 
+def lora_files(settings: Settings, request: GenerationRequest) -> tuple[LoraFile, ...]:
+    """The request's LoRAs resolved to the owner's files (a job outlives a config edit: then it fails clearly)."""
+    files = []
+    for choice in request.loras:
+        entry = settings.loras.get(choice.name)
+        if entry is None:
+            raise ValueError(f"the LoRA {choice.name} is no longer listed under loras in the config")
+        files.append(LoraFile(name=choice.name, path=entry.file.expanduser().absolute(), strength=choice.strength))
+    return tuple(files)
+
+
 def build_spec(settings: Settings, job: Job) -> JobSpec:
     uploads = settings.uploads_dir.resolve()
     image = Path(job.input_path).resolve()
@@ -129,6 +141,7 @@ def build_spec(settings: Settings, job: Job) -> JobSpec:
         request=request,
         image_path=image,
         end_image_path=end_image,
+        loras=lora_files(settings, request),
         output_path=job_dir(settings, job.id) / CLIP_NAME,
         models=ModelFiles(**_absolute(settings.models.model_dump())),
         ltxv_models=LtxvModelFiles(**_absolute(ltxv.model_dump(include=set(LtxvModelFiles.model_fields)))),

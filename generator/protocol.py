@@ -67,6 +67,18 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_LORAS = 4
+MIN_LORA_STRENGTH, MAX_LORA_STRENGTH = -2.0, 2.0
+
+
+class LoraChoice(_Frozen):
+    """A LoRA the owner listed (``loras.NAME`` in the config), at the strength asked for."""
+
+    name: str = Field(pattern=LORA_NAME_PATTERN)
+    strength: float = Field(default=1.0, ge=MIN_LORA_STRENGTH, le=MAX_LORA_STRENGTH)
+
+
 class GenerationRequest(_Frozen):
     """What a user asks for, validated against the model's constraints and the contract's hard maxima.
 
@@ -92,6 +104,8 @@ class GenerationRequest(_Frozen):
     end_image: str | None = Field(default=None, max_length=200)
     # The first image at the last frame too, so the clip loops.
     loop: bool = False
+    # Fused into the transformer of every stage, before the distilled LoRA (as ltx-pipelines orders them).
+    loras: tuple[LoraChoice, ...] = Field(default=(), max_length=MAX_LORAS)
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -141,6 +155,10 @@ class GenerationRequest(_Frozen):
         if self.family == "ltxv" and (self.end_image is not None or self.loop):
             name = "loop" if self.loop else "end_image"
             raise ValueError(f"{name} needs the LTX-2 model: LTX-Video conditions on the first frame only")
+        if self.family == "ltxv" and self.loras:
+            raise ValueError("lora needs the LTX-2 model: this bot's LoRAs are LTX-2 LoRAs")
+        if len({lora.name for lora in self.loras}) != len(self.loras):
+            raise ValueError("lora: each LoRA may be chosen once")
         if self.end_image is not None and (
             not self.end_image or "/" in self.end_image or "\\" in self.end_image or self.end_image.startswith(".")
         ):
@@ -227,6 +245,14 @@ class LtxvModelFiles(_Frozen):
     text_encoder_root: Path | None = None
 
 
+class LoraFile(_Frozen):
+    """A chosen LoRA resolved to its file by the worker; ``name`` is its key under ``loras`` in the config."""
+
+    name: str = Field(pattern=LORA_NAME_PATTERN)
+    path: Path
+    strength: float = Field(ge=MIN_LORA_STRENGTH, le=MAX_LORA_STRENGTH)
+
+
 class JobSpec(_Frozen):
     """Everything one generator run needs; written by the worker as ``spec.json``."""
 
@@ -236,6 +262,7 @@ class JobSpec(_Frozen):
     end_image_path: Path | None = None
     output_path: Path
     models: ModelFiles = ModelFiles()
+    loras: tuple[LoraFile, ...] = ()
     ltxv_models: LtxvModelFiles = LtxvModelFiles()
     tiling: Tiling = Tiling()
     fp8_cast: bool = True
@@ -253,6 +280,13 @@ class JobSpec(_Frozen):
     @property
     def family(self) -> ModelFamily:
         return self.request.family
+
+    @model_validator(mode="after")
+    def _loras_resolved(self) -> JobSpec:
+        asked = [(lora.name, lora.strength) for lora in self.request.loras]
+        if [(lora.name, lora.strength) for lora in self.loras] != asked:
+            raise ValueError("loras must be the request's LoRAs, in its order, each resolved to its file")
+        return self
 
     @model_validator(mode="after")
     def _end_image_given(self) -> JobSpec:

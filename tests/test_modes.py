@@ -18,7 +18,8 @@ import pytest
 
 from tests.conftest import run_python
 
-pytestmark = pytest.mark.slow
+# Each fidelity case renders three clips (the stock class, ours, ours changed) on a shared CPU.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 COMPARE = """
 import json, sys
@@ -39,6 +40,7 @@ from generator.protocol import JobSpec
 
 spec = JobSpec.model_validate_json(open(sys.argv[1]).read())
 case, change = sys.argv[2], sys.argv[3]
+user = tuple(LoraPathStrengthAndSDOps(str(l.path), l.strength, LTXV_LORA_COMFY_RENAMING_MAP) for l in spec.loras)
 req, models, t = spec.request, spec.models, spec.tiling
 cpu = torch.device("cpu")
 
@@ -79,8 +81,10 @@ if case == "hq":
         distilled_lora_strength_stage_2=hq.DISTILLED_LORA_STRENGTH_STAGE_2,
         spatial_upsampler_path=str(models.spatial_upsampler), gemma_root=str(models.gemma_root), loras=(),
         device=cpu)
-    stock.stage_1_model_ledger = ledger((lora(hq.DISTILLED_LORA_STRENGTH_STAGE_1),))
-    stock.stage_2_model_ledger = stock.stage_1_model_ledger.with_loras((lora(hq.DISTILLED_LORA_STRENGTH_STAGE_2),))
+    # The stock class puts the owner's LoRAs first: loras=(*loras, distilled) in each stage's ledger.
+    stock.stage_1_model_ledger = ledger((*user, lora(hq.DISTILLED_LORA_STRENGTH_STAGE_1)))
+    stock.stage_2_model_ledger = stock.stage_1_model_ledger.with_loras(
+        (*user, lora(hq.DISTILLED_LORA_STRENGTH_STAGE_2)))
     params = hq.HQ_PARAMS
     images = [ImageConditioningInput(str(spec.image_path), 0, req.image_strength)]
     steps = req.steps or params.num_inference_steps
@@ -89,7 +93,7 @@ else:
         checkpoint_path=str(models.checkpoint), distilled_lora=[lora(1.0)],
         spatial_upsampler_path=str(models.spatial_upsampler), gemma_root=str(models.gemma_root), loras=[],
         device=cpu)
-    stock.stage_1_model_ledger = ledger(())
+    stock.stage_1_model_ledger = ledger(user)
     stock.stage_2_model_ledger = stock.stage_1_model_ledger.with_additional_loras((lora(1.0),))
     params = detect_params(str(models.checkpoint))
     images = [ImageConditioningInput(str(spec.image_path), 0, req.image_strength),
@@ -114,6 +118,8 @@ elif change == "order":  # the end image first and the first image last
         (a, b) = images
         return [a._replace(path=b.path), b._replace(path=a.path)], condition
     pipeline.conditioning_images = swapped
+elif change == "no_lora":  # the same job without the owner's LoRA
+    spec = spec.model_copy(update={"loras": (), "request": spec.request.model_copy(update={"loras": ()})})
 changed_frames, changed_audio = ours()
 print(json.dumps({
     "shape": list(frames.shape), "stock_shape": list(stock_frames.shape),
@@ -124,6 +130,15 @@ print(json.dumps({
     "changed_frames_equal": bool(np.array_equal(changed_frames, stock_frames)),
     "changed_audio_equal": bool(np.array_equal(changed_audio, stock_audio)),
 }))
+"""
+
+
+WRITE_LORA = """
+import sys
+from pathlib import Path
+from generator.ltx2.tiny import write_tiny_lora
+write_tiny_lora(Path(sys.argv[1]), Path(sys.argv[2]))
+print("ok")
 """
 
 
@@ -139,11 +154,20 @@ def write_end_image(path: Path) -> None:
 def _compare(tmp_path: Path, tiny_models: Path, case: str, change: str, **request: Any) -> dict[str, Any]:
     from tests.test_generator import make_spec
 
+    if change == "no_lora":
+        lora = tmp_path / "camera.safetensors"
+        run_python(WRITE_LORA, str(tiny_models / "ltx-2.3-tiny-dev.safetensors"), str(lora))
+        request |= {"loras": [{"name": "camera", "strength": 0.8}],
+                    "spec_loras": [{"name": "camera", "path": str(lora), "strength": 0.8}]}
+
     if case == "keyframes":
         end = tmp_path / "end.png"
         write_end_image(end)
         request |= {"end_image": end.name, "end_image_path": str(end)}
+    spec_loras, asked = request.pop("spec_loras", []), request.pop("loras", [])
     spec = make_spec(tmp_path, tiny_models, audio=True, width=128, height=64, frames=9, steps=2, **request)
+    data = spec.model_dump()
+    spec = type(spec).model_validate(data | {"loras": spec_loras, "request": data["request"] | {"loras": asked}})
     (tmp_path / "spec.json").write_text(spec.model_dump_json())
     result: dict[str, Any] = json.loads(run_python(COMPARE, str(tmp_path / "spec.json"), case, change))
     return result
@@ -154,6 +178,14 @@ def test_two_stage_hq_is_the_stock_hq_pipeline_bit_for_bit(tmp_path: Path, tiny_
     assert result["shape"] == result["stock_shape"] == [9, 64, 128, 3]
     assert result["frames_equal"] and result["audio_equal"], result
     # Swapping the two stages' LoRA strengths gives another clip: the comparison sees the stages.
+    assert not result["changed_frames_equal"], result
+
+
+def test_an_owners_lora_is_fused_as_the_stock_hq_pipeline_fuses_it(tmp_path: Path, tiny_models: Path) -> None:
+    """The owner's LoRA goes first in both stages' ledgers, before the distilled LoRA, as in ltx-pipelines."""
+    result = _compare(tmp_path, tiny_models, "hq", "no_lora", pipeline="two_stage_hq")
+    assert result["frames_equal"] and result["audio_equal"], result
+    # Without the LoRA the clip differs: the LoRA was applied.
     assert not result["changed_frames_equal"], result
 
 
@@ -175,7 +207,7 @@ def _clip(path: Path) -> tuple[int, set[tuple[int, int]], float, list[Any]]:
     return len(frames), {(f.shape[1], f.shape[0]) for f in frames}, rate, [np.asarray(f) for f in frames]
 
 
-@pytest.mark.parametrize("mode", ["end_image", "loop", "two_stage_hq"])
+@pytest.mark.parametrize("mode", ["end_image", "loop", "two_stage_hq", "lora"])
 def test_ltxbot_animate_renders_each_mode_with_exact_frames_size_and_fps(
     tmp_path: Path, tiny_models: Path, mode: str
 ) -> None:
@@ -183,10 +215,14 @@ def test_ltxbot_animate_renders_each_mode_with_exact_frames_size_and_fps(
     from tests.test_animate import ltxbot, write_config
 
     write_config(tmp_path, tiny_models)
+    if mode == "lora":
+        run_python(WRITE_LORA, str(tiny_models / "ltx-2.3-tiny-dev.safetensors"), str(tmp_path / "camera.safetensors"))
+        with (tmp_path / "config.yaml").open("a") as config:
+            config.write("loras:\n  camera:\n    file: camera.safetensors\n    strength: 0.8\n    fits: '2.3'\n")
     (tmp_path / "photo.png").write_bytes(image_bytes("PNG", (400, 300)))
     write_end_image(tmp_path / "end.png")
     extra = {"end_image": ["--end-image", "end.png"], "loop": ["--loop"],
-             "two_stage_hq": ["--pipeline", "two_stage_hq"]}[mode]
+             "two_stage_hq": ["--pipeline", "two_stage_hq"], "lora": ["--lora", "camera"]}[mode]
     result = ltxbot(tmp_path, "animate", "photo.png", "waves roll in", "--width", "128", "--height", "64",
                     "--frames", "17", *extra, "--out", "clip.mp4")
     assert result.returncode == 0, result.stderr
@@ -197,6 +233,7 @@ def test_ltxbot_animate_renders_each_mode_with_exact_frames_size_and_fps(
     assert params["loop"] is (mode == "loop")
     assert (params["end_image"] is not None) is (mode == "end_image")
     assert params["pipeline"] == ("two_stage_hq" if mode == "two_stage_hq" else "two_stage")
+    assert params["loras"] == ([{"name": "camera", "strength": 0.8}] if mode == "lora" else [])
     if mode == "end_image":  # the end image was stored through the intake, beside the first, fitted to the clip
         from PIL import Image
 

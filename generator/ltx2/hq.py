@@ -42,16 +42,16 @@ def distilled_lora(run: _Run, strength: float) -> LoraPathStrengthAndSDOps:
     return LoraPathStrengthAndSDOps(str(path), strength, LTXV_LORA_COMFY_RENAMING_MAP)
 
 
-def hq_stages(
-    run: _Run, cond_1: list[Any], cond_2: list[Any], width_1: int, height_1: int,
-    loras: tuple[LoraPathStrengthAndSDOps, ...] = (),
-) -> tuple[Any, Any]:
-    """Stage 1 (guided, res_2s, LoRA 0.25), the upsample, stage 2 (res_2s, LoRA 0.5); ``loras`` go first in both."""
+def hq_stages(run: _Run, cond_1: list[Any], cond_2: list[Any], width_1: int, height_1: int) -> tuple[Any, Any]:
+    """Stage 1 (guided, res_2s, LoRA 0.25), the upsample, stage 2 (res_2s, LoRA 0.5).
+
+    The ledger's own LoRAs (the owner's) come first in both, as ltx-pipelines orders them.
+    """
     req, tracker, ledger, device = run.spec.request, run.tracker, run.ledger, run.device
     steps = req.steps or HQ_PARAMS.num_inference_steps
 
     with tracker.phase("stage_1"):
-        stage_1 = (*loras, distilled_lora(run, DISTILLED_LORA_STRENGTH_STAGE_1))
+        stage_1 = (distilled_lora(run, DISTILLED_LORA_STRENGTH_STAGE_1),)
         transformer = tracker.watch(ledger.transformer_with_loras(stage_1), "transformer + LoRA")
         shape_1 = VideoPixelShape(batch=1, frames=req.frames, width=width_1, height=height_1, fps=req.fps)
         # The schedule's shift follows the token count: ltx-pipelines hands the scheduler an empty latent of this shape.
@@ -73,7 +73,7 @@ def hq_stages(
         del encoder, upsampler, video_state
 
     with tracker.phase("stage_2"):
-        stage_2 = (*loras, distilled_lora(run, DISTILLED_LORA_STRENGTH_STAGE_2))
+        stage_2 = (distilled_lora(run, DISTILLED_LORA_STRENGTH_STAGE_2),)
         transformer = tracker.watch(ledger.transformer_with_loras(stage_2), "transformer + LoRA")
         sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
         shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)

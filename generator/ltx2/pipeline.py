@@ -149,6 +149,13 @@ class _Run:
         return video_state, audio_state
 
 
+def user_loras(spec: JobSpec) -> tuple[LoraPathStrengthAndSDOps, ...]:
+    """The job's LoRAs as ltx-core fuses them, with the renaming ltx-pipelines' ``--lora`` uses."""
+    return tuple(
+        LoraPathStrengthAndSDOps(str(lora.path), lora.strength, LTXV_LORA_COMFY_RENAMING_MAP) for lora in spec.loras
+    )
+
+
 def _to(encoded: tuple[tuple[torch.Tensor, ...], torch.Tensor], device: torch.device) -> Any:
     states, mask = encoded
     return tuple(t.to(device) for t in states), mask.to(device)
@@ -186,6 +193,8 @@ def _generate(
         gemma_root_path=str(spec.models.gemma_root),
         spatial_upsampler_path=str(spec.models.spatial_upsampler) if spec.models.spatial_upsampler else None,
         quantization=QuantizationPolicy.fp8_cast() if spec.fp8_cast else None,
+        # The owner's LoRAs: every transformer this ledger builds fuses them (docs/DESIGN.md, 'Modes').
+        **({"loras": user_loras(spec)} if spec.loras else {}),
     )
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
@@ -264,7 +273,9 @@ def _stages(
     two_stages = kind != "one_stage"
     # Stage 2 takes stage 1's transformer (distilled: as is; two-stage: with the distilled LoRA
     # fused in place) instead of reading the checkpoint again a minute later.
-    reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse")
+    # With the owner's LoRAs stage 2 builds afresh (ltx-core sums every delta before one rounding), so
+    # stage 1's transformer is not kept for it: two would be resident at once.
+    reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse" and not spec.loras)
     with tracker.phase("stage_1"):
         keep_until = "stage_2" if reuse else None
         transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
