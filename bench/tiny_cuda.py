@@ -1,6 +1,6 @@
 """Run the real generator on the tiny checkpoints on CUDA and check each clip as the CPU tests do.
 
-    python -m bench.tiny_cuda OUT_DIR                  # LTX-2: every pipeline kind, fp8 on and off
+    python -m bench.tiny_cuda OUT_DIR                  # LTX-2: every pipeline kind and mode, fp8 on and off
     python -m bench.tiny_cuda OUT_DIR --family ltxv    # LTX-Video, in its own interpreter
 
 Writes ``OUT_DIR/tiny_cuda[-ltxv].json``: the GPU, and per run the exit status, the
@@ -30,19 +30,36 @@ EXPECTED_PHASES: dict[tuple[str, str, bool], list[str]] = {
     ("ltx2", "two_stage", False): [*_LTX2_HEAD, "upsample", "stage_2", "video_decode", "finalize"],
     ("ltx2", "distilled", False): [*_LTX2_HEAD, "upsample", "stage_2", "video_decode", "finalize"],
     ("ltx2", "one_stage", True): [*_LTX2_HEAD, "audio_decode", "video_decode", "finalize"],
+    ("ltx2", "two_stage_hq", True): [*_LTX2_HEAD, "upsample", "stage_2", "audio_decode", "video_decode", "finalize"],
     ("ltxv", "distilled", False): _LTXV_MULTI_SCALE,
     ("ltxv", "two_stage", False): _LTXV_MULTI_SCALE,
     ("ltxv", "one_stage", False): ["text_encode", "stage_1", "video_decode", "finalize"],
 }
-# (pipeline, fp8 cast, audio); LTX-Video has no sound and no fp8 cast.
-RUNS = {
-    "ltx2": [("two_stage", True, True), ("two_stage", False, True), ("distilled", True, False),
-             ("one_stage", True, True)],
-    "ltxv": [("distilled", False, False), ("two_stage", False, False), ("one_stage", False, False)],
+# (pipeline, fp8 cast, audio, mode); LTX-Video has no sound and no fp8 cast. A mode: an end
+# image at the last frame, a loop, or an owner's LoRA (a tiny one written here).
+Mode = str | None
+RUNS: dict[str, list[tuple[str, bool, bool, Mode]]] = {
+    "ltx2": [("two_stage", True, True, None), ("two_stage", False, True, None), ("distilled", True, False, None),
+             ("one_stage", True, True, None), ("two_stage_hq", True, True, None),
+             ("two_stage", True, True, "end_image"), ("two_stage", True, True, "loop"),
+             ("two_stage_hq", True, True, "lora")],
+    "ltxv": [("distilled", False, False, None), ("two_stage", False, False, None), ("one_stage", False, False, None)],
 }
 SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
 FRAMES = 25
 FPS = 24
+
+
+def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request's and the spec's fields for a mode (the worker fills the spec's from the request)."""
+    if mode == "end_image":
+        return {"end_image": end_image.name}, {"end_image_path": str(end_image)}
+    if mode == "loop":
+        return {"loop": True}, {"end_image_path": str(image)}
+    if mode == "lora":
+        return ({"loras": [{"name": "camera", "strength": 0.8}]},
+                {"loras": [{"name": "camera", "path": str(lora), "strength": 0.8}]})
+    return {}, {}
 
 
 def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: list[Any],
@@ -87,23 +104,33 @@ def main(argv: list[str] | None = None) -> int:
     width, height = SIZE[args.family]
     image = work / "in.png"
     Image.new("RGB", (width + 40, height + 20), (90, 140, 200)).save(image)
+    end_image = work / "end.png"
+    Image.new("RGB", (width + 40, height + 20), (200, 60, 40)).save(end_image)
     files = _tiny_files(args.family, work / "models")
     import torch
 
+    lora = work / "models" / "tiny-camera-lora.safetensors"
+    if args.family == "ltx2":
+        from generator.ltx2.tiny import write_tiny_lora
+
+        write_tiny_lora(Path(files["checkpoint"]), lora)
+
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                               "family": args.family, "runs": []}
-    for pipeline, fp8, audio in RUNS[args.family]:
+    for pipeline, fp8, audio, mode in RUNS[args.family]:
+        name = f"{pipeline}-{fp8}" + (f"-{mode}" if mode else "")
+        request, extra = mode_fields(mode, image, end_image, lora)
         spec = JobSpec.model_validate({
             "request": {"prompt": "a cat walks on the beach", "family": args.family, "width": width,
                         "height": height, "frames": FRAMES, "fps": FPS, "steps": 4, "seed": 7,
-                        "pipeline": pipeline, "audio": audio},
-            "image_path": str(image), "output_path": str(work / f"{pipeline}-{fp8}.mp4"),
+                        "pipeline": pipeline, "audio": audio, **request},
+            "image_path": str(image), "output_path": str(work / f"{name}.mp4"), **extra,
             "models" if args.family == "ltx2" else "ltxv_models": files,
             "tiling": {"spatial_px": 64, "spatial_overlap_px": 32, "temporal_frames": 16,
                        "temporal_overlap_frames": 8},
             "fp8_cast": fp8, "device": "cuda",
         })
-        spec_path = work / f"{pipeline}-{fp8}.json"
+        spec_path = work / f"{name}.json"
         spec_path.write_text(spec.model_dump_json())
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "generator", str(spec_path)], capture_output=True, text=True,
@@ -113,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         clip = _probe(spec.output_path) if proc.returncode == 0 else None
         failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip)
         entry: dict[str, Any] = {
-            "pipeline": pipeline, "fp8_cast": fp8, "audio": audio, "exit": proc.returncode,
+            "pipeline": pipeline, "mode": mode, "fp8_cast": fp8, "audio": audio, "exit": proc.returncode,
             "wall_seconds": round(wall, 1), "failed_checks": failures, "clip": clip,
             "events": [e.model_dump(mode="json") for e in events if e.event in {"started", "phase", "error"}],
         }
         if failures:
             entry["stderr_tail"] = proc.stderr[-3000:]
         report["runs"].append(entry)
-        print(pipeline, f"fp8={fp8}", f"exit={proc.returncode}", f"{wall:.1f}s",
+        print(pipeline, mode or "-", f"fp8={fp8}", f"exit={proc.returncode}", f"{wall:.1f}s",
               "passed" if not failures else f"FAILED: {failures}", flush=True)
     name = "tiny_cuda.json" if args.family == "ltx2" else f"tiny_cuda-{args.family}.json"
     (out / name).write_text(json.dumps(report, indent=2))

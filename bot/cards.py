@@ -84,10 +84,22 @@ def _family(params: dict[str, Any]) -> str:
     return FAMILY_NAMES[params.get("family", "ltx2")]
 
 
+def mode_text(params: dict[str, Any]) -> str | None:
+    """How the clip ends, when the user chose it (jobs from before these options have neither key)."""
+    if params.get("loop"):
+        return "loop"
+    if params.get("end_image"):
+        return "end image"
+    return None
+
+
 def _describe(job: Job) -> str:
     p = job.params
     seconds = p["frames"] / p["fps"]
-    return f"{_family(p)} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
+    extras = [mode] if (mode := mode_text(p)) else []
+    extras += [f"LoRA {lora['name']} {lora['strength']:g}" for lora in p.get("loras") or []]
+    return (f"{_family(p)} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
+            + "".join(f" · {extra}" for extra in extras))
 
 
 def status_embed(job: Job, queue: QueueView | None = None) -> discord.Embed:
@@ -146,6 +158,9 @@ def history_line(job: Job) -> str:
         f"“{shorten(job.prompt, 40)}”",
         timestamp(job.created_at),
     ]
+    mode = mode_text(job.params)
+    if mode:
+        parts.insert(3, mode)
     if took is not None:
         parts.append(f"{took:.0f} s")
     if job.posted_message_url and job.status == JobStatus.SUCCEEDED:

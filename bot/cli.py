@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.config import ConfigError, LtxvSettings, Settings, ensure_config_file, load_settings
+from generator.protocol import PIPELINE_KINDS
 
 if TYPE_CHECKING:
     from bot.db.models import Job
@@ -71,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--width", type=int)
     animate.add_argument("--height", type=int)
     animate.add_argument("--seed", type=int)
-    animate.add_argument("--pipeline", choices=["two_stage", "distilled", "one_stage"])
+    animate.add_argument("--pipeline", choices=list(PIPELINE_KINDS))
+    animate.add_argument("--end-image", type=Path, default=None, help="an image for the last frame")
+    animate.add_argument("--loop", action="store_true", help="end on the first image, so the clip loops")
+    animate.add_argument("--lora", default=None, help="a LoRA by its name under loras in the config")
+    animate.add_argument("--lora-strength", type=float, default=None, help="its strength (default: the config's)")
     animate.add_argument("--model", choices=["ltx2", "ltxv"], help="model family (default: generation.family)")
     animate.add_argument("--no-audio", action="store_true")
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")

@@ -7,6 +7,7 @@ or from the file named by ``token_file``, so it never sits in the YAML.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,15 +22,20 @@ from pydantic_settings import (
 )
 
 from generator.protocol import (
+    LORA_NAME_PATTERN,
     MAX_FRAMES,
+    MAX_LORA_STRENGTH,
     MAX_PROMPT_CHARS,
     MIN_FRAMES,
+    MIN_LORA_STRENGTH,
     ModelFamily,
     ModelFiles,
     PipelineKind,
     Tiling,
 )
 
+# Discord lists at most 25 autocomplete choices.
+MAX_AUTOCOMPLETE_CHOICES = 25
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
 TOKEN_HELP = (
@@ -168,6 +174,18 @@ class DiscordSettings(_Section):
     remote_poll_seconds: float = Field(default=2.0, ge=0.2, le=60.0)
 
 
+class LoraEntry(_Section):
+    """One LoRA users may pick with ``/animate lora:``; its key under ``loras`` is the name they see."""
+
+    file: Path
+    # The strength when the user gives none.
+    strength: float = Field(default=1.0, ge=MIN_LORA_STRENGTH, le=MAX_LORA_STRENGTH)
+    # The checkpoint version it was trained on, as a prefix of the checkpoint's model_version
+    # metadata: "2.3" fits LTX-2.3 (2.3.0, 2.3.1), "2" any LTX-2.
+    fits: str = Field(min_length=1, max_length=16, pattern=r"^[0-9]+(\.[0-9]+)*$")
+    description: str | None = Field(default=None, max_length=80)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LTXBOT_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -184,6 +202,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The contract's own models, so a config the bot accepts is one the generator accepts.
     models: ModelFiles = ModelFiles()
+    # LoRAs by the name users pick them by (camera moves, styles); LTX-2 only.
+    loras: dict[str, LoraEntry] = Field(default_factory=dict)
     generation: GenerationDefaults = GenerationDefaults()
     limits: Limits = Limits()
     vae_tiling: Tiling = Tiling()
@@ -211,6 +231,17 @@ class Settings(BaseSettings):
     def _known_driver(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://...")
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names(cls, value: dict[str, LoraEntry]) -> dict[str, LoraEntry]:
+        for name in value:
+            if not re.fullmatch(LORA_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a usable LoRA name: letters, digits, '.', '_' and '-', "
+                                 "at most 64, starting with a letter or digit")
+        if len(value) > MAX_AUTOCOMPLETE_CHOICES:
+            raise ValueError(f"at most {MAX_AUTOCOMPLETE_CHOICES} LoRAs (what Discord's autocomplete can list)")
         return value
 
     @model_validator(mode="after")

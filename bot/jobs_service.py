@@ -27,7 +27,7 @@ from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
 from bot.intake.image import DecodeLimits, ImageIntake, confined_path
-from bot.intake.request import RequestOptions, check_owner_limits
+from bot.intake.request import RequestOptions, check_owner_limits, fixed_size, with_end_image
 from bot.replies import tell
 from bot.shared_files import SharedFiles
 from bot.status_cards import StatusCards
@@ -64,13 +64,19 @@ QUEUE_SHOWN = 10
 WORKERS_SHOWN = 25
 
 
+def _is_image(attachment: discord.Attachment) -> bool:
+    return (attachment.content_type or "").startswith("image/") or attachment.filename.lower().endswith(
+        IMAGE_EXTENSIONS
+    )
+
+
+def _image_attachments(attachments: list[discord.Attachment]) -> list[discord.Attachment]:
+    return [attachment for attachment in attachments if _is_image(attachment)]
+
+
 def _image_attachment(attachments: list[discord.Attachment]) -> discord.Attachment | None:
-    for attachment in attachments:
-        if (attachment.content_type or "").startswith("image/") or attachment.filename.lower().endswith(
-            IMAGE_EXTENSIONS
-        ):
-            return attachment
-    return None
+    images = _image_attachments(attachments)
+    return images[0] if images else None
 
 
 def _remove_all(paths: list[tuple[str, Path]]) -> int:
@@ -198,20 +204,32 @@ class JobService:
         await check_budget(self.settings.limits, self.store, caller, admin=admin)
         return budget_gate(self.settings.limits, admin=admin)
 
-    async def _from_attachment(
-        self, attachment: discord.Attachment, prompt: str, options: RequestOptions, guild_id: int | None
-    ) -> tuple[GenerationRequest, Any]:
+    async def _download(self, attachment: discord.Attachment) -> bytes:
         assert self.http is not None
         d = self.settings.discord
-        data = await download_attachment(
+        return await download_attachment(
             self.http, attachment.url, declared_size=attachment.size,
             max_bytes=self.settings.limits.max_upload_bytes, allowed_hosts=d.cdn_hosts,
             allow_insecure=d.allow_insecure_cdn, timeout_seconds=self.settings.limits.download_timeout_seconds,
         )
+
+    async def _from_attachment(
+        self, attachment: discord.Attachment, prompt: str, options: RequestOptions, guild_id: int | None,
+        end_attachment: discord.Attachment | None = None,
+    ) -> tuple[GenerationRequest, Any]:
+        """The request and the first image; an end image goes through the same intake, fitted to the clip's size."""
+        data = await self._download(attachment)
         sized = options.sized(self.settings, prompt=prompt, guild_id=guild_id)
         image = await self.intake.normalise(data, sized)
         assert sized.request is not None
-        return sized.request, image
+        request = sized.request
+        if end_attachment is not None:
+            try:
+                end = await self.intake.normalise(await self._download(end_attachment), fixed_size(request))
+            except IntakeError as problem:
+                raise IntakeError(problem.code, f"end_image: {problem.message}") from None
+            request = with_end_image(request, end.path.name)
+        return request, image
 
     async def _create(
         self, request: GenerationRequest, *, input_path: str, sha256: str, user_id: int, guild: discord.Guild | None,
@@ -231,6 +249,8 @@ class JobService:
         )
         # Stored before the job exists: a worker on another host may claim it at once.
         await self.files.publish_input(Path(input_path), sha256)
+        if request.end_image is not None:
+            await self.files.publish_upload(request.end_image)
         try:
             return await self.store.create(new, admit=admit), True
         except DuplicateJobError as duplicate:
@@ -238,9 +258,9 @@ class JobService:
 
     async def animate_from_command(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: RequestOptions,
+        options: RequestOptions, end_image: discord.Attachment | None = None,
     ) -> None:
-        await self._animate_interaction(interaction, attachment, prompt, options)
+        await self._animate_interaction(interaction, attachment, prompt, options, end_image)
 
     async def animate_from_context(self, interaction: discord.Interaction[Any], message: discord.Message) -> None:
         attachment = _image_attachment(message.attachments)
@@ -260,26 +280,33 @@ class JobService:
     async def animate_from_modal(self, interaction: discord.Interaction[Any], modal: AnimateModal) -> None:
         try:
             options = modal.options()
+            end = modal.end_attachment(_image_attachments(modal.message.attachments))
         except ValueError as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return
-        await self._animate_interaction(interaction, modal.attachment, modal.prompt.value, options)
+        await self._animate_interaction(interaction, modal.attachment, modal.prompt.value, options, end)
 
     async def _animate_interaction(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: RequestOptions,
+        options: RequestOptions, end_attachment: discord.Attachment | None = None,
     ) -> None:
         try:
             admit = await self._admit(interaction.user, interaction.guild_id)
             # Bad options are refused before anything is downloaded (the image only changes the derived size).
-            options.build(self.settings, prompt=prompt, source_size=(4, 3), guild_id=interaction.guild_id)
+            options.check_end_image(end_attachment is not None)
+            checked = options.build(self.settings, prompt=prompt, source_size=(4, 3), guild_id=interaction.guild_id)
+            if end_attachment is not None:
+                if not _is_image(end_attachment):
+                    raise IntakeError("unsupported_type", "end_image must be a JPEG, PNG or WebP picture.")
+                with_end_image(checked, "end-image.png")
         except (Refusal, IntakeError) as problem:
             await interaction.response.send_message(problem.message, ephemeral=True)
             return
         # Download and decoding can take longer than Discord's 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            request, image = await self._from_attachment(attachment, prompt, options, interaction.guild_id)
+            request, image = await self._from_attachment(attachment, prompt, options, interaction.guild_id,
+                                                         end_attachment)
             job, _ = await self._create(
                 request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
                 guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
@@ -383,6 +410,11 @@ class JobService:
             return
         if not job.input_path or not await asyncio.to_thread(Path(job.input_path).is_file):
             await tell(interaction, "The image for that clip is no longer stored; start a new /animate.")
+            return
+        if request.end_image is not None and not await asyncio.to_thread(
+            (self.settings.uploads_dir / request.end_image).is_file
+        ):
+            await tell(interaction, "The end image for that clip is no longer stored; start a new /animate.")
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:

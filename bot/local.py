@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING
 from bot.db.models import JobStatus
 from bot.db.store import NewJob
 from bot.intake import IntakeError
-from bot.intake.image import DecodeLimits, normalise_image, read_local_image
-from bot.intake.request import SizedRequest
+from bot.intake.image import DecodeLimits, NormalisedImage, TargetSize, normalise_image, read_local_image
+from bot.intake.request import RequestOptions, SizedRequest, fixed_size, with_end_image
 from bot.terminal import StageProgress, make_console, phase_table
 from bot.worker import Worker
 from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from bot.config import Settings
     from bot.db.store import JobStore
 
@@ -29,21 +31,28 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     sized = SizedRequest(
         settings, prompt=args.prompt, width=args.width, height=args.height, frames=args.frames,
         seconds=args.seconds, seed=args.seed, pipeline=args.pipeline, audio=False if args.no_audio else None,
-        family=args.model,
+        family=args.model, loop=args.loop or None, lora=args.lora, lora_strength=args.lora_strength,
     )
+
+    def fit(path: Path, target: TargetSize) -> NormalisedImage:
+        data = read_local_image(path, limits.max_upload_bytes)
+        return normalise_image(data, target, settings.uploads_dir, max_pixels=limits.max_image_pixels,
+                               min_side=limits.min_image_side, limits=DecodeLimits.of(limits))
+
     try:
-        data = read_local_image(args.image, limits.max_upload_bytes)
-        image = normalise_image(
-            data, sized, settings.uploads_dir, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side,
-            limits=DecodeLimits.of(limits),
-        )
+        RequestOptions(loop=args.loop).check_end_image(args.end_image is not None)
+        image = fit(args.image, sized)
+        request = sized.request
+        assert request is not None
+        if args.end_image is not None:
+            request = with_end_image(request, fit(args.end_image, fixed_size(request)).path.name)
     except IntakeError as exc:
         print(f"Cannot animate that: {exc.message} ({exc.code})", file=sys.stderr)
         return 2
-    request = sized.request
-    assert request is not None
     worker = Worker(settings, store)
     await worker.files.publish_input(image.path, image.sha256)
+    if request.end_image is not None:
+        await worker.files.publish_upload(request.end_image)
     job = await store.create(
         NewJob(
             user_id=LOCAL_USER, prompt=request.prompt, negative_prompt=request.negative_prompt,

@@ -86,6 +86,27 @@ class SharedFiles:
         await asyncio.to_thread(_write_atomically, local, blob[0])
         return local
 
+    async def publish_upload(self, name: str) -> None:
+        """Another image of the job (an end image), named ``<sha256>.png`` in this uploads folder."""
+        if not self.enabled:
+            return
+        path = confined_path(self.settings.uploads_dir, name)
+        data = await asyncio.to_thread(path.read_bytes)
+        sha256 = hashlib.sha256(data).hexdigest()
+        if not await self.store.has_blob(input_key(sha256)):
+            await self.store.put_blob(input_key(sha256), data, sha256)
+
+    async def ensure_upload(self, name: str) -> None:
+        """Make ``uploads/<name>`` exist on this host, fetched by its content name when it was made elsewhere."""
+        local = confined_path(self.settings.uploads_dir, name)
+        if not self.enabled or await asyncio.to_thread(local.is_file):
+            return
+        sha256 = Path(name).stem
+        blob = await self.store.get_blob(input_key(sha256))
+        if blob is None or hashlib.sha256(blob[0]).hexdigest() != sha256:
+            raise MissingFileError("An image for this clip is no longer stored; start a new /animate.")
+        await asyncio.to_thread(_write_atomically, local, blob[0])
+
     # --- finished clips -----------------------------------------------------------------
 
     async def publish_clip(self, job_id: int, path: Path) -> None:

@@ -125,6 +125,10 @@ class AnimateModal(discord.ui.Modal, title="Animate image"):
     seed: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
         label="Seed (optional)", required=False, max_length=10
     )
+    last_frame: discord.ui.TextInput[AnimateModal] = discord.ui.TextInput(
+        label="Last frame (optional)", required=False, max_length=10,
+        placeholder="loop, or second (the message's 2nd image)",
+    )
 
     def __init__(self, message: discord.Message, attachment: discord.Attachment, max_prompt_chars: int) -> None:
         super().__init__(timeout=600)
@@ -138,7 +142,22 @@ class AnimateModal(discord.ui.Modal, title="Animate image"):
     def options(self) -> RequestOptions:
         seconds = _optional_number(self.seconds.value, "Seconds", integer=False)
         seed = _optional_number(self.seed.value, "Seed", integer=True)
-        return RequestOptions(seconds=seconds, seed=None if seed is None else int(seed))
+        return RequestOptions(seconds=seconds, seed=None if seed is None else int(seed),
+                              loop=self._last_frame() == "loop" or None)
+
+    def _last_frame(self) -> str:
+        value = self.last_frame.value.strip().lower()
+        if value not in {"", "loop", "second"}:
+            raise ValueError(f"Last frame must be loop, second or empty; got {self.last_frame.value.strip()!r}.")
+        return value
+
+    def end_attachment(self, images: list[discord.Attachment]) -> discord.Attachment | None:
+        """``second``: the message's second image ends the clip."""
+        if self._last_frame() != "second":
+            return None
+        if len(images) < 2:
+            raise ValueError("Last frame: that message has only one image; use loop, or a message with two.")
+        return images[1]
 
 
 class TweakModal(discord.ui.Modal, title="Tweak the prompt"):

@@ -35,6 +35,7 @@ from generator.protocol import (
     ErrorEvent,
     GenerationRequest,
     JobSpec,
+    LoraFile,
     LtxvModelFiles,
     ModelFamily,
     ModelFiles,
@@ -107,6 +108,30 @@ def _absolute(paths: dict[str, Path | None]) -> dict[str, Path | None]:
     return {key: None if path is None else path.expanduser().absolute() for key, path in paths.items()}
 
 
+def end_image_path(settings: Settings, request: GenerationRequest, image: Path) -> Path | None:
+    """The image for the last frame: the first one for a loop, else the end image, inside the uploads folder."""
+    if request.loop:
+        return image
+    if request.end_image is None:
+        return None
+    uploads = settings.uploads_dir.resolve()
+    end = (uploads / request.end_image).resolve()
+    if not end.is_relative_to(uploads):
+        raise ValueError("the job's end image is outside the uploads folder")
+    return end
+
+
+def lora_files(settings: Settings, request: GenerationRequest) -> tuple[LoraFile, ...]:
+    """The request's LoRAs resolved to the owner's files (a job outlives a config edit: then it fails clearly)."""
+    files = []
+    for choice in request.loras:
+        entry = settings.loras.get(choice.name)
+        if entry is None:
+            raise ValueError(f"the LoRA {choice.name} is no longer listed under loras in the config")
+        files.append(LoraFile(name=choice.name, path=entry.file.expanduser().absolute(), strength=choice.strength))
+    return tuple(files)
+
+
 def build_spec(settings: Settings, job: Job, image_path: Path | None = None) -> JobSpec:
     """The generator's spec for ``job``; ``image_path`` is the job's image on this host, when it was fetched."""
     uploads = settings.uploads_dir.resolve()
@@ -115,12 +140,15 @@ def build_spec(settings: Settings, job: Job, image_path: Path | None = None) -> 
         raise ValueError("the job's image is outside the uploads folder")
     t = settings.vae_tiling
     request = GenerationRequest.model_validate(job.params)
+    end_image = end_image_path(settings, request, image)
     if request.family not in settings.enabled_families():
         raise ValueError(f"the {FAMILY_NAMES[request.family]} model family is not enabled on this bot")
     ltxv = settings.ltxv
     return JobSpec(
         request=request,
         image_path=image,
+        end_image_path=end_image,
+        loras=lora_files(settings, request),
         output_path=job_dir(settings, job.id) / CLIP_NAME,
         models=ModelFiles(**_absolute(settings.models.model_dump())),
         ltxv_models=LtxvModelFiles(**_absolute(ltxv.model_dump(include=set(LtxvModelFiles.model_fields)))),
@@ -522,7 +550,11 @@ class Worker:
         folder = job_dir(self.settings, job.id)
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            spec = build_spec(self.settings, job, await self.files.input_for(job))
+            image = await self.files.input_for(job)
+            end_image = (job.params or {}).get("end_image")
+            if isinstance(end_image, str):
+                await self.files.ensure_upload(end_image)
+            spec = build_spec(self.settings, job, image)
         except MissingFileError as exc:
             return Ending(EndCode.INVALID, str(exc))
         except ValidationError as exc:

@@ -37,7 +37,7 @@ def required_files(spec: JobSpec) -> list[str]:
         main = "distilled_checkpoint" if kind == "distilled" else "checkpoint"
         upsampler = [] if kind == "one_stage" else ["spatial_upsampler"]
         return [main, *upsampler, "text_encoder_root"]
-    if kind == "two_stage":
+    if kind in {"two_stage", "two_stage_hq"}:
         return ["checkpoint", "distilled_lora", "spatial_upsampler", "gemma_root"]
     if kind == "distilled":
         return ["distilled_checkpoint", "spatial_upsampler", "gemma_root"]
@@ -77,6 +77,25 @@ def check_model_files(spec: JobSpec) -> None:
             )
         if key in {"checkpoint", "distilled_checkpoint"}:
             _check_checkpoint_config(f"{section}.{key}", path, json.loads(meta["config"]), ltxv)
+    for lora in spec.loras:
+        # The bot checked these when the job came in; the file may have gone since.
+        if not lora.path.is_file():
+            raise ModelFilesError(f"loras.{lora.name}.file: {lora.path.name} was not found.")
+        try:
+            safetensors_metadata(lora.path)
+        except (OSError, ValueError) as exc:
+            raise ModelFilesError(
+                f"loras.{lora.name}.file: {lora.path.name} is not a readable safetensors file ({exc})."
+            ) from None
+
+
+def checkpoint_version(path: Path) -> str | None:
+    """An LTX-2 checkpoint's ``model_version`` metadata (``2.3.0``), or None when it has none or is unreadable."""
+    try:
+        version = safetensors_metadata(path).get("model_version")
+    except (OSError, ValueError):
+        return None
+    return version if isinstance(version, str) and version else None
 
 
 def _check_checkpoint_config(key: str, path: Path, config: dict[str, Any], ltxv: bool) -> None:

@@ -21,7 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-PipelineKind = Literal["two_stage", "distilled", "one_stage"]
+PipelineKind = Literal["two_stage", "distilled", "one_stage", "two_stage_hq"]
+PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage", "two_stage_hq")
 # ltx2: LTX-2 / LTX-2.3 through ltx-core; ltxv: LTX-Video 0.9.x through the ltx-video package.
 ModelFamily = Literal["ltx2", "ltxv"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("ltx2", "ltxv")
@@ -66,6 +67,18 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_LORAS = 4
+MIN_LORA_STRENGTH, MAX_LORA_STRENGTH = -2.0, 2.0
+
+
+class LoraChoice(_Frozen):
+    """A LoRA the owner listed (``loras.NAME`` in the config), at the strength asked for."""
+
+    name: str = Field(pattern=LORA_NAME_PATTERN)
+    strength: float = Field(default=1.0, ge=MIN_LORA_STRENGTH, le=MAX_LORA_STRENGTH)
+
+
 class GenerationRequest(_Frozen):
     """What a user asks for, validated against the model's constraints and the contract's hard maxima.
 
@@ -86,6 +99,13 @@ class GenerationRequest(_Frozen):
     pipeline: PipelineKind = "two_stage"
     audio: bool = True
     image_strength: float = Field(default=1.0, ge=0.0, le=1.0)
+    # The upload name (in the bot's uploads folder) of an image for the last frame; the
+    # worker resolves it inside that folder (docs/DESIGN.md, 'Modes').
+    end_image: str | None = Field(default=None, max_length=200)
+    # The first image at the last frame too, so the clip loops.
+    loop: bool = False
+    # Fused into the transformer of every stage, before the distilled LoRA (as ltx-pipelines orders them).
+    loras: tuple[LoraChoice, ...] = Field(default=(), max_length=MAX_LORAS)
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -127,7 +147,28 @@ class GenerationRequest(_Frozen):
     def _family_features(self) -> GenerationRequest:
         if self.family == "ltxv" and self.audio:
             raise ValueError("LTX-Video makes silent clips: turn audio off, or choose the LTX-2 model for sound")
+        if self.family == "ltxv" and self.pipeline == "two_stage_hq":
+            raise ValueError("pipeline two_stage_hq is LTX-2's: choose two_stage, distilled or one_stage for LTX-Video")
+        if self.end_image is not None and self.loop:
+            raise ValueError("end_image and loop cannot go together: loop already ends on your first image; "
+                             "drop one of them")
+        if self.family == "ltxv" and (self.end_image is not None or self.loop):
+            name = "loop" if self.loop else "end_image"
+            raise ValueError(f"{name} needs the LTX-2 model: LTX-Video conditions on the first frame only")
+        if self.family == "ltxv" and self.loras:
+            raise ValueError("lora needs the LTX-2 model: this bot's LoRAs are LTX-2 LoRAs")
+        if len({lora.name for lora in self.loras}) != len(self.loras):
+            raise ValueError("lora: each LoRA may be chosen once")
+        if self.end_image is not None and (
+            not self.end_image or "/" in self.end_image or "\\" in self.end_image or self.end_image.startswith(".")
+        ):
+            raise ValueError("end_image must be the name of an uploaded file, not a path")
         return self
+
+    @property
+    def keyframed(self) -> bool:
+        """An image is set at the last frame too (an end image, or a loop)."""
+        return self.end_image is not None or self.loop
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -204,13 +245,24 @@ class LtxvModelFiles(_Frozen):
     text_encoder_root: Path | None = None
 
 
+class LoraFile(_Frozen):
+    """A chosen LoRA resolved to its file by the worker; ``name`` is its key under ``loras`` in the config."""
+
+    name: str = Field(pattern=LORA_NAME_PATTERN)
+    path: Path
+    strength: float = Field(ge=MIN_LORA_STRENGTH, le=MAX_LORA_STRENGTH)
+
+
 class JobSpec(_Frozen):
     """Everything one generator run needs; written by the worker as ``spec.json``."""
 
     request: GenerationRequest
     image_path: Path
+    # The image at the last frame: the request's end image, or image_path itself for a loop.
+    end_image_path: Path | None = None
     output_path: Path
     models: ModelFiles = ModelFiles()
+    loras: tuple[LoraFile, ...] = ()
     ltxv_models: LtxvModelFiles = LtxvModelFiles()
     tiling: Tiling = Tiling()
     fp8_cast: bool = True
@@ -228,6 +280,21 @@ class JobSpec(_Frozen):
     @property
     def family(self) -> ModelFamily:
         return self.request.family
+
+    @model_validator(mode="after")
+    def _loras_resolved(self) -> JobSpec:
+        asked = [(lora.name, lora.strength) for lora in self.request.loras]
+        if [(lora.name, lora.strength) for lora in self.loras] != asked:
+            raise ValueError("loras must be the request's LoRAs, in its order, each resolved to its file")
+        return self
+
+    @model_validator(mode="after")
+    def _end_image_given(self) -> JobSpec:
+        if self.request.keyframed and self.end_image_path is None:
+            raise ValueError("end_image_path is required when the request has end_image or loop")
+        if not self.request.keyframed and self.end_image_path is not None:
+            raise ValueError("end_image_path is set but the request has neither end_image nor loop")
+        return self
 
     @model_validator(mode="after")
     def _tiles_fit_the_family(self) -> JobSpec:

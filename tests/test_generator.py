@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def make_spec(tmp_path: Path, tiny_models: Path, **request: Any) -> JobSpec:
     image = tmp_path / "in.png"
     image.write_bytes(image_bytes(size=(128, 128)))
-    extra = {k: request.pop(k) for k in ("max_bytes", "crf", "models", "fp8_cast") if k in request}
+    extra = {k: request.pop(k) for k in ("max_bytes", "crf", "models", "fp8_cast", "end_image_path") if k in request}
     return JobSpec.model_validate({
         "request": {"prompt": "waves roll in", "width": 128, "height": 128, "frames": 17, "steps": 2,
                     "seed": 3, "pipeline": "two_stage", "audio": True} | request,
@@ -64,6 +64,8 @@ EXPECTED_PHASES = {
                   "finalize"],
     "one_stage": ["text_encode", "embeddings", "image_encode", "stage_1", "audio_decode", "video_decode",
                   "finalize"],
+    "two_stage_hq": ["text_encode", "embeddings", "image_encode", "stage_1", "upsample", "stage_2", "audio_decode",
+                     "video_decode", "finalize"],
 }
 
 
@@ -71,6 +73,7 @@ EXPECTED_PHASES = {
     ("two_stage", True, 128, 128, False),
     ("distilled", False, 128, 192, True),
     ("one_stage", True, 96, 64, False),
+    ("two_stage_hq", True, 128, 64, False),
 ])
 def test_each_pipeline_renders_exact_frames_size_and_audio(
     tmp_path: Path, tiny_models: Path, pipeline: str, audio: bool, width: int, height: int, fp8: bool

@@ -136,6 +136,14 @@ async def test_files_travel_through_the_database_and_go_when_done(tmp_path: Path
     job = await store.create(NewJob(user_id="u1", prompt="p", params={}, input_path=str(image), input_sha256=sha))
     fetched = await SharedFiles(far, store).input_for(job)
     assert fetched.is_relative_to(far.uploads_dir) and fetched.read_bytes() == b"png bytes"
+    # An end image travels the same way, by its content name.
+    end_sha = hashlib.sha256(b"end bytes").hexdigest()
+    (front.uploads_dir / f"{end_sha}.png").write_bytes(b"end bytes")
+    await SharedFiles(front, store).publish_upload(f"{end_sha}.png")
+    await SharedFiles(far, store).ensure_upload(f"{end_sha}.png")
+    assert (far.uploads_dir / f"{end_sha}.png").read_bytes() == b"end bytes"
+    with pytest.raises(ValueError):
+        await SharedFiles(far, store).ensure_upload("../escape.png")
     clip = far.jobs_dir / str(job.id) / "clip.mp4"
     clip.parent.mkdir(parents=True)
     clip.write_bytes(b"mp4 bytes")

@@ -13,7 +13,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.intake.request import RequestOptions
-from generator.protocol import MAX_PROMPT_CHARS, MODEL_FAMILIES, ModelFamily
+from generator.protocol import (
+    MAX_LORA_STRENGTH,
+    MAX_PROMPT_CHARS,
+    MIN_LORA_STRENGTH,
+    MODEL_FAMILIES,
+    ModelFamily,
+)
 
 if TYPE_CHECKING:
     from bot.app import LtxBot
@@ -41,8 +47,12 @@ class Animate(commands.Cog):
         height="Exact height in pixels (with width)",
         seed="Seed, to repeat a result",
         audio="Generate a sound track",
-        pipeline="two_stage (best), distilled (fast) or one_stage",
+        pipeline="two_stage (best), distilled (fast), one_stage, or two_stage_hq (finest, slower)",
         model="LTX-2 (sound, best quality) or LTX-Video (silent, lighter); default: this server's choice",
+        end_image="A picture for the last frame: the clip moves from the first image to this one",
+        loop="End on the first image, so the clip loops",
+        lora="A LoRA this bot offers (camera moves, styles)",
+        lora_strength="How strongly the LoRA applies (default: the owner's; -2 to 2)",
     )
     @app_commands.choices(model=[
         app_commands.Choice(name="LTX-2", value="ltx2"),
@@ -60,14 +70,19 @@ class Animate(commands.Cog):
         height: app_commands.Range[int, 1, 8192] | None = None,
         seed: app_commands.Range[int, 0, 4294967295] | None = None,
         audio: bool | None = None,
-        pipeline: Literal["two_stage", "distilled", "one_stage"] | None = None,
+        pipeline: Literal["two_stage", "distilled", "one_stage", "two_stage_hq"] | None = None,
         model: app_commands.Choice[str] | None = None,
+        end_image: discord.Attachment | None = None,
+        loop: bool | None = None,
+        lora: str | None = None,
+        lora_strength: app_commands.Range[float, MIN_LORA_STRENGTH, MAX_LORA_STRENGTH] | None = None,
     ) -> None:
         options = RequestOptions(
             preset=size, seconds=seconds, frames=frames, width=width, height=height, seed=seed, audio=audio,
-            pipeline=pipeline, family=FAMILIES[model.value] if model is not None else None,
+            pipeline=pipeline, family=FAMILIES[model.value] if model is not None else None, loop=loop,
+            lora=lora, lora_strength=lora_strength,
         )
-        await self.bot.service.animate_from_command(interaction, image, prompt, options)
+        await self.bot.service.animate_from_command(interaction, image, prompt, options, end_image)
 
     @animate.autocomplete("size")
     async def _sizes(self, interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:
@@ -77,6 +92,16 @@ class Animate(commands.Cog):
             for name, p in presets.items()
             if current.lower() in name
         ][:25]
+
+    @animate.autocomplete("lora")
+    async def _loras(self, interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:
+        choices = []
+        for name, entry in sorted(self.bot.settings.loras.items()):
+            if current.lower() not in name.lower():
+                continue
+            about = f" — {entry.description}" if entry.description else ""
+            choices.append(app_commands.Choice(name=f"{name}{about}"[:100], value=name))
+        return choices[:25]
 
     async def animate_image(self, interaction: discord.Interaction[Any], message: discord.Message) -> None:
         await self.bot.service.animate_from_context(interaction, message)

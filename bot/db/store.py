@@ -11,6 +11,7 @@ import enum
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import BigInteger, bindparam, delete, func, or_, select, update
@@ -79,6 +80,14 @@ class CancelOutcome(enum.StrEnum):
     STOPPING = "stopping"  # it is running; the worker stops it
     FINISHED = "finished"  # too late: it already ended
     NOT_FOUND = "not_found"  # no such job for this user
+
+
+def end_image_file(input_path: str, params: dict[str, Any]) -> str | None:
+    """A job's end image: a file beside its first image in the uploads folder, named in its request."""
+    name = params.get("end_image")
+    if not input_path or not isinstance(name, str) or not name:
+        return None
+    return str(Path(input_path).with_name(name))
 
 
 @dataclass(frozen=True)
@@ -642,7 +651,9 @@ class JobStore:
         """
         async with self._sessions.begin() as session:
             jobs = list(await session.scalars(select(Job).where(Job.user_id == user_id)))
-            inputs = {job.input_path for job in jobs if job.input_path}
+            inputs = {job.input_path for job in jobs if job.input_path} | {
+                end for job in jobs if (end := end_image_file(job.input_path, job.params)) is not None
+            }
             shared = set(
                 await session.scalars(
                     select(Job.input_path).where(Job.user_id != user_id, Job.input_path.in_(inputs))
@@ -656,6 +667,12 @@ class JobStore:
             )
             blobs = [input_key(sha) for sha in shas - kept_shas] + [clip_key(job.id) for job in jobs]
             await session.execute(delete(Blob).where(Blob.key.in_(blobs)))
+            if any(job.params.get("end_image") for job in jobs):
+                # End images live in params (docs/DESIGN.md, 'Modes'); rare enough to scan the others' rows.
+                others = await session.execute(
+                    select(Job.input_path, Job.params).where(Job.user_id != user_id)
+                )
+                shared |= {end for path, params in others if (end := end_image_file(path, params)) is not None}
             running = 0
             for job in jobs:
                 if job.status == JobStatus.QUEUED:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from bot.intake.errors import IntakeError
+from generator.checks import checkpoint_version
 from generator.protocol import (
     FAMILY_NAMES,
     GenerationRequest,
@@ -67,6 +68,10 @@ def build_request(
     negative_prompt: str | None = None,
     family: ModelFamily | None = None,
     guild_id: int | None = None,
+    end_image: str | None = None,
+    loop: bool | None = None,
+    lora: str | None = None,
+    lora_strength: float | None = None,
 ) -> GenerationRequest:
     """Fill defaults from the config and validate; problems raise IntakeError('invalid_request').
 
@@ -101,6 +106,8 @@ def build_request(
             width, height = gen.presets["landscape"].width, gen.presets["landscape"].height
         else:
             width, height = size_for_aspect(*source_size, settings.pixel_budget(family), size_multiple(kind, family))
+    if lora_strength is not None and lora is None:
+        raise IntakeError("invalid_request", "lora_strength needs lora: pick a LoRA too, or leave the strength out.")
     if frames is None:
         frames = frames_for_seconds(seconds, gen.fps) if seconds is not None else gen.frames
     data = {
@@ -116,6 +123,9 @@ def build_request(
         "family": family,
         "audio": (gen.audio and family != "ltxv") if audio is None else audio,
         "image_strength": gen.image_strength,
+        "end_image": end_image,
+        "loop": bool(loop),
+        "loras": [] if lora is None else [lora_choice(settings, lora, lora_strength, kind)],
     }
     try:
         request = GenerationRequest.model_validate(data)
@@ -123,6 +133,25 @@ def build_request(
         raise IntakeError("invalid_request", describe_validation_error(exc)) from None
     check_owner_limits(settings, request)
     return request
+
+
+def lora_choice(settings: Settings, name: str, strength: float | None, kind: PipelineKind) -> dict[str, Any]:
+    """A LoRA from the owner's list whose file is there and fits this bot's checkpoint; else IntakeError."""
+    entry = settings.loras.get(name)
+    if entry is None:
+        names = ", ".join(sorted(settings.loras))
+        known = f"lora must be one of: {names}" if names else "This bot has no LoRAs set up (loras in the config)"
+        raise IntakeError("invalid_request", f"{known}; got {name!r}.")
+    if not entry.file.expanduser().is_file():
+        raise IntakeError("invalid_request", f"The LoRA {name} is not available: loras.{name}.file "
+                          f"({entry.file.name}) was not found. Ask the bot's owner.")
+    key = "distilled_checkpoint" if kind == "distilled" else "checkpoint"
+    checkpoint = getattr(settings.models, key)
+    version = checkpoint_version(checkpoint.expanduser()) if checkpoint is not None else None
+    if version is not None and not version.startswith(entry.fits):
+        raise IntakeError("invalid_request", f"The LoRA {name} does not fit this bot's model: loras.{name}.fits is "
+                          f"{entry.fits}, models.{key} is version {version}. Ask the bot's owner.")
+    return {"name": name, "strength": entry.strength if strength is None else strength}
 
 
 def check_owner_limits(settings: Settings, request: GenerationRequest) -> None:
@@ -175,6 +204,15 @@ class RequestOptions:
     audio: bool | None = None
     pipeline: PipelineKind | None = None
     family: ModelFamily | None = None
+    loop: bool | None = None
+    lora: str | None = None
+    lora_strength: float | None = None
+
+    def check_end_image(self, given: bool) -> None:
+        """Refuse an end image with a loop before anything is downloaded."""
+        if given and self.loop:
+            raise IntakeError("invalid_request", "end_image and loop cannot go together: loop already ends on "
+                              "your first image. Drop one of them.")
 
     def build(
         self, settings: Settings, *, prompt: str, source_size: tuple[int, int] | None, guild_id: int | None
@@ -182,10 +220,24 @@ class RequestOptions:
         return build_request(
             settings, prompt=prompt, source_size=source_size, guild_id=guild_id, preset=self.preset,
             width=self.width, height=self.height, frames=self.frames, seconds=self.seconds, seed=self.seed,
-            audio=self.audio, pipeline=self.pipeline, family=self.family,
+            audio=self.audio, pipeline=self.pipeline, family=self.family, loop=self.loop, lora=self.lora,
+            lora_strength=self.lora_strength,
         )
 
     def sized(self, settings: Settings, *, prompt: str, guild_id: int | None) -> SizedRequest:
         """The ``normalise_image`` target for these options: the size waits for the image's own."""
         return SizedRequest(settings, build=lambda size: self.build(settings, prompt=prompt, source_size=size,
                                                                     guild_id=guild_id))
+
+
+def with_end_image(request: GenerationRequest, upload_name: str) -> GenerationRequest:
+    """``request`` with its end image, validated again (the model's own rules name the field)."""
+    try:
+        return GenerationRequest.model_validate(request.model_dump() | {"end_image": upload_name})
+    except ValidationError as exc:
+        raise IntakeError("invalid_request", describe_validation_error(exc)) from None
+
+
+def fixed_size(request: GenerationRequest) -> Callable[[int, int], tuple[int, int]]:
+    """The ``normalise_image`` target for an end image: fitted to the first image's clip size."""
+    return lambda _width, _height: (request.width, request.height)

@@ -34,24 +34,21 @@ from ltx_core.model.video_vae import SpatialTilingConfig, TemporalTilingConfig, 
 from ltx_core.model.video_vae import decode_video as vae_decode_video
 from ltx_core.quantization import QuantizationPolicy
 from ltx_core.types import VideoPixelShape
-from ltx_pipelines.utils.args import ImageConditioningInput
 from ltx_pipelines.utils.constants import (
     DEFAULT_NEGATIVE_PROMPT,
     DISTILLED_SIGMA_VALUES,
     STAGE_2_DISTILLED_SIGMA_VALUES,
     detect_params,
 )
-from ltx_pipelines.utils.helpers import (
-    combined_image_conditionings,
-    denoise_audio_video,
-    simple_denoising_func,
-)
+from ltx_pipelines.utils.helpers import denoise_audio_video, simple_denoising_func
 from ltx_pipelines.utils.samplers import euler_denoising_loop
 from ltx_pipelines.utils.types import PipelineComponents
 
 from generator.checks import main_checkpoint
 from generator.encode import stream_clip
 from generator.ltx2.guidance import batched_guider_denoising_func
+from generator.ltx2.hq import hq_stages
+from generator.ltx2.keyframes import conditioning_images
 from generator.ltx2.models import LtxLedger
 from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
@@ -91,8 +88,16 @@ class _Run:
         *,
         guided: bool,
         steps_params: Any,
+        sampler: Callable[..., Any] = euler_denoising_loop,
+        stepper: Any = None,
+        evaluations_per_step: int = 1,
         **extra: Any,
     ) -> tuple[Any, Any]:
+        """One denoising stage; ``sampler`` is ltx-pipelines' loop (Euler, or res_2s with its stepper).
+
+        res_2s evaluates the model twice per step and once more at the end: progress counts
+        ``evaluations_per_step`` calls as one step.
+        """
         v_pos, a_pos = self.contexts[0].video_encoding, self.contexts[0].audio_encoding
         if guided:
             v_neg, a_neg = self.contexts[1].video_encoding, self.contexts[1].audio_encoding
@@ -111,14 +116,17 @@ class _Run:
         else:
             inner = simple_denoising_func(video_context=v_pos, audio_context=a_pos, transformer=transformer)
         total = len(sigmas) - 1
+        calls = [0]
 
-        def with_progress(video_state: Any, audio_state: Any, sigmas: torch.Tensor, step_idx: int) -> Any:
-            result = inner(video_state, audio_state, sigmas, step_idx)
-            self.progress(stage, step_idx + 1, total)
+        def with_progress(video_state: Any, audio_state: Any, sigmas: torch.Tensor, step_index: int) -> Any:
+            result = inner(video_state, audio_state, sigmas, step_index)
+            calls[0] += 1
+            if calls[0] % evaluations_per_step == 0 and calls[0] // evaluations_per_step <= total:
+                self.progress(stage, calls[0] // evaluations_per_step, total)
             return result
 
         def loop(sigmas: torch.Tensor, video_state: Any, audio_state: Any, stepper: Any) -> Any:
-            return euler_denoising_loop(
+            return sampler(
                 sigmas=sigmas, video_state=video_state, audio_state=audio_state, stepper=stepper,
                 denoise_fn=with_progress,
             )
@@ -129,7 +137,7 @@ class _Run:
             conditionings=conditionings,
             noiser=GaussianNoiser(generator=self.generator),
             sigmas=sigmas,
-            stepper=EulerDiffusionStep(),
+            stepper=stepper or EulerDiffusionStep(),
             denoising_loop_fn=loop,
             components=self.components,
             dtype=self.dtype,
@@ -139,6 +147,13 @@ class _Run:
         for observe in DENOISE_OBSERVERS:
             observe(stage, video_state, audio_state)
         return video_state, audio_state
+
+
+def user_loras(spec: JobSpec) -> tuple[LoraPathStrengthAndSDOps, ...]:
+    """The job's LoRAs as ltx-core fuses them, with the renaming ltx-pipelines' ``--lora`` uses."""
+    return tuple(
+        LoraPathStrengthAndSDOps(str(lora.path), lora.strength, LTXV_LORA_COMFY_RENAMING_MAP) for lora in spec.loras
+    )
 
 
 def _to(encoded: tuple[tuple[torch.Tensor, ...], torch.Tensor], device: torch.device) -> Any:
@@ -178,6 +193,8 @@ def _generate(
         gemma_root_path=str(spec.models.gemma_root),
         spatial_upsampler_path=str(spec.models.spatial_upsampler) if spec.models.spatial_upsampler else None,
         quantization=QuantizationPolicy.fp8_cast() if spec.fp8_cast else None,
+        # The owner's LoRAs: every transformer this ledger builds fuses them (docs/DESIGN.md, 'Modes').
+        **({"loras": user_loras(spec)} if spec.loras else {}),
     )
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
@@ -187,7 +204,7 @@ def _generate(
     guided = kind != "distilled"
     two_stages = kind != "one_stage"
     prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if guided else [req.prompt]
-    images = [ImageConditioningInput(str(spec.image_path), 0, req.image_strength)]
+    images, condition = conditioning_images(spec)
     width_1, height_1 = (req.width // 2, req.height // 2) if two_stages else (req.width, req.height)
 
     with tracker.phase("text_encode"):
@@ -206,15 +223,59 @@ def _generate(
 
     with tracker.phase("image_encode"):
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
-        cond_1 = combined_image_conditionings(images, height_1, width_1, encoder, dtype, device)
-        cond_2 = (
-            combined_image_conditionings(images, req.height, req.width, encoder, dtype, device) if two_stages else []
-        )
+        cond_1 = condition(images, height_1, width_1, encoder, dtype, device)
+        cond_2 = condition(images, req.height, req.width, encoder, dtype, device) if two_stages else []
         del encoder
 
+    if kind == "two_stage_hq":
+        video_state, audio_state = hq_stages(run, cond_1, cond_2, width_1, height_1)
+    else:
+        video_state, audio_state = _stages(run, params, steps, cond_1, cond_2, width_1, height_1)
+
+    audio_track: tuple[np.ndarray, int] | None = None
+    if req.audio:
+        with tracker.phase("audio_decode"):
+            run.progress("decoding audio", 0, 1)
+            audio_decoder = tracker.watch(ledger.audio_decoder(), "audio decoder")
+            vocoder = tracker.watch(ledger.vocoder(), "vocoder")
+            audio = vae_decode_audio(audio_state.latent, audio_decoder, vocoder)
+            audio_track = (audio.waveform.float().cpu().numpy(), int(audio.sampling_rate))
+            del audio_decoder, vocoder, audio
+    del audio_state
+
+    def decoded(latent: torch.Tensor) -> Iterator[np.ndarray]:
+        decoder = tracker.watch(ledger.video_decoder(), "video decoder")
+        for observe in DECODER_OBSERVERS:
+            observe(decoder)
+        tiling = TilingConfig(
+            spatial_config=SpatialTilingConfig(spec.tiling.spatial_px, spec.tiling.spatial_overlap_px),
+            temporal_config=TemporalTilingConfig(spec.tiling.temporal_frames, spec.tiling.temporal_overlap_frames),
+        )
+        for chunk in vae_decode_video(latent, decoder, tiling, run.generator):
+            if chunk.shape[0]:
+                yield chunk.cpu().numpy()
+
+    # The decoder is lazy: it is built and runs inside stream_clip, as the encoder consumes it, inside the scope.
+    frames = decoded(video_state.latent)
+    del video_state
+    done = stream_clip(spec, tracker, frames, run.progress, audio_track)
+    log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
+    return done
+
+
+def _stages(
+    run: _Run, params: Any, steps: int, cond_1: list[Any], cond_2: list[Any], width_1: int, height_1: int
+) -> tuple[Any, Any]:
+    """Denoise: stage 1, then (two-stage and distilled) the upsample and stage 2."""
+    spec, req, tracker, ledger, device = run.spec, run.spec.request, run.tracker, run.ledger, run.device
+    kind = req.pipeline
+    guided = kind != "distilled"
+    two_stages = kind != "one_stage"
     # Stage 2 takes stage 1's transformer (distilled: as is; two-stage: with the distilled LoRA
     # fused in place) instead of reading the checkpoint again a minute later.
-    reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse")
+    # With the owner's LoRAs stage 2 builds afresh (ltx-core sums every delta before one rounding), so
+    # stage 1's transformer is not kept for it: two would be resident at once.
+    reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse" and not spec.loras)
     with tracker.phase("stage_1"):
         keep_until = "stage_2" if reuse else None
         transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
@@ -253,33 +314,4 @@ def _generate(
                 noise_scale=sigmas[0], initial_video_latent=upscaled, initial_audio_latent=audio_state.latent,
             )
             del transformer, upscaled
-
-    audio_track: tuple[np.ndarray, int] | None = None
-    if req.audio:
-        with tracker.phase("audio_decode"):
-            run.progress("decoding audio", 0, 1)
-            audio_decoder = tracker.watch(ledger.audio_decoder(), "audio decoder")
-            vocoder = tracker.watch(ledger.vocoder(), "vocoder")
-            audio = vae_decode_audio(audio_state.latent, audio_decoder, vocoder)
-            audio_track = (audio.waveform.float().cpu().numpy(), int(audio.sampling_rate))
-            del audio_decoder, vocoder, audio
-    del audio_state
-
-    def decoded(latent: torch.Tensor) -> Iterator[np.ndarray]:
-        decoder = tracker.watch(ledger.video_decoder(), "video decoder")
-        for observe in DECODER_OBSERVERS:
-            observe(decoder)
-        tiling = TilingConfig(
-            spatial_config=SpatialTilingConfig(spec.tiling.spatial_px, spec.tiling.spatial_overlap_px),
-            temporal_config=TemporalTilingConfig(spec.tiling.temporal_frames, spec.tiling.temporal_overlap_frames),
-        )
-        for chunk in vae_decode_video(latent, decoder, tiling, run.generator):
-            if chunk.shape[0]:
-                yield chunk.cpu().numpy()
-
-    # The decoder is lazy: it is built and runs inside stream_clip, as the encoder consumes it, inside the scope.
-    frames = decoded(video_state.latent)
-    del video_state
-    done = stream_clip(spec, tracker, frames, run.progress, audio_track)
-    log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
-    return done
+    return video_state, audio_state

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 SEED = 1234
@@ -315,6 +316,17 @@ def write_tiny_models(root: Path, seed: int = SEED) -> TinyModels:
     lora = root / "ltx-2.3-tiny-distilled-lora.safetensors"
     save_file(_tiny_lora(transformer_state, generator), str(lora))
     return TinyModels(checkpoint=checkpoint, distilled_lora=lora, spatial_upsampler=upsampler, gemma_root=gemma_root)
+
+
+def write_tiny_lora(checkpoint: Path, path: Path, seed: int = SEED + 1) -> Path:
+    """A tiny random LoRA for ``checkpoint``'s transformer (an owner's LoRA, as a camera-control one would be)."""
+    prefix = "model.diffusion_model."
+    with safe_open(str(checkpoint), "pt") as handle:
+        keys = [key for key in handle.keys() if key.startswith(prefix)]  # noqa: SIM118 (safe_open has no __iter__)
+        shapes = {key.removeprefix(prefix): torch.empty(tuple(handle.get_slice(key).get_shape()), device="meta")
+                  for key in keys}
+    save_file(_tiny_lora(shapes, torch.Generator().manual_seed(seed)), str(path))
+    return path
 
 
 def _tiny_lora(transformer_state: dict[str, torch.Tensor], generator: torch.Generator, rank: int = 4) -> dict[

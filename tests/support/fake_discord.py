@@ -265,7 +265,9 @@ class FakeDiscord:
         return payload
 
     async def slash(self, user: FakeUser, name: str, options: dict[str, Any] | None = None,
-                    attachment: dict[str, Any] | None = None, group: str | None = None) -> dict[str, Any]:
+                    attachment: dict[str, Any] | None = None, group: str | None = None,
+                    attachments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``attachment`` fills the ``image`` option; ``attachments`` maps other attachment options to theirs."""
         command = self.commands[group or name]
         opts: list[dict[str, Any]] = []
         types = {o["name"]: o["type"] for o in _leaf_options(command, name if group else None)}
@@ -275,6 +277,9 @@ class FakeDiscord:
         if attachment is not None:
             opts.append({"name": "image", "type": 11, "value": attachment["id"]})
             resolved["attachments"] = {attachment["id"]: attachment}
+        for option, extra in (attachments or {}).items():
+            opts.append({"name": option, "type": 11, "value": extra["id"]})
+            resolved.setdefault("attachments", {})[extra["id"]] = extra
         data: dict[str, Any] = {"id": command["id"], "name": command["name"], "type": 1, "guild_id": self.guild_id,
                                 "options": [{"name": name, "type": 1, "options": opts}] if group else opts}
         if resolved:
