@@ -123,6 +123,7 @@ def build_spec(settings: Settings, job: Job) -> JobSpec:
         ),
         fp8_cast=settings.generator.fp8_cast,
         guidance_batch=settings.generator.guidance_batch,
+        vram_budget_gib=settings.generator.vram_budget_gib,
         device=settings.generator.device,
         crf=settings.generation.crf,
         max_bytes=job.max_bytes,

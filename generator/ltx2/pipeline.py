@@ -53,6 +53,7 @@ from generator.checks import main_checkpoint
 from generator.encode import stream_clip
 from generator.ltx2.guidance import batched_guider_denoising_func
 from generator.ltx2.models import LtxLedger
+from generator.ltx2.plan import Planner
 from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
@@ -171,6 +172,9 @@ def _generate(
     checkpoint = main_checkpoint(spec)
     params = detect_params(str(checkpoint))
     steps = req.steps or params.num_inference_steps
+    # The VRAM budget's plan: it may lower the guidance batch or the decode tiles, and streams big models.
+    planner = Planner.for_job(spec, device, tracker)
+    spec = planner.spec
     ledger = ledger_factory(
         dtype=dtype,
         device=device,
@@ -179,6 +183,7 @@ def _generate(
         spatial_upsampler_path=str(spec.models.spatial_upsampler) if spec.models.spatial_upsampler else None,
         quantization=QuantizationPolicy.fp8_cast() if spec.fp8_cast else None,
     )
+    ledger = planner.ledger(ledger)
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
         generator=torch.Generator(device=device).manual_seed(req.seed),
