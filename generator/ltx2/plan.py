@@ -126,6 +126,14 @@ class Planner:
         model = predict.PhaseModel(fixed_gib=other_bytes / GIB, block_gib=block_gib, blocks=len(blocks))
         return predict.plan_phase(model, activation, self.budget_gib).resident
 
+    def fits_resident(self, phases: tuple[str, ...]) -> bool:
+        """Whether the fitted model says these phases keep every block resident (then no host build is needed)."""
+        for phase in phases:
+            model = self.models.get(phase)
+            if model is None or predict.plan_phase(model, self._activation(phase), self.budget_gib).streamed:
+                return False
+        return True
+
     def _constant(self, phase: str) -> float:
         """The phase's activations that do not grow with its tokens (fitted part minus never-streamed weights)."""
         model = self.models.get(phase)
@@ -188,12 +196,22 @@ class BudgetedLedger:
                  planner.budget_gib or 0.0)
         return model
 
+    def _resident(self, phases: tuple[str, ...]) -> bool:
+        if not self._planner.fits_resident(phases):
+            return False
+        self._planner.tracker.note_plan(budget_bytes=int((self._planner.budget_gib or 0.0) * GIB), streamed=0)
+        return True
+
     def text_encoder(self) -> Any:
+        if self._resident(("text_encode",)):
+            return self._ledger.text_encoder()
         model = _host_ledger(self._ledger).text_encoder()
         language = model.model.model.language_model
         return self._streamed(model, "text_encode", [(language, language.layers, "gemma.")], ("text_encode",))
 
     def gemma_embeddings_processor(self) -> Any:
+        if self._resident(("embeddings",)):
+            return self._ledger.gemma_embeddings_processor()
         model = _host_ledger(self._ledger).gemma_embeddings_processor()
         parts = [(c, c.transformer_1d_blocks, f"{name}.")
                  for name, c in (("video", model.video_connector), ("audio", model.audio_connector))
@@ -201,12 +219,14 @@ class BudgetedLedger:
         return self._streamed(model, "embeddings", parts, ("embeddings",))
 
     def transformer(self) -> Any:
-        model = _host_ledger(self._ledger).transformer()
-        velocity = model.velocity_model
         # Stage 2 usually keeps this transformer: plan for the larger of the two stages' activations.
         phases = ("stage_1", "stage_2") if self._planner.spec.request.pipeline != "one_stage" else ("stage_1",)
         self._planner.tracker.note_plan(guidance_batch=self._planner.spec.guidance_batch,
                                         ff_chunk_tokens=FEED_FORWARD_CHUNK_TOKENS)
+        if self._resident(phases):
+            return self._ledger.transformer()
+        model = _host_ledger(self._ledger).transformer()
+        velocity = model.velocity_model
         return self._streamed(model, self._planner.tracker.current or "stage_1",
                               [(velocity, velocity.transformer_blocks, "transformer.")], phases)
 
