@@ -143,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--rows", type=int, help="run only the first N rows")
+    parser.add_argument("--report-only", action="store_true", help="redo the comparison and table from --out")
     args = parser.parse_args(argv)
+    if args.report_only:
+        results = json.loads((args.out / "results.json").read_text())
+        report(args.out, results)
+        return 0
     import torch
 
     from bench.random_weights import write_header_models
@@ -202,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             release = getattr(torch.cuda, "empty_cache", None)
             if cuda and release:
                 release()
+    report(out, results)
+    return 0
+
+
+def report(out: Path, results: dict[str, Any]) -> None:
     # The reference is the unconstrained row, or else the largest budget's row of the same size.
     reference: dict[str, Any] = {}
     for c in sorted(results["configs"], key=lambda c: -(c.get("vram_budget_gib") or float("inf"))):
@@ -213,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(table(results))
     print((out / "table.md").read_text(), file=sys.stderr)
-    return 0
 
 
 def table(results: dict[str, Any]) -> str:
