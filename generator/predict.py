@@ -131,24 +131,46 @@ def predict(
     if models is None:
         return None
     limit = allocator_budget(budget_gib, data)
+    present = [name for name in PHASES if name in models
+               and not (name in ("upsample", "stage_2") and pipeline == "one_stage")
+               and not (name == "audio_decode" and not audio)]
+    activation = {name: activation_gib(models[name], name, pipeline, width, height, frames, guidance_batch)
+                  for name in present}
+    # One transformer serves stage 1, is kept through the upsample and serves stage 2: one plan
+    # for all three, made for the largest of their needs (as the planner makes it).
+    group = [name for name in present if name in TRANSFORMER_PHASES]
+    shared: PhasePlan | None = None
+    if group:
+        first = models[group[0]]
+        need = max(models[n].fixed_gib - first.other_gib + activation[n] for n in group)
+        shared = plan_phase(PhaseModel(fixed_gib=first.other_gib, block_gib=first.block_gib, blocks=first.blocks,
+                                       slots=first.slots), need, limit)
     phases: dict[str, float] = {}
     plans: dict[str, PhasePlan] = {}
-    for name in PHASES:
-        model = models.get(name)
-        if model is None:
-            continue
-        if name in ("upsample", "stage_2") and pipeline == "one_stage":
-            continue
-        if name == "audio_decode" and not audio:
-            continue
-        per_token = model.per_token_gib
-        if name == "stage_1" and pipeline != "distilled":
-            per_token *= 1 + model.batch_share * (guidance_batch - 1)
-        activation = per_token * tokens(model.basis, pipeline, width, height, frames)
-        plan = plan_phase(model, activation, limit)
+    for name in present:
+        model = models[name]
+        if shared is not None and name in group:
+            on_device = shared.resident + (min(model.slots, model.blocks) if shared.streamed else 0)
+            plan = PhasePlan(shared.resident, shared.streamed,
+                             model.fixed_gib + activation[name] + on_device * model.block_gib)
+        else:
+            plan = plan_phase(model, activation[name], limit)
         phases[name] = round(plan.peak_gib, 4)
         plans[name] = plan
     return Prediction(phases, plans, float(data["process_overhead_gib"]))
+
+
+# Phases that hold the (one, kept) transformer; the upsample holds it between the stages.
+TRANSFORMER_PHASES = ("stage_1", "upsample", "stage_2")
+
+
+def activation_gib(model: PhaseModel, name: str, pipeline: str, width: int, height: int, frames: int,
+                   guidance_batch: int = 1) -> float:
+    """The phase's activations that grow with its tokens (the guided stage 1 also with its batch)."""
+    per_token = model.per_token_gib
+    if name == "stage_1" and pipeline != "distilled":
+        per_token *= 1 + model.batch_share * (guidance_batch - 1)
+    return per_token * tokens(model.basis, pipeline, width, height, frames)
 
 
 # Sizes tried when a request does not fit, largest first (landscape 4:3 and 16:9 and their portraits).

@@ -23,7 +23,7 @@ import torch
 
 from generator import predict
 from generator.ltx2.models import FEED_FORWARD_CHUNK_TOKENS
-from generator.ltx2.streaming import PinAllowance, block_bytes, stream, streamers_of
+from generator.ltx2.streaming import PinAllowance, block_bytes, stream, streamers_of, unique_bytes
 from generator.phases import PhaseTracker
 from generator.protocol import JobSpec, Tiling
 
@@ -69,7 +69,8 @@ class Planner:
                 # The planner's figures are predictions: the allocator's cap makes the budget a hard
                 # limit (an out-of-memory error rather than a card that swaps the desktop out).
                 total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GIB / total), device)
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GIB / total),
+                                                           torch.cuda.current_device())
             planner.spec = planner._adjusted(spec)
         return planner
 
@@ -78,10 +79,8 @@ class Planner:
         if model is None:
             return 0.0
         req = self.spec.request
-        per_token = model.per_token_gib
-        if phase == "stage_1" and req.pipeline != "distilled":
-            per_token *= 1 + model.batch_share * ((batch or self.spec.guidance_batch) - 1)
-        return per_token * predict.tokens(model.basis, req.pipeline, req.width, req.height, req.frames)
+        return predict.activation_gib(model, phase, req.pipeline, req.width, req.height, req.frames,
+                                      batch or self.spec.guidance_batch)
 
     def _adjusted(self, spec: JobSpec) -> JobSpec:
         """The guidance batch and decode tiles under the budget (unchanged when they fit)."""
@@ -157,7 +156,7 @@ def _host_ledger(ledger: Any) -> Any:
 
 def _other_bytes(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> int:
     inside = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
-    return sum(t.nbytes for t in [*model.parameters(), *model.buffers()] if id(t) not in inside)
+    return unique_bytes(t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside)
 
 
 class BudgetedLedger:
@@ -219,8 +218,8 @@ class BudgetedLedger:
         return self._streamed(model, "embeddings", parts, ("embeddings",))
 
     def transformer(self) -> Any:
-        # Stage 2 usually keeps this transformer: plan for the larger of the two stages' activations.
-        phases = ("stage_1", "stage_2") if self._planner.spec.request.pipeline != "one_stage" else ("stage_1",)
+        # Kept through the upsample into stage 2: planned for the largest need of the three (as predicted).
+        phases = predict.TRANSFORMER_PHASES if self._planner.spec.request.pipeline != "one_stage" else ("stage_1",)
         self._planner.tracker.note_plan(guidance_batch=self._planner.spec.guidance_batch,
                                         ff_chunk_tokens=FEED_FORWARD_CHUNK_TOKENS)
         if self._resident(phases):

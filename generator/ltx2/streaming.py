@@ -268,18 +268,39 @@ class BlockStreamer:
         self.handles = []
 
 
+def _key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]:
+    return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype)
+
+
 def place(model: torch.nn.Module, device: torch.device, skip: Iterable[torch.nn.Module]) -> None:
-    """Move every tensor of ``model`` to ``device`` except those inside the ``skip`` modules."""
+    """Move every tensor of ``model`` to ``device`` except those inside the ``skip`` modules.
+
+    Tied tensors stay tied: Gemma's ``lm_head`` holds the token embedding's own tensor, and
+    moving each attribute on its own would put a second 1.9 GiB copy on the GPU.
+    """
     skipped = {id(m) for block in skip for m in block.modules()}
+    moved: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], torch.Tensor] = {}
     for owner in model.modules():
         if id(owner) in skipped:
             continue
         for name, param in owner._parameters.items():
             if param is not None and param.device != device:
-                owner._parameters[name] = torch.nn.Parameter(param.detach().to(device), requires_grad=False)
+                key = _key(param)
+                if key not in moved:
+                    moved[key] = torch.nn.Parameter(param.detach().to(device), requires_grad=False)
+                owner._parameters[name] = moved[key]  # type: ignore[assignment]
         for name, buf in owner._buffers.items():
             if buf is not None and buf.device != device:
-                owner._buffers[name] = buf.to(device)
+                key = _key(buf)
+                if key not in moved:
+                    moved[key] = buf.to(device)
+                owner._buffers[name] = moved[key]
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors`` counting tied ones (the same storage and view) once."""
+    return sum({_key(t): t.nbytes for t in tensors}.values())
 
 
 def stream(
