@@ -154,6 +154,28 @@ def _host_ledger(ledger: Any) -> Any:
     )
 
 
+class _Shell:
+    """What ``transformer_with_loras(kept=...)`` fuses into: an object with a ``velocity_model``."""
+
+    def __init__(self, velocity_model: torch.nn.Module) -> None:
+        self.velocity_model = velocity_model
+
+
+def _holder(velocity: torch.nn.Module, blocks: dict[int, torch.nn.Module], *, rest: bool = False) -> torch.nn.Module:
+    """A module naming ``blocks`` (and with ``rest``, everything outside the blocks) as ``velocity`` does,
+    so LoRA keys match; it holds the same tensors, no copies."""
+    holder = torch.nn.Module()
+    holder.transformer_blocks = torch.nn.ModuleDict({str(i): b for i, b in blocks.items()})
+    if rest:
+        for name, child in velocity.named_children():
+            if name != "transformer_blocks":
+                holder.add_module(name, child)
+        for name, param in velocity._parameters.items():
+            if param is not None:
+                holder.register_parameter(name, param)
+    return holder
+
+
 def _other_bytes(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> int:
     inside = {id(t) for b in blocks for t in [*b.parameters(), *b.buffers()]}
     return unique_bytes(t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside)
@@ -232,17 +254,27 @@ class BudgetedLedger:
     def transformer_with_loras(self, loras: Any, kept: Any = None) -> Any:
         if kept is None:
             return self._fresh(loras)
-        # Streamed blocks' weights rest in host memory: the LoRA is fused into them there, and
-        # every slot's copy is stale.
-        model = self._ledger.transformer_with_loras(loras, kept=kept)
-        streamers = streamers_of(model)
-        for streamer in streamers:
-            streamer.invalidate()
+        streamers = streamers_of(kept)
+        if not streamers:
+            return self._ledger.transformer_with_loras(loras, kept=kept)
+        # Fused on the device as the resident model is, one streamed block at a time (each brought
+        # in, fused, written back to its host copy), and the resident part in one go: the same
+        # function on the same device as without a budget. Each part reads only its own LoRA keys.
+        velocity = kept.velocity_model
+        packed = {id(p.module): (s, p) for s in streamers for p in s.packed}
+        blocks = velocity.transformer_blocks
+        for index, block in enumerate(blocks):
+            if id(block) in packed:
+                streamer, item = packed[id(block)]
+                with streamer.on_device(item):
+                    self._ledger.transformer_with_loras(loras, kept=_Shell(_holder(velocity, {index: block})))
+        resident = {i: b for i, b in enumerate(blocks) if id(b) not in packed}
+        self._ledger.transformer_with_loras(loras, kept=_Shell(_holder(velocity, resident, rest=True)))
         self._planner.tracker.note_plan(
             resident=sum(len(s.resident) for s in streamers), streamed=sum(len(s.packed) for s in streamers),
             bytes_copied=lambda: sum(s.stats.bytes_copied for s in streamers),
         )
-        return model
+        return kept
 
     def _fresh(self, loras: Any) -> Any:
         return BudgetedLedger(self._ledger.with_additional_loras(loras), self._planner).transformer()

@@ -25,7 +25,8 @@ The hooks are module forward pre/post hooks, so a wrapper that replaces a block'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,6 +257,24 @@ class BlockStreamer:
             self.freed[slot].record(torch.cuda.current_stream(self.device))
         _point(packed, packed.host)
         self.next = (position + 1) % len(self.packed)
+
+    @contextlib.contextmanager
+    def on_device(self, packed: _Packed) -> Iterator[torch.nn.Module]:
+        """One streamed block with its tensors on the device, for an edit in place (a LoRA fusion);
+        what it holds afterwards goes back to its host copy. Not for the hot loop: it waits."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.invalidate()
+        slot = self.slots[0][: packed.nbytes]
+        slot.copy_(packed.host)
+        _point(packed, self.slots[0])
+        try:
+            yield packed.module
+        finally:
+            packed.host.copy_(slot)
+            _point(packed, packed.host)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
 
     def invalidate(self) -> None:
         """Forget what the slots hold (the host copies changed): the next forward copies every block again."""
