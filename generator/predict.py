@@ -49,6 +49,7 @@ class PhasePlan:
     resident: int
     streamed: int
     peak_gib: float  # predicted peak allocated
+    slots: int = 2  # device slots the streamed blocks pass through (1: no prefetch, least memory)
 
 
 def tokens(basis: str, pipeline: str, width: int, height: int, frames: int) -> float:
@@ -76,11 +77,17 @@ def plan_phase(model: PhaseModel, activation_gib: float, budget_gib: float | Non
     full = model.fixed_gib + model.blocks * model.block_gib + activation_gib
     if budget_gib is None or model.blocks == 0 or full <= budget_gib:
         return PhasePlan(model.blocks, 0, full)
+    # Two slots let the next block's copy overlap this one's compute; a budget below that floor
+    # gets one slot (each copy then waits for the block before it).
     slots = min(model.slots, model.blocks)
     room = budget_gib - model.fixed_gib - activation_gib - slots * model.block_gib
+    if room < 0:
+        slots = 1
+        room = budget_gib - model.fixed_gib - activation_gib - model.block_gib
     resident = max(0, min(model.blocks - slots, math.floor(room / model.block_gib + 1e-9)))
     streamed = model.blocks - resident
-    return PhasePlan(resident, streamed, model.fixed_gib + activation_gib + (resident + slots) * model.block_gib)
+    return PhasePlan(resident, streamed, model.fixed_gib + activation_gib + (resident + slots) * model.block_gib,
+                     slots)
 
 
 @dataclass(frozen=True)
@@ -150,9 +157,9 @@ def predict(
     for name in present:
         model = models[name]
         if shared is not None and name in group:
-            on_device = shared.resident + (min(model.slots, model.blocks) if shared.streamed else 0)
+            on_device = shared.resident + (shared.slots if shared.streamed else 0)
             plan = PhasePlan(shared.resident, shared.streamed,
-                             model.fixed_gib + activation[name] + on_device * model.block_gib)
+                             model.fixed_gib + activation[name] + on_device * model.block_gib, shared.slots)
         else:
             plan = plan_phase(model, activation[name], limit)
         phases[name] = round(plan.peak_gib, 4)

@@ -71,6 +71,6 @@ def test_intake_refuses_an_over_budget_request_naming_what_fits(make_settings: A
     assert "budget is 8 GiB" in text and "1792×1344 with 97 frames" in text, text
     # Longer than fits at its size: the same size with fewer frames is offered first.
     with pytest.raises(IntakeError) as longer:
-        check_fits_budget(make_settings(generator={"vram_budget_gib": 12}), _request(2048, 1536, 241))
-    assert "2048×1536 with up to 225 frames" in str(longer.value)
+        check_fits_budget(make_settings(generator={"vram_budget_gib": 12}), _request(2048, 1536, 481))
+    assert "2048×1536 with up to 241 frames" in str(longer.value)
     check_fits_budget(make_settings(generator={"vram_budget_gib": "auto"}), _request(2048, 1536, 241))

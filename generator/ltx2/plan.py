@@ -110,20 +110,20 @@ class Planner:
         return spec.model_copy(update=update)
 
     def resident_blocks(self, phase: str, blocks: list[torch.nn.Module], other_bytes: int,
-                        activation_phases: tuple[str, ...]) -> int:
-        """How many of ``blocks`` stay resident for ``phase`` (all without a budget).
+                        activation_phases: tuple[str, ...]) -> predict.PhasePlan:
+        """How many of ``blocks`` stay resident for ``phase`` (all without a budget), and through how many slots.
 
         The fitted activations are for the full-size model; a model of other block sizes (the
         tests' tiny ones) has them scaled by its block size over the fitted one.
         """
         if self.budget_gib is None or not blocks:
-            return len(blocks)
+            return predict.PhasePlan(len(blocks), 0, 0.0)
         block_gib = max(block_bytes(b) for b in blocks) / GIB
         fitted = self.models.get(phase)
         scale = block_gib / fitted.block_gib if fitted is not None and fitted.block_gib else 1.0
         activation = max(self._activation(p) + self._constant(p) for p in activation_phases) * scale
         model = predict.PhaseModel(fixed_gib=other_bytes / GIB, block_gib=block_gib, blocks=len(blocks))
-        return predict.plan_phase(model, activation, self.budget_gib).resident
+        return predict.plan_phase(model, activation, self.budget_gib)
 
     def fits_resident(self, phases: tuple[str, ...]) -> bool:
         """Whether the fitted model says these phases keep every block resident (then no host build is needed)."""
@@ -195,7 +195,8 @@ class BudgetedLedger:
                   activation_phases: tuple[str, ...]) -> Any:
         planner = self._planner
         all_blocks = [b for _, blocks, _ in parts for b in blocks]
-        share = planner.resident_blocks(phase, all_blocks, _other_bytes(model, all_blocks), activation_phases)
+        chosen = planner.resident_blocks(phase, all_blocks, _other_bytes(model, all_blocks), activation_phases)
+        share = chosen.resident
         plan: dict[str, Any] = {"budget_bytes": int((planner.budget_gib or 0.0) * GIB), "blocks": len(all_blocks)}
         resident_total = 0
         for root, blocks, prefix in parts:
@@ -203,9 +204,9 @@ class BudgetedLedger:
             resident = min(len(blocks), share - resident_total)
             resident_total += resident
             stream(model, root, blocks, planner.device, resident=resident, allowance=planner.allowance,
-                   prefix=prefix)
+                   prefix=prefix, slots=chosen.slots)
         streamers = streamers_of(model)
-        plan.update(resident=resident_total, streamed=len(all_blocks) - resident_total,
+        plan.update(resident=resident_total, streamed=len(all_blocks) - resident_total, slots=chosen.slots,
                     block_bytes=max((block_bytes(b) for b in all_blocks), default=0))
         planner.tracker.note_plan(
             **plan,
