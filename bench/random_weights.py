@@ -54,11 +54,14 @@ class RandomLoader:
 
     def load(self, path: str | list[str], sd_ops: SDOps | None = None, device: torch.device | None = None) -> StateDict:
         device = device or torch.device("cpu")
+        # Made on the GPU whenever there is one, then moved: a model built on the host for streaming
+        # (generator/ltx2/plan.py) gets the same values as one built on the GPU.
+        made_on = torch.device("cuda") if torch.cuda.is_available() else device
         first = path[0] if isinstance(path, list) else path
         config = self.metadata(first)
         with torch.device("meta"):
             model = self.configurator.from_config(config)
-        generator = torch.Generator(device=device).manual_seed(self.seed)
+        generator = torch.Generator(device=made_on).manual_seed(self.seed)
         sd: dict[str, torch.Tensor] = {}
         size = 0
         dtypes: set[torch.dtype] = set()
@@ -67,17 +70,18 @@ class RandomLoader:
         for key, meta in tensors.items():
             if meta.dtype.is_floating_point:
                 # Checkpoints store bf16; the fp8-cast policy downcasts Linear weights from it.
-                value = torch.empty(meta.shape, dtype=torch.bfloat16, device=device).normal_(
+                value = torch.empty(meta.shape, dtype=torch.bfloat16, device=made_on).normal_(
                     0.0, WEIGHT_STD, generator=generator
                 )
             else:
-                value = torch.zeros(meta.shape, dtype=meta.dtype, device=device)
+                value = torch.zeros(meta.shape, dtype=meta.dtype, device=made_on)
             pairs = list(sd_ops.apply_to_key_value(key, value)) if sd_ops is not None else [(key, value)]
             if len(pairs) == 1:
                 # Value operations (the fp8 downcast) apply; renames do not: ``key`` is already the
                 # model's own name, while ops like the vocoder's prefix strip expect checkpoint names.
                 pairs = [(key, pairs[0][1])]
             for new_key, new_value in pairs:
+                new_value = new_value.to(device)
                 sd[new_key] = new_value
                 size += new_value.nbytes
                 dtypes.add(new_value.dtype)

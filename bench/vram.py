@@ -202,7 +202,7 @@ def compare_guidance(
 
 def run_config(
     config: Config, models: dict[str, Path], work: Path, tiling: dict[str, int], steps: int, device: str,
-    *, guidance_batch: int = 1,
+    *, guidance_batch: int = 1, vram_budget_gib: float | None = None, steps_seed: int = 7,
 ) -> dict[str, Any]:
     import torch
     from PIL import Image
@@ -219,13 +219,16 @@ def run_config(
                     "pipeline": "two_stage", "audio": True},
         "image_path": str(image), "output_path": str(work / f"{config.name.replace(' ', '-')}.mp4"),
         "models": {k: str(v) for k, v in models.items()}, "tiling": tiling, "fp8_cast": config.fp8,
-        "device": device, "guidance_batch": guidance_batch,
+        "device": device, "guidance_batch": guidance_batch, "vram_budget_gib": vram_budget_gib,
     })
     events: list[tuple[float, Any]] = []
     builds: list[dict[str, Any]] = []
     name = config.name if guidance_batch == 1 else f"{config.name} guidance x{guidance_batch}"
+    if vram_budget_gib is not None:
+        name = f"{name} budget {vram_budget_gib:g} GiB"
     entry: dict[str, Any] = {"name": name, "width": config.width, "height": config.height,
-                             "frames": config.frames, "fp8_cast": config.fp8, "guidance_batch": guidance_batch}
+                             "frames": config.frames, "fp8_cast": config.fp8, "guidance_batch": guidance_batch,
+                             "vram_budget_gib": vram_budget_gib}
     started = time.perf_counter()
     try:
         with _timed_builds(builds, device):
@@ -236,6 +239,9 @@ def run_config(
         entry["error"] = f"out of memory: {str(exc).splitlines()[0]}"
     entry["wall_seconds"] = round(time.perf_counter() - started, 2)
     entry["phases"] = [e.model_dump(exclude={"event"}) for _, e in events if isinstance(e, PhaseEvent)]
+    if vram_budget_gib is not None or "plan" in PhaseEvent.model_fields:
+        # Clocks of each phase (end less its length) for samplers outside the process's allocator.
+        entry["_clocks"] = [(e.name, t - e.seconds, t) for t, e in events if isinstance(e, PhaseEvent)]
     entry["builds"] = builds
     entry["step_seconds"] = _step_times([(t, e) for t, e in events if isinstance(e, ProgressEvent)])
     return entry

@@ -168,13 +168,14 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
             position = await store.queue_position(job.id) if job.status == JobStatus.QUEUED else None
             if args.json:
                 details = job_details(job)
+                details["predicted_phases"] = predicted_phases(settings, job)
                 if position is not None:
                     details["queue_position"] = position
                 print(json.dumps(details, indent=2, default=str))
             else:
                 from bot.terminal import job_view, make_console
 
-                make_console().print(job_view(job, position))
+                make_console().print(job_view(job, position, predicted_phases(settings, job)))
             return 0
         if args.command == "workers":
             from bot.terminal import make_console, workers_table
@@ -208,6 +209,22 @@ def _print_jobs(jobs: list[Job], *, as_json: bool) -> None:
 
     console = make_console()
     console.print(jobs_table(jobs, console.width))
+
+
+def predicted_phases(settings: Settings, job: Job) -> dict[str, float] | None:
+    """Each phase's predicted peak under the configured budget (``generator/predict.py``), for ``ltxbot job``."""
+    from generator.predict import predict
+    from generator.protocol import GenerationRequest
+
+    try:
+        request = GenerationRequest.model_validate(job.params)
+    except ValueError:
+        return None
+    budget = settings.generator.vram_budget_gib
+    found = predict(request.family, request.pipeline, request.width, request.height, request.frames,
+                    request.audio, budget if isinstance(budget, int | float) else None,
+                    guidance_batch=settings.generator.guidance_batch)
+    return None if found is None else found.phases
 
 
 def job_details(job: Job) -> dict[str, Any]:

@@ -135,6 +135,9 @@ class GeneratorSettings(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     fp8_cast: bool = True
     guidance_batch: int = Field(default=1, ge=1, le=4)  # stage-1 guidance passes per transformer forward
+    # Whole-process GPU memory a job may use, GiB: a number, "auto" (the card's free memory at job
+    # start less a margin) or null (no budget: everything resident). Streams weights to fit it.
+    vram_budget_gib: float | Literal["auto"] | None = None
     timeout_base_seconds: float = Field(default=300.0, gt=0)
     # Extra seconds per million output pixels x frames (1024x768x97 is about 76).
     timeout_seconds_per_mpx_frame: float = Field(default=6.0, ge=0)

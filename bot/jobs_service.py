@@ -27,7 +27,7 @@ from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
 from bot.intake.image import DecodeLimits, ImageIntake, confined_path
-from bot.intake.request import RequestOptions, check_owner_limits, fixed_size, with_end_image
+from bot.intake.request import RequestOptions, check_owner_limits, fixed_size, least_vram, with_end_image
 from bot.replies import tell
 from bot.shared_files import SharedFiles
 from bot.status_cards import StatusCards
@@ -245,7 +245,7 @@ class JobService:
             params=request.model_dump(mode="json"), input_path=input_path, input_sha256=sha256,
             guild_id=str(guild_id) if guild_id else None, channel_id=str(channel_id) if channel_id else None,
             interaction_id=key, request_message_id=str(request_message_id) if request_message_id else None,
-            max_bytes=self.clip_limit(guild),
+            max_bytes=self.clip_limit(guild), predicted_peak_gib=least_vram(self.settings, request),
         )
         # Stored before the job exists: a worker on another host may claim it at once.
         await self.files.publish_input(Path(input_path), sha256)

@@ -12,7 +12,7 @@ from bot.db.models import JobStatus
 from bot.db.store import NewJob
 from bot.intake import IntakeError
 from bot.intake.image import DecodeLimits, NormalisedImage, TargetSize, normalise_image, read_local_image
-from bot.intake.request import RequestOptions, SizedRequest, fixed_size, with_end_image
+from bot.intake.request import RequestOptions, SizedRequest, fixed_size, least_vram, with_end_image
 from bot.terminal import StageProgress, make_console, phase_table
 from bot.worker import Worker
 from generator.protocol import FAMILY_NAMES
@@ -57,6 +57,7 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
         NewJob(
             user_id=LOCAL_USER, prompt=request.prompt, negative_prompt=request.negative_prompt,
             params=request.model_dump(mode="json"), input_path=str(image.path), input_sha256=image.sha256,
+            predicted_peak_gib=least_vram(settings, request),
         )
     )
     print(f"Job {job.id}: {FAMILY_NAMES[request.family]} {request.pipeline}, "

@@ -78,15 +78,29 @@ def jobs_table(jobs: list[Job], width: int) -> Table:
     return table
 
 
-def phase_table(phases: list[dict[str, Any]]) -> Table:
-    """Time and peak memory per phase: what an owner compares against their GPU."""
+def phase_table(phases: list[dict[str, Any]], predicted: dict[str, float] | None = None) -> Table:
+    """Time and peak memory per phase: what an owner compares against their GPU.
+
+    ``predicted`` (peak allocated GiB by phase, from ``generator/predict.py``) adds a column
+    beside the measured peak, and the blocks each phase kept on the GPU when it streamed."""
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("phase", no_wrap=True)
-    for name in ("seconds", "peak GiB", "reserved GiB", "RSS GiB"):
+    names = ["seconds", "peak GiB", *(["predicted GiB"] if predicted else []), "reserved GiB", "RSS GiB"]
+    streamed = any((p.get("plan") or {}).get("streamed") for p in phases)
+    if streamed:
+        names.append("blocks on GPU")
+    for name in names:
         table.add_column(name, justify="right")
     for p in phases:
-        table.add_row(p["name"], f"{p['seconds']:.2f}", _gib(p.get("peak_allocated_gib")),
-                      _gib(p.get("peak_reserved_gib")), _gib(p.get("peak_rss_gib")))
+        row = [p["name"], f"{p['seconds']:.2f}", _gib(p.get("peak_allocated_gib"))]
+        if predicted:
+            row.append(_gib(predicted.get(p["name"])))
+        row += [_gib(p.get("peak_reserved_gib")), _gib(p.get("peak_rss_gib"))]
+        if streamed:
+            plan = p.get("plan") or {}
+            row.append(f"{plan['resident']}/{plan['resident'] + plan['streamed']}"
+                       if "resident" in plan and "streamed" in plan else "")
+        table.add_row(*row)
     return table
 
 
@@ -99,7 +113,8 @@ def _fields(rows: list[tuple[str, str]]) -> Table:
     return grid
 
 
-def job_view(job: Job, queue_position: int | None = None) -> RenderableType:
+def job_view(job: Job, queue_position: int | None = None,
+             predicted: dict[str, float] | None = None) -> RenderableType:
     """``ltxbot job ID``: what was asked, what happened to each attempt, and what each phase cost."""
     took = job.duration_seconds
     rows: list[tuple[str, str]] = [("status", job.status), ("user", job.user_id)]
@@ -140,7 +155,7 @@ def job_view(job: Job, queue_position: int | None = None) -> RenderableType:
                             str(entry.get("code") or "-"), str(entry.get("message") or ""))
         parts += [Text("\nAttempts", style="bold"), history]
     if job.phases:
-        parts += [Text("\nPhases", style="bold"), phase_table(job.phases)]
+        parts += [Text("\nPhases", style="bold"), phase_table(job.phases, predicted)]
     return Group(*parts)
 
 

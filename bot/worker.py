@@ -158,6 +158,7 @@ def build_spec(settings: Settings, job: Job, image_path: Path | None = None) -> 
         ),
         fp8_cast=settings.generator.fp8_cast,
         guidance_batch=settings.generator.guidance_batch,
+        vram_budget_gib=settings.generator.vram_budget_gib,
         device=settings.generator.device,
         crf=settings.generation.crf,
         max_bytes=job.max_bytes,
@@ -288,9 +289,12 @@ class Worker:
         self._standby_family: ModelFamily | None = None
         self._recovered = False
         self.files = SharedFiles(settings, store)
+        budget = settings.generator.vram_budget_gib
         self.claiming = ClaimingWorker(
             id=uuid.uuid4().hex, families=tuple(settings.enabled_families()),
             lease_seconds=settings.worker.lease_seconds,
+            # A number is a promise this worker keeps; "auto" is decided by the card at job start, so it takes any job.
+            vram_budget_gib=float(budget) if isinstance(budget, int | float) else None,
         )
         self.heartbeat_seconds = max(0.5, settings.worker.lease_seconds / 3)
         self.registered = False

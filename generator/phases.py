@@ -79,6 +79,11 @@ class PhaseTracker:
         self.current: str | None = None
         self.leaks: list[str] = []
         self._watched: list[tuple[str, str, weakref.ref[object]]] = []
+        self._plan: dict[str, Any] = {}
+
+    def note_plan(self, **values: Any) -> None:
+        """Record what the budget's planner chose for the current phase (reported with its figures)."""
+        self._plan.update(values)
 
     def watch(self, model: M, name: str, until: str | None = None) -> M:
         """Remember ``model`` by weak reference; it must be gone once phase ``until`` (default: this one) ends."""
@@ -98,6 +103,7 @@ class PhaseTracker:
             torch.cuda.reset_peak_memory_stats(self.device)
         _reset_rss_peak()
         self.current = name
+        self._plan = {}
         start = time.perf_counter()
         log.info("phase %s started", name)  # the job's log then shows where a hung generator stopped
         try:
@@ -129,7 +135,9 @@ class PhaseTracker:
             peak_reserved_gib=None if reserved is None else round(reserved, 4),
             peak_rss_gib=round(_rss_peak_bytes() / GIB, 4),
             failed=failed,
+            plan={k: v() if callable(v) else v for k, v in self._plan.items()} or None,
         )
+        self._plan = {}
         self.phases.append(event)
         self.emit(event)
 

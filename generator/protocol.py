@@ -268,6 +268,9 @@ class JobSpec(_Frozen):
     fp8_cast: bool = True
     # Stage-1 guidance passes per transformer forward (1: one by one, as ltx-pipelines runs them).
     guidance_batch: int = Field(default=1, ge=1, le=4)
+    # Whole-process GPU memory this job may use (GiB; "auto": free memory at start less a margin;
+    # None: no budget). The generator streams weights and picks activation sizes to fit it.
+    vram_budget_gib: float | Literal["auto"] | None = None
     # reuse: stage 2 fuses the distilled LoRA into stage 1's transformer and reads only the
     # LoRA; reload: it builds the transformer again from the checkpoint, as ltx-pipelines
     # does. Both give the same clip bit for bit (tests/test_weights.py); reload is the reference.
@@ -335,6 +338,9 @@ class PhaseEvent(_Frozen):
     peak_rss_gib: float = Field(ge=0)
     # The phase raised (out of memory, say): its figures run up to the error.
     failed: bool = False
+    # What the VRAM budget's planner chose for this phase (resident and streamed blocks, batch,
+    # tiles, chunk) and what streaming did (bytes copied to the device, host bytes pinned).
+    plan: dict[str, Any] | None = None
 
 
 class ProgressEvent(_Frozen):

@@ -476,3 +476,16 @@ async def test_the_servers_default_family_and_the_model_option_pick_the_interpre
     job = await h.wait_job(2, lambda j: j.status == JobStatus.SUCCEEDED)
     assert job.params["family"] == "ltx2"
     assert "embeddings" in [p["name"] for p in job.phases or []]  # the Gemma path: LTX-2's interpreter
+
+
+async def test_a_clip_over_the_vram_budget_is_refused_with_the_size_that_fits(
+    make_harness: Callable[..., Any],
+) -> None:
+    h: Harness = await make_harness(generator={"vram_budget_gib": 8})
+    fake = h.fake
+    asked = await fake.slash(ALICE, "animate", {"prompt": "go", "width": 2048, "height": 1536, "frames": 97},
+                             attachment=fake.attachment(image_bytes(), "photo.png"))
+    text = await h.answer_text(asked)
+    assert fake.is_ephemeral(asked)
+    assert "budget is 8 GiB" in text and "1792×1344 with 97 frames" in text, text
+    assert await h.jobs() == []

@@ -188,3 +188,21 @@ async def test_the_same_image_published_at_once_by_many_requests(store: JobStore
     await store.put_blob(clip_key(1), b"old", "a")
     await store.put_blob(clip_key(1), b"new", "b")  # a later attempt's clip replaces the earlier one
     assert await store.get_blob(clip_key(1)) == (b"new", "b")
+
+
+def test_a_job_records_the_least_vram_it_can_run_in() -> None:
+    from bot.intake.request import least_vram
+    from generator.protocol import GenerationRequest
+
+    settings = Settings()
+
+    def need(width: int, height: int) -> float | None:
+        request = GenerationRequest(prompt="p", width=width, height=height, frames=97, seed=1)
+        return least_vram(settings, request)
+
+    small, large = need(1024, 768), need(2048, 1536)
+    assert small is not None and large is not None
+    # Streaming brings 1024x768x97 under an 8 GiB card; 2048x1536's decode alone does not fit one.
+    assert small < 8.0 < large
+    assert least_vram(settings, GenerationRequest(prompt="p", family="ltxv", width=768, height=512, frames=97,
+                                                  seed=1, audio=False)) is None  # no fitted model: any worker

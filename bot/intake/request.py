@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from bot.intake.errors import IntakeError
 from generator.checks import checkpoint_version
+from generator.predict import largest_fit, least_vram_gib, predict
 from generator.protocol import (
     FAMILY_NAMES,
     GenerationRequest,
@@ -168,6 +169,50 @@ def check_owner_limits(settings: Settings, request: GenerationRequest) -> None:
         if text is not None and len(text) > limits.max_prompt_chars:
             raise IntakeError("invalid_request", f"The {name} is {len(text)} characters; the limit on this "
                               f"server is {limits.max_prompt_chars}.")
+    check_fits_budget(settings, request)
+
+
+def least_vram(settings: Settings, request: GenerationRequest) -> float | None:
+    """What the job needs at least (GiB, whole process), for workers with a smaller budget to pass it by."""
+    return least_vram_gib(request.family, request.pipeline, request.width, request.height, request.frames,
+                          request.audio, guidance_batch=settings.generator.guidance_batch)
+
+
+def check_fits_budget(settings: Settings, request: GenerationRequest) -> None:
+    """Refuse, before anything is queued, a clip whose predicted GPU memory does not fit the owner's budget.
+
+    The prediction is the generator planner's own model (``generator/predict.py``); an
+    ``auto`` budget depends on the card's free memory at job start and is left to the generator.
+    """
+    budget = settings.generator.vram_budget_gib
+    if not isinstance(budget, int | float):
+        return
+    found = predict(request.family, request.pipeline, request.width, request.height, request.frames,
+                    request.audio, float(budget), guidance_batch=settings.generator.guidance_batch)
+    if found is None or found.fits(float(budget)):
+        return
+    args = (request.family, request.pipeline, request.width, request.height, request.frames, request.audio,
+            float(budget))
+    multiple = size_multiple(request.pipeline, request.family)
+    shorter = largest_fit(*args, multiple=multiple, guidance_batch=settings.generator.guidance_batch)
+    options = []
+    if shorter is not None and (shorter[0], shorter[1]) == (request.width, request.height):
+        options.append(f"{shorter[0]}×{shorter[1]} with up to {shorter[2]} frames")
+    for scale in (0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25):
+        w = max(multiple, int(request.width * scale) // multiple * multiple)
+        h = max(multiple, int(request.height * scale) // multiple * multiple)
+        fits = predict(request.family, request.pipeline, w, h, request.frames, request.audio, float(budget),
+                       guidance_batch=settings.generator.guidance_batch)
+        if fits is None or fits.fits(float(budget)):
+            options.append(f"{w}×{h} with {request.frames} frames")
+            break
+    suggestion = " or ".join(options) if options else "a much smaller clip"
+    raise IntakeError(
+        "invalid_request",
+        f"A {request.width}×{request.height}, {request.frames}-frame clip needs about "
+        f"{found.process_peak_gib:.1f} GiB of GPU memory; this server's budget is {float(budget):g} GiB. "
+        f"The largest that fits: {suggestion}.",
+    )
 
 
 class SizedRequest:

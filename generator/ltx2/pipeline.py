@@ -50,6 +50,7 @@ from generator.ltx2.guidance import batched_guider_denoising_func
 from generator.ltx2.hq import hq_stages
 from generator.ltx2.keyframes import conditioning_images
 from generator.ltx2.models import LtxLedger
+from generator.ltx2.plan import Planner
 from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
@@ -186,6 +187,9 @@ def _generate(
     checkpoint = main_checkpoint(spec)
     params = detect_params(str(checkpoint))
     steps = req.steps or params.num_inference_steps
+    # The VRAM budget's plan: it may lower the guidance batch or the decode tiles, and streams big models.
+    planner = Planner.for_job(spec, device, tracker)
+    spec = planner.spec
     ledger = ledger_factory(
         dtype=dtype,
         device=device,
@@ -196,6 +200,7 @@ def _generate(
         # The owner's LoRAs: every transformer this ledger builds fuses them (docs/DESIGN.md, 'Modes').
         **({"loras": user_loras(spec)} if spec.loras else {}),
     )
+    ledger = planner.ledger(ledger)
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
         generator=torch.Generator(device=device).manual_seed(req.seed),
