@@ -127,6 +127,8 @@ class GeneratorSettings(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     fp8_cast: bool = True
     guidance_batch: int = Field(default=1, ge=1, le=4)  # stage-1 guidance passes per transformer forward
+    # Prompt embeddings kept under the data dir for Reruns and Tweaks (0: off); emptied by /admin purge.
+    embedding_cache_gib: float = Field(default=1.0, ge=0, le=1024)
     timeout_base_seconds: float = Field(default=300.0, gt=0)
     # Extra seconds per million output pixels x frames (1024x768x97 is about 76).
     timeout_seconds_per_mpx_frame: float = Field(default=6.0, ge=0)
@@ -261,6 +263,10 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_path / "jobs"
+
+    @property
+    def embedding_cache_dir(self) -> Path:
+        return self.data_path / "cache" / "embeddings"
 
     def discord_token(self) -> str:
         """The bot token, from the environment or the token file; never from the YAML."""

@@ -123,6 +123,8 @@ def build_spec(settings: Settings, job: Job) -> JobSpec:
         ),
         fp8_cast=settings.generator.fp8_cast,
         guidance_batch=settings.generator.guidance_batch,
+        embedding_cache_dir=settings.embedding_cache_dir,
+        embedding_cache_bytes=int(settings.generator.embedding_cache_gib * 2**30),
         device=settings.generator.device,
         crf=settings.generation.crf,
         max_bytes=job.max_bytes,

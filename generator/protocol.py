@@ -220,6 +220,9 @@ class JobSpec(_Frozen):
     # LoRA; reload: it builds the transformer again from the checkpoint, as ltx-pipelines
     # does. Both give the same clip bit for bit (tests/test_weights.py); reload is the reference.
     stage_2_transformer: Literal["reuse", "reload"] = "reuse"
+    # Prompt embeddings kept between jobs (generator/ltx2/embed_cache.py); None or 0 bytes: off.
+    embedding_cache_dir: Path | None = None
+    embedding_cache_bytes: int = Field(default=0, ge=0)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     crf: int = Field(default=23, ge=0, le=51)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ from ltx_pipelines.utils.types import PipelineComponents
 
 from generator.checks import main_checkpoint
 from generator.encode import stream_clip
+from generator.ltx2.embed_cache import EmbeddingCache, model_identity, prompt_contexts
 from generator.ltx2.guidance import batched_guider_denoising_func
 from generator.ltx2.models import LtxLedger
 from generator.phases import PhaseTracker, run_scoped
@@ -141,11 +143,6 @@ class _Run:
         return video_state, audio_state
 
 
-def _to(encoded: tuple[tuple[torch.Tensor, ...], torch.Tensor], device: torch.device) -> Any:
-    states, mask = encoded
-    return tuple(t.to(device) for t in states), mask.to(device)
-
-
 def generate(
     spec: JobSpec,
     emit: Emit,
@@ -190,19 +187,14 @@ def _generate(
     images = [ImageConditioningInput(str(spec.image_path), 0, req.image_strength)]
     width_1, height_1 = (req.width // 2, req.height // 2) if two_stages else (req.width, req.height)
 
-    with tracker.phase("text_encode"):
-        run.progress("reading the prompt", 0, 1)
-        text_encoder = tracker.watch(ledger.text_encoder(), "text encoder")
-        # Each prompt's 49 layers of hidden states wait in host memory (0.36 GiB per 1,024-token
-        # prompt on the 12B) so the second encode does not stack on the first's: Gemma sets
-        # the whole run's peak.
-        hidden = [_to(text_encoder.encode(p), torch.device("cpu")) for p in prompts]
-        del text_encoder
-
-    with tracker.phase("embeddings"):
-        processor = tracker.watch(ledger.gemma_embeddings_processor(), "embeddings processor")
-        run.contexts = [processor.process_hidden_states(*_to(encoded, device)) for encoded in hidden]
-        del processor, hidden
+    cache = (
+        EmbeddingCache(spec.embedding_cache_dir, spec.embedding_cache_bytes)
+        if spec.embedding_cache_dir is not None and spec.embedding_cache_bytes > 0 else None
+    )
+    run.contexts = prompt_contexts(
+        prompts, ledger=ledger, tracker=tracker, device=device, dtype=dtype, progress=run.progress, cache=cache,
+        identity=lambda: model_identity(checkpoint, Path(str(spec.models.gemma_root)), dtype, device),
+    )
 
     with tracker.phase("image_encode"):
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
