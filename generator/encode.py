@@ -36,6 +36,8 @@ MP4_OPTIONS = {"movflags": "+faststart"}
 # Below about 0.05 bits per pixel H.264 turns into mush: refuse rather than deliver that.
 MIN_BITS_PER_PIXEL = 0.04
 AUDIO_BITRATE = 128_000
+# False: each chunk is encoded before the next is decoded (the reference the benchmark compares).
+OVERLAP = True
 # RGB -> YUV conversions of one chunk run on this many threads (swscale releases the GIL).
 CONVERT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
@@ -75,20 +77,20 @@ def stream_clip(
     progress: Callable[[str, int, int], None],
     audio: tuple[np.ndarray, int] | None = None,
     *,
-    overlap: bool = True,
+    overlap: bool | None = None,
 ) -> DoneEvent:
     """Encode the decoded frames in the ``video_decode`` phase, then fit and place the clip.
 
     ``chunks`` is lazy: the decoder runs here, as the encoder pulls each chunk, so this
     must be called inside the backend's no-grad scope. It should hold the only references
     to the decoder and the latents, so they are freed when it is exhausted. ``overlap``
-    False encodes each chunk before the next is decoded (the same file, bit for bit).
+    (default ``OVERLAP``) False encodes each chunk before the next is decoded (the same file, bit for bit).
     """
     req = spec.request
     partial = partial_path(spec.output_path)
     spec.output_path.parent.mkdir(parents=True, exist_ok=True)
     writer = ClipWriter(partial, width=req.width, height=req.height, fps=req.fps, crf=spec.crf)
-    feed = OverlappedWriter(writer) if overlap else None
+    feed = OverlappedWriter(writer) if (OVERLAP if overlap is None else overlap) else None
     try:
         with tracker.phase("video_decode"):
             if audio is not None:

@@ -15,6 +15,7 @@ backward") instead of silently building a 54 GiB graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,9 +53,11 @@ from ltx_pipelines.utils.types import PipelineComponents
 
 from generator.checks import main_checkpoint
 from generator.encode import stream_clip
+from generator.ltx2.compiled import prepare_transformer
 from generator.ltx2.embed_cache import EmbeddingCache, model_identity, prompt_contexts
 from generator.ltx2.guidance import batched_guider_denoising_func
 from generator.ltx2.models import LtxLedger
+from generator.ltx2.scaled_mm import check_device
 from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
@@ -166,6 +169,8 @@ def _generate(
     kind = req.pipeline
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     checkpoint = main_checkpoint(spec)
+    if spec.weights == "fp8_scaled_mm":
+        check_device(device)  # before any model is read
     params = detect_params(str(checkpoint))
     steps = req.steps or params.num_inference_steps
     ledger = ledger_factory(
@@ -174,12 +179,17 @@ def _generate(
         checkpoint_path=str(checkpoint),
         gemma_root_path=str(spec.models.gemma_root),
         spatial_upsampler_path=str(spec.models.spatial_upsampler) if spec.models.spatial_upsampler else None,
-        quantization=QuantizationPolicy.fp8_cast() if spec.fp8_cast else None,
+        # fp8_scaled_mm builds the fp8-cast weights and swaps the Linears after (generator/ltx2/scaled_mm.py).
+        quantization=QuantizationPolicy.fp8_cast() if spec.weights != "bf16" else None,
     )
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
         generator=torch.Generator(device=device).manual_seed(req.seed),
         components=PipelineComponents(dtype=dtype, device=device),
+    )
+    prepare = functools.partial(
+        prepare_transformer, scaled_mm=spec.weights == "fp8_scaled_mm", compile_blocks=spec.compile_blocks,
+        cache_dir=spec.compile_cache_dir,
     )
     guided = kind != "distilled"
     two_stages = kind != "one_stage"
@@ -209,7 +219,7 @@ def _generate(
     reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse")
     with tracker.phase("stage_1"):
         keep_until = "stage_2" if reuse else None
-        transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
+        transformer = tracker.watch(prepare(ledger.transformer()), "transformer", until=keep_until)
         if guided:
             sigmas = LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
         else:
@@ -237,7 +247,7 @@ def _generate(
                 if reuse:
                     transformer = ledger.transformer_with_loras((lora,), kept=transformer)
                 else:
-                    transformer = tracker.watch(ledger.transformer_with_loras((lora,)), "transformer + LoRA")
+                    transformer = tracker.watch(prepare(ledger.transformer_with_loras((lora,))), "transformer + LoRA")
             sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
             shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
             video_state, audio_state = run.denoise(
