@@ -84,8 +84,8 @@ print(json.dumps({
 }))
 """
 
-# Float32 on the CPU, one-stage 64x64x9, 2 steps: compiled blocks moved the final latents by
-# at most {measured} of their largest value; the bound sits above (inductor reorders sums).
+# Float32 on the CPU, one-stage 64x64x9, 2 steps, traced with aot_eager: the final latents were
+# bit-identical (0.0). The bound leaves room for inductor's reordered sums on the GPU.
 COMPILED_RELATIVE_TOLERANCE = 1e-5
 
 
@@ -100,6 +100,7 @@ def test_compiled_blocks_give_the_eager_latents(tmp_path: Path, tiny_models: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["diff"] <= COMPILED_RELATIVE_TOLERANCE * result["scale"], result
-    # One graph serves every block (not one per block), and the cache sits where it was told.
-    assert result["graphs"] <= 2, result
+    # Measured: 4 graphs for the guided passes' variants over 3,042 captured block calls; a graph
+    # per call (no reuse across blocks and steps) would be hundreds. The cache sits where it was told.
+    assert result["graphs"] <= 4 < result["calls"] // 100, result
     assert (tmp_path / "compile" / "inductor").is_dir(), "the compile cache is not under compile_cache_dir"
