@@ -203,7 +203,9 @@ def compare_guidance(
 def run_config(
     config: Config, models: dict[str, Path], work: Path, tiling: dict[str, int], steps: int, device: str,
     *, guidance_batch: int = 1, vram_budget_gib: float | None = None, steps_seed: int = 7,
+    extra: dict[str, Any] | None = None, label: str | None = None,
 ) -> dict[str, Any]:
+    """One job; ``extra`` adds JobSpec fields (bench/speed.py's levers), ``label`` names the entry."""
     import torch
     from PIL import Image
 
@@ -219,12 +221,12 @@ def run_config(
                     "pipeline": "two_stage", "audio": True},
         "image_path": str(image), "output_path": str(work / f"{config.name.replace(' ', '-')}.mp4"),
         "models": {k: str(v) for k, v in models.items()}, "tiling": tiling, "fp8_cast": config.fp8,
-        "device": device, "guidance_batch": guidance_batch, "vram_budget_gib": vram_budget_gib,
+        "device": device, "guidance_batch": guidance_batch, "vram_budget_gib": vram_budget_gib, **(extra or {}),
     })
     events: list[tuple[float, Any]] = []
     builds: list[dict[str, Any]] = []
-    name = config.name if guidance_batch == 1 else f"{config.name} guidance x{guidance_batch}"
-    if vram_budget_gib is not None:
+    name = label or (config.name if guidance_batch == 1 else f"{config.name} guidance x{guidance_batch}")
+    if vram_budget_gib is not None and label is None:
         name = f"{name} budget {vram_budget_gib:g} GiB"
     entry: dict[str, Any] = {"name": name, "width": config.width, "height": config.height,
                              "frames": config.frames, "fp8_cast": config.fp8, "guidance_batch": guidance_batch,

@@ -31,6 +31,7 @@ from generator.protocol import (
     ModelFamily,
     ModelFiles,
     PipelineKind,
+    Quantization,
     Tiling,
 )
 
@@ -138,6 +139,23 @@ class GeneratorSettings(_Section):
     # Whole-process GPU memory a job may use, GiB: a number, "auto" (the card's free memory at job
     # start less a margin) or null (no budget: everything resident). Streams weights to fit it.
     vram_budget_gib: float | Literal["auto"] | None = None
+    # Prompt embeddings kept under the data dir for Reruns and Tweaks (0: off); emptied by /admin purge.
+    embedding_cache_gib: float = Field(default=1.0, ge=0, le=1024)
+    # How the transformer's Linears multiply; null follows fp8_cast (fp8_cast when true, else bf16).
+    quantization: Quantization | None = None
+    # The transformer blocks through torch.compile, its cache under the data dir (off until measured).
+    compile_blocks: bool = False
+
+    @model_validator(mode="after")
+    def _quantization_agrees(self) -> GeneratorSettings:
+        if self.quantization == "fp8_scaled_mm" and self.device == "cpu":
+            raise ValueError("generator.quantization fp8_scaled_mm needs an NVIDIA GPU with fp8 tensor cores "
+                             "(compute capability 8.9 or newer), but generator.device is cpu; use fp8_cast or bf16")
+        if (self.quantization in ("fp8_cast", "fp8_scaled_mm") and "fp8_cast" in self.model_fields_set
+                and not self.fp8_cast):
+            raise ValueError(f"generator.fp8_cast is false but generator.quantization is {self.quantization}; "
+                             "set one of them (quantization: bf16 means no fp8)")
+        return self
     timeout_base_seconds: float = Field(default=300.0, gt=0)
     # Extra seconds per million output pixels x frames (1024x768x97 is about 76).
     timeout_seconds_per_mpx_frame: float = Field(default=6.0, ge=0)
@@ -320,6 +338,14 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_path / "jobs"
+
+    @property
+    def embedding_cache_dir(self) -> Path:
+        return self.data_path / "cache" / "embeddings"
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return self.data_path / "cache" / "compile"
 
     def discord_token(self) -> str:
         """The bot token, from the environment or the token file; never from the YAML."""

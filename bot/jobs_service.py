@@ -83,6 +83,13 @@ def _remove_all(paths: list[tuple[str, Path]]) -> int:
     return sum(_remove_confined(path, root) for path, root in paths)
 
 
+def _empty_embedding_cache(folder: Path) -> None:
+    # A generator may be writing an entry meanwhile: remove what is there, tolerate what goes.
+    for path in folder.glob("*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def _remove_confined(path: str, root: Path) -> int:
     """Delete a file or a job folder, only inside ``root``; the number of files removed."""
     try:
@@ -515,6 +522,9 @@ class JobService:
             (str(job_dir(settings, job_id)), settings.jobs_dir) for job_id in result.jobs if job_id not in still_running
         ]
         removed = await asyncio.to_thread(_remove_all, now)
+        # The embedding cache is named by hashes only, so one user's entries cannot be told apart:
+        # all of it goes (docs/DESIGN.md, 'Prompt-embedding cache'); the next jobs re-encode.
+        await asyncio.to_thread(_empty_embedding_cache, settings.embedding_cache_dir)
         for job in running:
             if job.id in still_running:
                 later = [(str(job_dir(settings, job.id)), settings.jobs_dir)]

@@ -18,6 +18,10 @@ class ModelFilesError(Exception):
     """A model file is missing or is not what its config key says."""
 
 
+class UnsupportedOnDeviceError(Exception):
+    """A setting this device cannot run (fp8 matmul without fp8 tensor cores); the message names it."""
+
+
 def safetensors_metadata(path: Path) -> dict[str, Any]:
     with path.open("rb") as handle:
         raw = handle.read(8)

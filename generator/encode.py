@@ -2,11 +2,19 @@
 
 ``+faststart`` puts the index first so Discord plays the clip inline; when the file
 is over the delivery limit it is re-encoded at a bitrate computed to fit.
+
+Encoding overlaps decoding (docs/DESIGN.md, 'Decode and encode overlapped'): the caller's
+thread pulls the next chunk from the decoder (all torch work stays there, inside the
+scope) while one encoder thread converts the previous chunk's frames to YUV on a few
+threads and feeds them to libx264 in order. Only numpy arrays cross threads, and at most
+one chunk waits while another encodes, so the whole clip is never held.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +36,10 @@ MP4_OPTIONS = {"movflags": "+faststart"}
 # Below about 0.05 bits per pixel H.264 turns into mush: refuse rather than deliver that.
 MIN_BITS_PER_PIXEL = 0.04
 AUDIO_BITRATE = 128_000
+# False: each chunk is encoded before the next is decoded (the reference the benchmark compares).
+OVERLAP = True
+# RGB -> YUV conversions of one chunk run on this many threads (swscale releases the GIL).
+CONVERT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class ClipTooLargeError(Exception):
@@ -64,29 +76,43 @@ def stream_clip(
     chunks: Iterable[np.ndarray],
     progress: Callable[[str, int, int], None],
     audio: tuple[np.ndarray, int] | None = None,
+    *,
+    overlap: bool | None = None,
 ) -> DoneEvent:
     """Encode the decoded frames in the ``video_decode`` phase, then fit and place the clip.
 
     ``chunks`` is lazy: the decoder runs here, as the encoder pulls each chunk, so this
     must be called inside the backend's no-grad scope. It should hold the only references
-    to the decoder and the latents, so they are freed when it is exhausted.
+    to the decoder and the latents, so they are freed when it is exhausted. ``overlap``
+    (default ``OVERLAP``) False encodes each chunk before the next is decoded (the same file, bit for bit).
     """
     req = spec.request
     partial = partial_path(spec.output_path)
     spec.output_path.parent.mkdir(parents=True, exist_ok=True)
     writer = ClipWriter(partial, width=req.width, height=req.height, fps=req.fps, crf=spec.crf)
+    feed = OverlappedWriter(writer) if (OVERLAP if overlap is None else overlap) else None
     try:
         with tracker.phase("video_decode"):
             if audio is not None:
                 writer.write_audio(*audio)
             progress("decoding video", 0, req.frames)
+            decoded = 0
             for chunk in chunks:
-                writer.write_frames(chunk)
-                progress("decoding video", writer.frames, req.frames)
+                if feed is not None:
+                    feed.write(chunk)
+                else:
+                    writer.write_frames(chunk)
+                decoded += len(chunk)
+                del chunk
+                progress("decoding video", decoded, req.frames)
                 faults.mid_decode()
+            if feed is not None:
+                feed.finish()
             writer.close()
             del chunks
     except BaseException:
+        if feed is not None:
+            feed.stop()
         writer.abort()
         raise
 
@@ -149,16 +175,22 @@ class ClipWriter:
             self.container.mux(self.audio.encode(resampled))
         self.container.mux(self.audio.encode(None))
 
-    def write_frames(self, chunk: np.ndarray) -> None:
-        """``chunk``: uint8 (frames, height, width, 3)."""
+    def check_size(self, chunk: np.ndarray) -> None:
         if tuple(chunk.shape[1:3]) != (self.video.height, self.video.width):
             # PyAV would rescale such frames silently, stretching the picture.
             raise ValueError(f"frames of {chunk.shape[2]}x{chunk.shape[1]} for a "
                              f"{self.video.width}x{self.video.height} clip")
+
+    def write_frames(self, chunk: np.ndarray) -> None:
+        """``chunk``: uint8 (frames, height, width, 3)."""
+        self.check_size(chunk)
         for rgb in chunk:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            self.container.mux(self.video.encode(frame))
-            self.frames += 1
+            self.write_frame(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24"))
+
+    def write_frame(self, frame: Any) -> None:
+        """One ``av.VideoFrame``, RGB or already in the stream's YUV format."""
+        self.container.mux(self.video.encode(frame))
+        self.frames += 1
 
     def close(self) -> None:
         self.container.mux(self.video.encode(None))
@@ -170,6 +202,48 @@ class ClipWriter:
         except Exception:
             log.debug("closing an aborted clip failed", exc_info=True)
         self.path.unlink(missing_ok=True)
+
+
+def to_yuv(rgb: np.ndarray) -> Any:
+    """The conversion ``VideoStream.encode`` makes of an RGB frame, done ahead on another thread."""
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+
+
+class OverlappedWriter:
+    """Feeds a ``ClipWriter`` from one encoder thread: at most one chunk encodes while the caller decodes."""
+
+    def __init__(self, writer: ClipWriter, convert_threads: int = CONVERT_THREADS) -> None:
+        self.writer = writer
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        self.converters = ThreadPoolExecutor(convert_threads, thread_name_prefix="yuv")
+        self.pending: Future[None] | None = None
+
+    def _encode(self, chunk: np.ndarray) -> None:
+        # map keeps the order; the encoder sees exactly the frames, in the order, of the serial path.
+        for frame in self.converters.map(to_yuv, chunk):
+            self.writer.write_frame(frame)
+
+    def _wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()  # the encoder's error, if any, surfaces in the caller's thread
+
+    def write(self, chunk: np.ndarray) -> None:
+        self.writer.check_size(chunk)
+        self._wait()
+        self.pending = self.encoder.submit(self._encode, chunk)
+
+    def finish(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Let the chunk in hand finish (an encode cannot be interrupted) and end the threads."""
+        self.encoder.shutdown(wait=True, cancel_futures=True)
+        self.converters.shutdown(wait=True, cancel_futures=True)
+        self.pending = None
 
 
 def probe(path: Path) -> dict[str, Any]:

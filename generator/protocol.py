@@ -27,6 +27,7 @@ PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage
 ModelFamily = Literal["ltx2", "ltxv"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("ltx2", "ltxv")
 FAMILY_NAMES: dict[str, str] = {"ltx2": "LTX-2", "ltxv": "LTX-Video"}
+Quantization = Literal["fp8_cast", "fp8_scaled_mm", "bf16"]
 ErrorCode = Literal["oom", "invalid_spec", "model_missing", "too_large", "internal"]
 
 MIN_FRAMES = 9
@@ -275,6 +276,15 @@ class JobSpec(_Frozen):
     # LoRA; reload: it builds the transformer again from the checkpoint, as ltx-pipelines
     # does. Both give the same clip bit for bit (tests/test_weights.py); reload is the reference.
     stage_2_transformer: Literal["reuse", "reload"] = "reuse"
+    # Prompt embeddings kept between jobs (generator/ltx2/embed_cache.py); None or 0 bytes: off.
+    embedding_cache_dir: Path | None = None
+    embedding_cache_bytes: int = Field(default=0, ge=0)
+    # How the transformer blocks' Linears multiply (None: fp8_cast when fp8_cast is true, else bf16);
+    # fp8_scaled_mm needs compute capability 8.9+ (generator/ltx2/scaled_mm.py).
+    quantization: Quantization | None = None
+    # The blocks through one torch.compile'd function (generator/ltx2/compiled.py), its cache here.
+    compile_blocks: bool = False
+    compile_cache_dir: Path | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     crf: int = Field(default=23, ge=0, le=51)
@@ -283,6 +293,11 @@ class JobSpec(_Frozen):
     @property
     def family(self) -> ModelFamily:
         return self.request.family
+
+    @property
+    def weights(self) -> Quantization:
+        """The quantization this job runs: ``quantization``, or what the older ``fp8_cast`` switch says."""
+        return self.quantization or ("fp8_cast" if self.fp8_cast else "bf16")
 
     @model_validator(mode="after")
     def _loras_resolved(self) -> JobSpec:

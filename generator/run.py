@@ -25,7 +25,7 @@ from typing import IO
 
 from pydantic import BaseModel, ValidationError
 
-from generator.checks import ModelFilesError, check_model_files
+from generator.checks import ModelFilesError, UnsupportedOnDeviceError, check_model_files
 from generator.lifeline import watch_supervisor_pipe
 from generator.protocol import (
     FAMILY_NAMES,
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(emit, "oom", OOM_MESSAGE, ExitCode.OOM)
     except ModelFilesError as exc:
         return _fail(emit, "model_missing", str(exc), ExitCode.MODEL_MISSING)
+    except UnsupportedOnDeviceError as exc:
+        return _fail(emit, "invalid_spec", str(exc), ExitCode.INVALID_SPEC)
     except ClipTooLargeError as exc:
         return _fail(emit, "too_large", str(exc), ExitCode.TOO_LARGE)
     except Exception:

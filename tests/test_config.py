@@ -39,6 +39,9 @@ def test_every_key_of_the_example_has_a_comment() -> None:
         ("discord:\n  tokn: abc\n", "discord.tokn", "Extra inputs"),
         ("database_url: mysql://x\n", "database_url", "sqlite+aiosqlite"),
         ("generation:\n  frames: 257\nlimits:\n  max_frames: 97\n", "max_frames", "above"),
+        ("generator:\n  device: cpu\n  quantization: fp8_scaled_mm\n", "generator.quantization", "8.9"),
+        ("generator:\n  fp8_cast: false\n  quantization: fp8_cast\n", "generator.fp8_cast", "bf16"),
+        ("generator:\n  quantization: int4\n", "generator.quantization", "fp8_scaled_mm"),
     ],
 )
 def test_bad_values_name_the_key_and_the_reason(tmp_path: Path, yaml_text: str, key: str, reason: str) -> None:

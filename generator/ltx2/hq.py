@@ -47,12 +47,15 @@ def hq_stages(run: _Run, cond_1: list[Any], cond_2: list[Any], width_1: int, hei
 
     The ledger's own LoRAs (the owner's) come first in both, as ltx-pipelines orders them.
     """
+    from generator.ltx2.pipeline import preparer  # the pipeline imports this module
+
     req, tracker, ledger, device = run.spec.request, run.tracker, run.ledger, run.device
+    prepare = preparer(run.spec)
     steps = req.steps or HQ_PARAMS.num_inference_steps
 
     with tracker.phase("stage_1"):
         stage_1 = (distilled_lora(run, DISTILLED_LORA_STRENGTH_STAGE_1),)
-        transformer = tracker.watch(ledger.transformer_with_loras(stage_1), "transformer + LoRA")
+        transformer = tracker.watch(prepare(ledger.transformer_with_loras(stage_1)), "transformer + LoRA")
         shape_1 = VideoPixelShape(batch=1, frames=req.frames, width=width_1, height=height_1, fps=req.fps)
         # The schedule's shift follows the token count: ltx-pipelines hands the scheduler an empty latent of this shape.
         empty = torch.empty(VideoLatentShape.from_pixel_shape(shape_1).to_torch_shape())
@@ -74,7 +77,7 @@ def hq_stages(run: _Run, cond_1: list[Any], cond_2: list[Any], width_1: int, hei
 
     with tracker.phase("stage_2"):
         stage_2 = (distilled_lora(run, DISTILLED_LORA_STRENGTH_STAGE_2),)
-        transformer = tracker.watch(ledger.transformer_with_loras(stage_2), "transformer + LoRA")
+        transformer = tracker.watch(prepare(ledger.transformer_with_loras(stage_2)), "transformer + LoRA")
         sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
         shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
         video_state, audio_state = run.denoise(

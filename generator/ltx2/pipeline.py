@@ -15,9 +15,11 @@ backward") instead of silently building a 54 GiB graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,11 +48,14 @@ from ltx_pipelines.utils.types import PipelineComponents
 
 from generator.checks import main_checkpoint
 from generator.encode import stream_clip
+from generator.ltx2.compiled import prepare_transformer
+from generator.ltx2.embed_cache import EmbeddingCache, model_identity, prompt_contexts
 from generator.ltx2.guidance import batched_guider_denoising_func
 from generator.ltx2.hq import hq_stages
 from generator.ltx2.keyframes import conditioning_images
 from generator.ltx2.models import LtxLedger
 from generator.ltx2.plan import Planner
+from generator.ltx2.scaled_mm import check_device
 from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
@@ -157,11 +162,6 @@ def user_loras(spec: JobSpec) -> tuple[LoraPathStrengthAndSDOps, ...]:
     )
 
 
-def _to(encoded: tuple[tuple[torch.Tensor, ...], torch.Tensor], device: torch.device) -> Any:
-    states, mask = encoded
-    return tuple(t.to(device) for t in states), mask.to(device)
-
-
 def generate(
     spec: JobSpec,
     emit: Emit,
@@ -185,6 +185,8 @@ def _generate(
     kind = req.pipeline
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     checkpoint = main_checkpoint(spec)
+    if spec.weights == "fp8_scaled_mm":
+        check_device(device)  # before any model is read
     params = detect_params(str(checkpoint))
     steps = req.steps or params.num_inference_steps
     # The VRAM budget's plan: it may lower the guidance batch or the decode tiles, and streams big models.
@@ -196,7 +198,8 @@ def _generate(
         checkpoint_path=str(checkpoint),
         gemma_root_path=str(spec.models.gemma_root),
         spatial_upsampler_path=str(spec.models.spatial_upsampler) if spec.models.spatial_upsampler else None,
-        quantization=QuantizationPolicy.fp8_cast() if spec.fp8_cast else None,
+        # fp8_scaled_mm builds the fp8-cast weights and swaps the Linears after (generator/ltx2/scaled_mm.py).
+        quantization=QuantizationPolicy.fp8_cast() if spec.weights != "bf16" else None,
         # The owner's LoRAs: every transformer this ledger builds fuses them (docs/DESIGN.md, 'Modes').
         **({"loras": user_loras(spec)} if spec.loras else {}),
     )
@@ -212,19 +215,14 @@ def _generate(
     images, condition = conditioning_images(spec)
     width_1, height_1 = (req.width // 2, req.height // 2) if two_stages else (req.width, req.height)
 
-    with tracker.phase("text_encode"):
-        run.progress("reading the prompt", 0, 1)
-        text_encoder = tracker.watch(ledger.text_encoder(), "text encoder")
-        # Each prompt's 49 layers of hidden states wait in host memory (0.36 GiB per 1,024-token
-        # prompt on the 12B) so the second encode does not stack on the first's: Gemma sets
-        # the whole run's peak.
-        hidden = [_to(text_encoder.encode(p), torch.device("cpu")) for p in prompts]
-        del text_encoder
-
-    with tracker.phase("embeddings"):
-        processor = tracker.watch(ledger.gemma_embeddings_processor(), "embeddings processor")
-        run.contexts = [processor.process_hidden_states(*_to(encoded, device)) for encoded in hidden]
-        del processor, hidden
+    cache = (
+        EmbeddingCache(spec.embedding_cache_dir, spec.embedding_cache_bytes)
+        if spec.embedding_cache_dir is not None and spec.embedding_cache_bytes > 0 else None
+    )
+    run.contexts = prompt_contexts(
+        prompts, ledger=ledger, tracker=tracker, device=device, dtype=dtype, progress=run.progress, cache=cache,
+        identity=lambda: model_identity(checkpoint, Path(str(spec.models.gemma_root)), dtype, device),
+    )
 
     with tracker.phase("image_encode"):
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
@@ -268,11 +266,20 @@ def _generate(
     return done
 
 
+def preparer(spec: JobSpec) -> Callable[[Any], Any]:
+    """What a built transformer goes through before it runs: scaled-mm Linears, compiled blocks (both optional)."""
+    return functools.partial(
+        prepare_transformer, scaled_mm=spec.weights == "fp8_scaled_mm", compile_blocks=spec.compile_blocks,
+        cache_dir=spec.compile_cache_dir,
+    )
+
+
 def _stages(
     run: _Run, params: Any, steps: int, cond_1: list[Any], cond_2: list[Any], width_1: int, height_1: int
 ) -> tuple[Any, Any]:
     """Denoise: stage 1, then (two-stage and distilled) the upsample and stage 2."""
     spec, req, tracker, ledger, device = run.spec, run.spec.request, run.tracker, run.ledger, run.device
+    prepare = preparer(spec)
     kind = req.pipeline
     guided = kind != "distilled"
     two_stages = kind != "one_stage"
@@ -283,7 +290,7 @@ def _stages(
     reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse" and not spec.loras)
     with tracker.phase("stage_1"):
         keep_until = "stage_2" if reuse else None
-        transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
+        transformer = tracker.watch(prepare(ledger.transformer()), "transformer", until=keep_until)
         if guided:
             sigmas = LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
         else:
@@ -311,7 +318,7 @@ def _stages(
                 if reuse:
                     transformer = ledger.transformer_with_loras((lora,), kept=transformer)
                 else:
-                    transformer = tracker.watch(ledger.transformer_with_loras((lora,)), "transformer + LoRA")
+                    transformer = tracker.watch(prepare(ledger.transformer_with_loras((lora,))), "transformer + LoRA")
             sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
             shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
             video_state, audio_state = run.denoise(

@@ -1,0 +1,102 @@
+"""``generator.compile_blocks``: the transformer blocks through one ``torch.compile``d function.
+
+All 48 blocks have the same code and shapes, so one compiled function serves them all:
+``torch.compile`` treats a module's parameters as inputs (inline_inbuilt_nn_modules), and
+the token count is dynamic, so stage 1, stage 2 and every size share the graph. The
+fp8-cast upcast (``weight.to(bf16)`` in every Linear) is traced into the graph, where
+inductor fuses it into the matmul's operand load instead of writing a bf16 copy of every
+weight per call. ltx-core's fp8-cast puts a closure on each Linear instance; the compiler
+would guard on each closure and recompile per layer, so the compiled path swaps those
+Linears for :class:`Fp8CastLinear`, a class with the same arithmetic.
+
+The wrapper replaces ``block.forward`` only: ``block(...)`` still runs the module's hooks
+first, so a hook-based wrapper such as VRAM streaming's (moving a block's weights in before
+it runs) composes with it. The compile cache lives under the data dir
+(``TORCHINDUCTOR_CACHE_DIR``), so the next job, a fresh process, loads the compiled
+kernels instead of compiling again (docs/DESIGN.md, 'Compiled blocks').
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from ltx_core.model.transformer.transformer import BasicAVTransformerBlock
+
+from generator.ltx2.scaled_mm import FP8, use_scaled_mm
+
+log = logging.getLogger(__name__)
+
+_COMPILED: Any = None
+# torch.compile's backend; the CPU test traces with aot_eager (inductor's C++ build of a
+# whole block takes longer than the test suite may spend).
+BACKEND = "inductor"
+
+
+class Fp8CastLinear(torch.nn.Linear):
+    """ltx-core's fp8-cast Linear (weight and bias widened to the input's dtype per call) as a class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def use_cache_dir(cache_dir: Path) -> None:
+    """Point inductor's and triton's caches under ``cache_dir`` (before anything compiles)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+
+
+def _run_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(block).forward(block, *args, **kwargs)
+
+
+def compiled_block_function() -> Any:
+    """The one compiled function every block runs through (made once per process)."""
+    global _COMPILED
+    if _COMPILED is None:
+        # Each block is the same code on other parameters: without this, 48 blocks pass the
+        # default limit of 8 graphs per function and the rest silently run eagerly.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED = torch.compile(_run_block, dynamic=True, backend=BACKEND)
+    return _COMPILED
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, BasicAVTransformerBlock)]
+
+
+def compile_transformer_blocks(model: torch.nn.Module, cache_dir: Path | None = None) -> int:
+    """Route every transformer block of ``model`` through the compiled function; how many blocks."""
+    if cache_dir is not None:
+        use_cache_dir(cache_dir)
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == FP8:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("original_forward", None)
+            module.__class__ = Fp8CastLinear
+    compiled = compiled_block_function()
+    blocks = _blocks(model)
+    for block in blocks:
+        if getattr(block, "_ltxbot_compiled", False):
+            continue
+        block.forward = functools.partial(compiled, block)
+        block._ltxbot_compiled = True  # type: ignore[assignment]
+    log.info("compiled transformer blocks: %d through one function", len(blocks))
+    return len(blocks)
+
+
+def prepare_transformer(
+    transformer: Any, *, scaled_mm: bool = False, compile_blocks: bool = False, cache_dir: Path | None = None
+) -> Any:
+    """A freshly built transformer with the job's speed settings applied (fp8 matmul, then compile)."""
+    if scaled_mm:
+        log.info("fp8 scaled-mm Linears: %d", use_scaled_mm(transformer))
+    if compile_blocks:
+        compile_transformer_blocks(transformer, cache_dir)
+    return transformer

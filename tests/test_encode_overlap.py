@@ -1,0 +1,98 @@
+"""Encoding overlapped with decoding (``generator/encode.py``): the same file as the serial path."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+
+from generator.protocol import JobSpec
+
+WIDTH, HEIGHT, CHUNK, CHUNKS = 192, 128, 8, 4  # 4 chunks of 8 frames, one frame short of 33: add it last
+
+
+def _spec(tmp_path: Path, name: str) -> JobSpec:
+    return JobSpec.model_validate({
+        "request": {"prompt": "waves", "width": WIDTH, "height": HEIGHT, "frames": CHUNK * CHUNKS + 1, "seed": 1,
+                    "pipeline": "one_stage"},
+        "image_path": str(tmp_path / "in.png"),
+        "output_path": str(tmp_path / name / "clip.mp4"),
+        "device": "cpu",
+    })
+
+
+def _chunks(alive: list[int] | None = None) -> Iterator[np.ndarray]:
+    """Smooth moving gradients with noise (chroma varies, so a wrong YUV conversion shows)."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    refs: list[weakref.ref[np.ndarray]] = []
+    sizes = [CHUNK] * CHUNKS + [1]
+    start = 0
+    for size in sizes:
+        gc.collect()
+        if alive is not None:
+            alive.append(sum(ref() is not None for ref in refs))
+        frames = []
+        for t in range(start, start + size):
+            rgb = np.stack([(x * 255 / WIDTH + 9 * t) % 256, (y * 255 / HEIGHT + 5 * t) % 256,
+                            (x + y + 3 * t) % 256], axis=-1)
+            frames.append(np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8))
+        chunk = np.stack(frames)
+        refs.append(weakref.ref(chunk))
+        start += size
+        yield chunk
+
+
+def _write(tmp_path: Path, name: str, *, overlap: bool, alive: list[int] | None = None) -> Path:
+    import torch
+
+    from generator.encode import stream_clip
+    from generator.phases import PhaseTracker
+
+    spec = _spec(tmp_path, name)
+    audio = (np.sin(np.linspace(0, 300, 2 * 16000)).reshape(2, -1).astype(np.float32) * 0.5, 16000)
+    events: list[Any] = []
+    done = stream_clip(spec, PhaseTracker(torch.device("cpu"), events.append), _chunks(alive),
+                       lambda *a: None, audio, overlap=overlap)
+    assert done.frames == CHUNK * CHUNKS + 1
+    return spec.output_path
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def test_overlapped_clip_is_frame_for_frame_the_serial_clip(tmp_path: Path) -> None:
+    alive: list[int] = []
+    serial = _write(tmp_path, "serial", overlap=False)
+    overlapped = _write(tmp_path, "overlapped", overlap=True, alive=alive)
+    a, b = _frames(serial), _frames(overlapped)
+    assert len(a) == len(b) == CHUNK * CHUNKS + 1
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert serial.read_bytes() == overlapped.read_bytes()  # the same bitstream and container, byte for byte
+    # When the next chunk is decoded, at most the one being encoded is still held.
+    assert max(alive) <= 1, alive
+
+
+def test_an_encoder_error_reaches_the_caller_and_leaves_no_clip(tmp_path: Path) -> None:
+    import torch
+
+    from generator.encode import partial_path, stream_clip
+    from generator.phases import PhaseTracker
+
+    spec = _spec(tmp_path, "bad")
+
+    def chunks() -> Iterator[np.ndarray]:
+        yield np.zeros((CHUNK, HEIGHT, WIDTH, 3), np.uint8)
+        yield np.zeros((CHUNK, HEIGHT, WIDTH + 32, 3), np.uint8)  # the wrong size
+
+    with pytest.raises(ValueError, match="frames of 224x128"):
+        stream_clip(spec, PhaseTracker(torch.device("cpu"), lambda e: None), chunks(), lambda *a: None)
+    assert not spec.output_path.exists() and not partial_path(spec.output_path).exists()
