@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import os
 import secrets
@@ -26,6 +27,7 @@ from bot.processes import ProcessId, is_our_generator, kill_group, process_start
 from generator.lifeline import SUPERVISOR_ENV
 from generator.protocol import (
     FAMILY_NAMES,
+    STAGING_ENV,
     DoneEvent,
     ErrorEvent,
     GenerationRequest,
@@ -123,6 +125,10 @@ def build_spec(settings: Settings, job: Job) -> JobSpec:
         ),
         fp8_cast=settings.generator.fp8_cast,
         guidance_batch=settings.generator.guidance_batch,
+        prepared_dir=settings.prepared_dir,
+        prepared_cache_gib=settings.generator.prepared_cache_gib,
+        host_ram_budget_gib=settings.generator.host_ram_budget_gib,
+        pin_staged=settings.generator.pin_staged,
         device=settings.generator.device,
         crf=settings.generation.crf,
         max_bytes=job.max_bytes,
@@ -140,6 +146,10 @@ def child_env(settings: Settings) -> dict[str, str]:
     # Model files are local paths; nothing in a render may reach the network.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if settings.generator.host_ram_budget_gib > 0:
+        # What a standby may stage before its job (generator/ltx2/staging.py).
+        env[STAGING_ENV] = json.dumps({"dir": str(settings.prepared_dir),
+                                       "budget_gib": settings.generator.host_ram_budget_gib})
     return env
 
 

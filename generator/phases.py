@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from generator import faults
+from generator.loadstats import LoadCounter
 from generator.protocol import PhaseEvent
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class PhaseTracker:
         self.current: str | None = None
         self.leaks: list[str] = []
         self._watched: list[tuple[str, str, weakref.ref[object]]] = []
+        # Set by a backend that loads through a counting store: each phase reports its weight reads.
+        self.loads: LoadCounter | None = None
+        self._loads_at_start: LoadCounter | None = None
 
     def watch(self, model: M, name: str, until: str | None = None) -> M:
         """Remember ``model`` by weak reference; it must be gone once phase ``until`` (default: this one) ends."""
@@ -97,6 +101,7 @@ class PhaseTracker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         _reset_rss_peak()
+        self._loads_at_start = None if self.loads is None else self.loads.snapshot()
         self.current = name
         start = time.perf_counter()
         log.info("phase %s started", name)  # the job's log then shows where a hung generator stopped
@@ -129,6 +134,8 @@ class PhaseTracker:
             peak_reserved_gib=None if reserved is None else round(reserved, 4),
             peak_rss_gib=round(_rss_peak_bytes() / GIB, 4),
             failed=failed,
+            weights=None if self.loads is None or self._loads_at_start is None
+            else self.loads.since(self._loads_at_start),
         )
         self.phases.append(event)
         self.emit(event)

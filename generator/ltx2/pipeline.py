@@ -53,6 +53,7 @@ from generator.checks import main_checkpoint
 from generator.encode import stream_clip
 from generator.ltx2.guidance import batched_guider_denoising_func
 from generator.ltx2.models import LtxLedger
+from generator.ltx2.staging import weight_store_for
 from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
@@ -178,7 +179,9 @@ def _generate(
         gemma_root_path=str(spec.models.gemma_root),
         spatial_upsampler_path=str(spec.models.spatial_upsampler) if spec.models.spatial_upsampler else None,
         quantization=QuantizationPolicy.fp8_cast() if spec.fp8_cast else None,
+        store=weight_store_for(spec),
     )
+    tracker.loads = ledger.store.counter
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
         generator=torch.Generator(device=device).manual_seed(req.seed),
@@ -282,4 +285,5 @@ def _generate(
     del video_state
     done = stream_clip(spec, tracker, frames, run.progress, audio_track)
     log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
+    ledger.store.finish(spec.prepared_dir if spec.host_ram_budget_gib > 0 else None)
     return done
