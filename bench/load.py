@@ -12,7 +12,14 @@ timed apart, as the standby generator has them done before a job arrives). Varia
 - ``today``: ltx-core's reads, stage 2 builds the transformer again with the LoRA;
 - ``reuse``: stage 2 fuses the LoRA into stage 1's transformer (reads only the LoRA);
 - ``used_keys``: each build reads only the keys its model holds (no connectors twice);
-- ``both``: the two together (the generator's default).
+- ``both``: the two together (the generator's path without the levers below);
+- ``prepare``: ``both`` with an empty prepared cache (the first job: it writes the entry);
+- ``prepared``: ``both`` reading the fp8-cast transformer from the prepared cache;
+- ``staged``: ``both`` after staging the last job's reads into host memory, as the standby does;
+- ``all``: prepared and staged (the generator with ``host_ram_budget_gib`` set).
+
+The default runs the last five (``--variants``, ``--cold-variants``); ``today``, ``reuse``
+and ``used_keys`` were measured in ``bench/results/h200-load/``.
 
 Each runs warm (the files in the page cache, as just written) and cold (``sync; echo 3 >
 /proc/sys/vm/drop_caches`` first), next to a cold ``dd`` of the checkpoint for the disk's
@@ -77,8 +84,8 @@ VARIANTS = {
 }
 # What runs first when time is short. ``both`` is the generator's path before the prepared
 # cache and staging; ``prepare`` is the first job with the cache on (it writes the entry).
-ORDER = ["both", "staged", "prepare", "prepared", "all"]
-COLD_ORDER = ["both", "prepared", "all", "staged"]
+ORDER = ["both", "staged", "prepare", "all", "prepared"]
+COLD_ORDER = ["prepared", "all", "both", "staged"]
 OLD_ORDER = ["today", "both", "reuse", "used_keys"]
 
 
@@ -95,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the staging variants' host RAM budget (generator.host_ram_budget_gib)")
     parser.add_argument("--prepared-gib", type=float, default=40.0, help="the prepared cache's bound")
     parser.add_argument("--skip-imports", action="store_true", help="do not time a cold generator's imports")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier results.json of the same machine kind: its 'both' stage-2 builds stand "
+                             "in for a mode this run has none of (after the LoRA was deleted)")
     parser.add_argument("--no-cold", action="store_true", help="skip the page-cache drops (needs root)")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="stop starting measurements that would end after this many seconds (default 480)")
@@ -107,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine_info(args.work, args.device), "runs": [], "skipped": []}
+    if args.previous is not None and args.previous.exists():
+        previous = json.loads(args.previous.read_text())
+        results["previous_runs"] = [r for r in previous.get("runs", []) if r.get("variant") == "both"]
+        results["previous_source"] = str(args.previous)
 
     def save() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -167,18 +181,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measurement_plan(warm: list[str], cold: list[str]) -> list[tuple[str, str]]:
-    """The runs without the prepared cache first, warm then cold (the disk may have to give up the
-    LoRA to hold the prepared copy; the cold stage 2 they measure stands in for the later runs');
-    then those with it, warm, then cold. Staging cold comes last: it changes only what the
-    standby pays, which the job does not wait for."""
-    def prepared(name: str) -> bool:
-        return VARIANTS[name].prepared
-
-    return ([(n, "warm") for n in warm if not prepared(n)]
-            + [(n, "cold") for n in cold if not prepared(n) and not VARIANTS[n].staged]
-            + [(n, "warm") for n in warm if prepared(n)]
-            + [(n, "cold") for n in cold if prepared(n)]
-            + [(n, "cold") for n in cold if not prepared(n) and VARIANTS[n].staged])
+    """Warm runs, those without the prepared cache first (the disk may have to give up the LoRA
+    to hold the prepared copy: see room_for_prepared), then the cold ones in the order given."""
+    return ([(n, "warm") for n in warm if not VARIANTS[n].prepared]
+            + [(n, "warm") for n in warm if VARIANTS[n].prepared]
+            + [(n, "cold") for n in cold])
 
 
 def room_for_prepared(files: dict[str, Any], work: Path) -> str | None:
@@ -193,7 +200,8 @@ def room_for_prepared(files: dict[str, Any], work: Path) -> str | None:
     files["distilled_lora"]["removed"] = True
     return (f"the LoRA ({files['distilled_lora']['bytes'] / GB:.2f} GB) was deleted before the prepared-cache "
             f"runs to make room for the prepared transformer on the disk: those runs have no stage-2 build; "
-            f"their whole-job totals add the stage-2 build of the same mode's 'both' run")
+            f"their whole-job totals add the stage-2 build of the same mode's 'both' run "
+            f"(this run's, else --previous's)")
 
 
 def _meminfo_gib(field: str) -> float | None:
@@ -899,7 +907,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def _stage_2(results: dict[str, Any], mode: str) -> float | None:
-    for run in results.get("runs", []):
+    for run in [*results.get("runs", []), *results.get("previous_runs", [])]:
         if run.get("variant") == "both" and run.get("mode") == mode and not run.get("error"):
             for build in run["builds"]:
                 if build["model"].startswith("transformer + LoRA"):

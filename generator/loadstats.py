@@ -55,7 +55,7 @@ class LoadCounter:
             prepared_seconds=round(now.prepared_seconds - start.prepared_seconds, 4),
             staged_bytes=staged,
             pinned_bytes=now.pinned_bytes - start.pinned_bytes,
-            staged_seconds=round(now.staged_seconds - start.staged_seconds + now.pin_seconds - start.pin_seconds, 4),
+            staged_seconds=round(now.staged_seconds - start.staged_seconds, 4),  # the pinning included
             disk_bytes=disk,
             # A file byte the kernel did not fetch from storage came from the page cache.
             page_cache_bytes=None if disk is None else max(0, files - disk),
