@@ -229,9 +229,9 @@ class PreparedCache:
         aged: list[tuple[int, int, Path]] = []
         for path in self.entries():
             try:
+                stat = path.stat()  # first: reading the header may move the access time (relatime)
                 with safetensors.safe_open(str(path), framework="pt") as handle:
                     stale = (handle.metadata() or {}).get("ltxbot_slot") == slot
-                stat = path.stat()
             except (OSError, safetensors.SafetensorError):
                 stale, stat = True, None
             if stale:  # made from an older version of these files, or with another policy
