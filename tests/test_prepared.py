@@ -165,6 +165,7 @@ STAGED_JOBS = JOBS.replace(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_prepared_cache_and_staging_give_the_same_clip(tmp_path: Path, tiny_models: Path) -> None:
     from tests.test_generator import make_spec
 
@@ -228,6 +229,7 @@ sys.exit(main(["--standby", "ltx2"]))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_standby_stages_within_the_budget_without_touching_cuda(tmp_path: Path, tiny_models: Path) -> None:
     from generator.protocol import PhaseEvent, parse_event
     from tests.test_generator import make_spec, run_generator
