@@ -165,6 +165,12 @@ class GeneratorSettings(_Section):
     expandable_segments: bool = True
     # Keep the next generator process started and imported (about 13 s of imports) before its job.
     standby: bool = True
+    # Disk for prepared weights under the data dir (the fp8-cast transformer: 18 GiB); 0 turns it off.
+    prepared_cache_gib: float = Field(default=24.0, ge=0)
+    # Host memory the standby may fill with the next job's weights ahead of time; 0: none staged.
+    host_ram_budget_gib: float = Field(default=0.0, ge=0)
+    # Page-lock staged weights once the job has CUDA (copies at pinned speed).
+    pin_staged: bool = True
 
 
 class WorkerSettings(_Section):
@@ -346,6 +352,10 @@ class Settings(BaseSettings):
     @property
     def compile_cache_dir(self) -> Path:
         return self.data_path / "cache" / "compile"
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.data_path / "prepared"
 
     def discord_token(self) -> str:
         """The bot token, from the environment or the token file; never from the YAML."""

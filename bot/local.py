@@ -13,7 +13,7 @@ from bot.db.store import NewJob
 from bot.intake import IntakeError
 from bot.intake.image import DecodeLimits, NormalisedImage, TargetSize, normalise_image, read_local_image
 from bot.intake.request import RequestOptions, SizedRequest, fixed_size, least_vram, with_end_image
-from bot.terminal import StageProgress, make_console, phase_table
+from bot.terminal import StageProgress, make_console, phase_table, weights_table
 from bot.worker import Worker
 from generator.protocol import FAMILY_NAMES
 
@@ -77,6 +77,9 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
                 await asyncio.sleep(1.0)
     if final.phases:
         console.print(phase_table(final.phases))
+        weights = weights_table(final.phases)
+        if weights is not None:
+            console.print(weights)
     if final.status != JobStatus.SUCCEEDED or final.output_path is None:
         print(f"Job {job.id} {final.status}: {final.error_message}", file=sys.stderr)
         return 1

@@ -104,6 +104,31 @@ def phase_table(phases: list[dict[str, Any]], predicted: dict[str, float] | None
     return table
 
 
+def _read(nbytes: int | None, seconds: float | None = None) -> str:
+    if not nbytes:
+        return "-"
+    text = f"{nbytes / 1e9:.2f}" if nbytes >= 1e7 else f"{nbytes / 1e6:.2f} MB"
+    return text if seconds is None else f"{text} ({seconds:.2f} s)"
+
+
+def weights_table(phases: list[dict[str, Any]]) -> Table | None:
+    """Per phase, where its weights came from (GB, seconds): model files, prepared cache, staged memory;
+    and of the file bytes, how many came from the disk and how many from the page cache. None without reads."""
+    rows = [(p["name"], p["weights"]) for p in phases if p.get("weights")]
+    if not rows:
+        return None
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("phase", no_wrap=True)
+    for name in ("model files GB", "prepared GB", "staged GB", "pinned GB", "disk GB", "page cache GB", "written GB"):
+        table.add_column(name, justify="right")
+    for name, w in rows:
+        table.add_row(name, _read(w.get("checkpoint_bytes"), w.get("checkpoint_seconds")),
+                      _read(w.get("prepared_bytes"), w.get("prepared_seconds")),
+                      _read(w.get("staged_bytes"), w.get("staged_seconds")), _read(w.get("pinned_bytes")),
+                      _read(w.get("disk_bytes")), _read(w.get("page_cache_bytes")), _read(w.get("written_bytes")))
+    return table
+
+
 def _fields(rows: list[tuple[str, str]]) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -156,6 +181,9 @@ def job_view(job: Job, queue_position: int | None = None,
         parts += [Text("\nAttempts", style="bold"), history]
     if job.phases:
         parts += [Text("\nPhases", style="bold"), phase_table(job.phases, predicted)]
+        weights = weights_table(job.phases)
+        if weights is not None:
+            parts += [Text("\nWeights read (GB, seconds)", style="bold"), weights]
     return Group(*parts)
 
 

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import secrets
@@ -31,6 +32,7 @@ from bot.shared_files import MissingFileError, SharedFiles
 from generator.lifeline import SUPERVISOR_ENV
 from generator.protocol import (
     FAMILY_NAMES,
+    STAGING_ENV,
     DoneEvent,
     ErrorEvent,
     GenerationRequest,
@@ -164,6 +166,10 @@ def build_spec(settings: Settings, job: Job, image_path: Path | None = None) -> 
         quantization=settings.generator.quantization,
         compile_blocks=settings.generator.compile_blocks,
         compile_cache_dir=settings.compile_cache_dir,
+        prepared_dir=settings.prepared_dir,
+        prepared_cache_gib=settings.generator.prepared_cache_gib,
+        host_ram_budget_gib=settings.generator.host_ram_budget_gib,
+        pin_staged=settings.generator.pin_staged,
         device=settings.generator.device,
         crf=settings.generation.crf,
         max_bytes=job.max_bytes,
@@ -184,6 +190,10 @@ def child_env(settings: Settings) -> dict[str, str]:
     # Model files are local paths; nothing in a render may reach the network.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if settings.generator.host_ram_budget_gib > 0:
+        # What a standby may stage before its job (generator/ltx2/staging.py).
+        env[STAGING_ENV] = json.dumps({"dir": str(settings.prepared_dir),
+                                       "budget_gib": settings.generator.host_ram_budget_gib})
     return env
 
 

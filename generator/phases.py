@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from generator import faults
+from generator.loadstats import LoadCounter
 from generator.protocol import PhaseEvent
 
 if TYPE_CHECKING:
@@ -84,6 +85,9 @@ class PhaseTracker:
     def note_plan(self, **values: Any) -> None:
         """Record what the budget's planner chose for the current phase (reported with its figures)."""
         self._plan.update(values)
+        # Set by a backend that loads through a counting store: each phase reports its weight reads.
+        self.loads: LoadCounter | None = None
+        self._loads_at_start: LoadCounter | None = None
 
     def watch(self, model: M, name: str, until: str | None = None) -> M:
         """Remember ``model`` by weak reference; it must be gone once phase ``until`` (default: this one) ends."""
@@ -102,6 +106,7 @@ class PhaseTracker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         _reset_rss_peak()
+        self._loads_at_start = None if self.loads is None else self.loads.snapshot()
         self.current = name
         self._plan = {}
         start = time.perf_counter()
@@ -136,6 +141,8 @@ class PhaseTracker:
             peak_rss_gib=round(_rss_peak_bytes() / GIB, 4),
             failed=failed,
             plan={k: v() if callable(v) else v for k, v in self._plan.items()} or None,
+            weights=None if self.loads is None or self._loads_at_start is None
+            else self.loads.since(self._loads_at_start),
         )
         self._plan = {}
         self.phases.append(event)

@@ -285,6 +285,13 @@ class JobSpec(_Frozen):
     # The blocks through one torch.compile'd function (generator/ltx2/compiled.py), its cache here.
     compile_blocks: bool = False
     compile_cache_dir: Path | None = None
+    # Prepared weights (fp8-cast transformer) are kept here, at most this many GiB; None: no cache.
+    # What the standby may stage in host memory; pinned (page-locked) once the job has CUDA.
+    # (docs/DESIGN.md, 'Prepared weights and staging')
+    prepared_dir: Path | None = None
+    prepared_cache_gib: float = Field(default=0.0, ge=0)
+    host_ram_budget_gib: float = Field(default=0.0, ge=0)
+    pin_staged: bool = True
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     crf: int = Field(default=23, ge=0, le=51)
@@ -343,6 +350,32 @@ class StartedEvent(_Frozen):
     libraries: dict[str, str] = {}
 
 
+# The worker hands a standby generator its staging settings in this environment variable,
+# JSON {"dir": prepared dir, "budget_gib": host RAM budget} (generator/ltx2/staging.py).
+STAGING_ENV = "LTXBOT_STAGING"
+
+
+class WeightReads(_Frozen):
+    """Where a phase's weights came from and what each source cost (docs/DESIGN.md, 'Prepared weights and staging').
+
+    Files are the model files (``checkpoint_*``) and the prepared cache (``prepared_*``);
+    of their bytes, ``disk_bytes`` the kernel fetched from storage and the rest
+    (``page_cache_bytes``) it had cached. ``staged_*``: host memory the standby filled,
+    ``pinned_bytes`` of it page-locked; its seconds include the pinning.
+    """
+
+    checkpoint_bytes: int = Field(default=0, ge=0)
+    checkpoint_seconds: float = Field(default=0.0, ge=0)
+    prepared_bytes: int = Field(default=0, ge=0)
+    prepared_seconds: float = Field(default=0.0, ge=0)
+    staged_bytes: int = Field(default=0, ge=0)
+    pinned_bytes: int = Field(default=0, ge=0)
+    staged_seconds: float = Field(default=0.0, ge=0)
+    disk_bytes: int | None = None
+    page_cache_bytes: int | None = None
+    written_bytes: int = Field(default=0, ge=0)  # prepared copy written for the next job
+
+
 class PhaseEvent(_Frozen):
     event: Literal["phase"] = "phase"
     name: str
@@ -356,6 +389,7 @@ class PhaseEvent(_Frozen):
     # What the VRAM budget's planner chose for this phase (resident and streamed blocks, batch,
     # tiles, chunk) and what streaming did (bytes copied to the device, host bytes pinned).
     plan: dict[str, Any] | None = None
+    weights: WeightReads | None = None
 
 
 class ProgressEvent(_Frozen):

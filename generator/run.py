@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -85,6 +85,15 @@ def backend(family: ModelFamily) -> Callable[[JobSpec, EventWriter], DoneEvent]:
     return pipeline.generate
 
 
+def _stager(family: ModelFamily) -> Any:
+    """The standby's staging of weights (LTX-2; docs/DESIGN.md, 'Prepared weights and staging'), or None."""
+    if family != "ltx2":
+        return None
+    from generator.ltx2.staging import Stager
+
+    return Stager.from_env()
+
+
 def library_versions(family: ModelFamily) -> dict[str, str]:
     names = ["torch", "transformers", "ltx-video" if family == "ltxv" else "ltx-core"]
     versions = {}
@@ -118,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if waiting_family is not None:
         backend(waiting_family)  # the slow imports, done before the job exists
         imported_at = time.perf_counter()
+        stager = _stager(waiting_family)  # reads the next job's weights into host memory meanwhile
         emit(ReadyEvent(pid=os.getpid(), import_seconds=round(imported_at - started, 3)))
         line = sys.stdin.readline().strip()
+        if stager is not None:
+            stager.hand_over()
         if not line:
             return int(ExitCode.OK)  # the worker went away before giving us a job
         watch_supervisor_pipe()  # only now: the spec line was ours to read

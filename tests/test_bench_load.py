@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,7 +72,8 @@ def test_benchmark_runs_every_variant_on_tiny_files_and_writes_its_reports(tmp_p
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.load", "--tiny", "--device", "cpu", "--no-cold", "--out", str(out),
-         "--work", str(work), "--budget-s", "3000"],
+         "--work", str(work), "--budget-s", "3000", "--skip-imports", "--variants", "today", "reuse", "used_keys",
+         "both"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -98,3 +100,35 @@ def test_benchmark_runs_every_variant_on_tiny_files_and_writes_its_reports(tmp_p
     table = (out / "table.md").read_text()
     assert "| transformer + LoRA (stage 2) |" in table and "both warm" in table and "peak RssAnon" in table
     assert not (work / "models").exists()  # the files are removed after the run
+
+
+@pytest.mark.timeout(900)
+def test_benchmark_measures_the_prepared_cache_and_staging(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--tiny", "--device", "cpu", "--no-cold", "--out", str(out),
+         "--work", str(work), "--budget-s", "3000", "--skip-imports"],
+        cwd=ROOT, capture_output=True, text=True, timeout=880,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["variant"]: r for r in results["runs"]}
+    assert set(runs) == {"both", "staged", "prepare", "prepared", "all"} and results["skipped"] == []
+
+    def build(variant: str, model: str) -> dict[str, Any]:
+        found: dict[str, Any] = next(b for b in runs[variant]["builds"] if b["model"] == model)
+        return found
+
+    stage_1 = "transformer (stage 1)"
+    # The first job with the cache writes the cast transformer; the next reads it instead of the checkpoint.
+    assert runs["prepare"]["written_bytes"] > 0 and runs["prepared"]["written_bytes"] == 0
+    [prepared_file] = [f for f in build("prepared", stage_1)["bytes_by_file"] if f != "ltx-2.3-22b-dev.safetensors"]
+    assert build("prepared", stage_1)["bytes_by_file"] == {prepared_file: runs["prepare"]["written_bytes"]}
+    assert runs["prepared"]["cast_check"]["identical"]
+    # Staged: the last job's reads come from host memory, read before any CUDA use.
+    for name in ("staged", "all"):
+        assert runs[name]["staging"]["bytes"] > 0 and not runs[name]["staging"]["cuda_initialized"]
+        assert build(name, stage_1)["bytes"] == 0 and build(name, stage_1)["weights"]["staged_bytes"] > 0
+    assert build("all", stage_1)["weights"]["staged_bytes"] == runs["prepare"]["written_bytes"]
+    table = (out / "table.md").read_text()
+    assert "spec to first denoise step" in table and "all warm" in table

@@ -20,7 +20,10 @@ PHASES = [
     {"name": "text_encode", "seconds": 4.5, "device": "cuda", "peak_allocated_gib": 11.2,
      "peak_reserved_gib": 11.9, "peak_rss_gib": 3.1},
     {"name": "stage_1", "seconds": 61.25, "device": "cuda", "peak_allocated_gib": 21.5,
-     "peak_reserved_gib": 22.78, "peak_rss_gib": 3.4},
+     "peak_reserved_gib": 22.78, "peak_rss_gib": 3.4,
+     "weights": {"checkpoint_bytes": 0, "prepared_bytes": 19_450_911_232, "prepared_seconds": 3.53,
+                 "staged_bytes": 6_344_455_168, "pinned_bytes": 6_344_455_168, "staged_seconds": 0.35,
+                 "disk_bytes": 2_000_000_000, "page_cache_bytes": 17_450_911_232}},
     {"name": "video_decode", "seconds": 9.0, "device": "cuda", "peak_allocated_gib": None,
      "peak_reserved_gib": None, "peak_rss_gib": 3.4},
 ]
@@ -78,6 +81,10 @@ async def test_job_shows_a_readable_view_by_default(tmp_path: Path) -> None:
     for text in ("succeeded", "attempts", "2", "Out of GPU memory in stage_1.", "seed", "4242", "3.0 MiB",
                  "text_encode", "stage_1", "video_decode", "22.78", "61.25"):
         assert text in out, text
+    # Where stage 1's weights came from: the prepared cache (mostly from the page cache) and staged memory.
+    weights = out[out.index("Weights read"):]
+    for text in ("19.45 (3.53 s)", "6.34 (0.35 s)", "2.00", "17.45"):
+        assert text in weights, text
     queued = ltxbot(tmp_path, "job", "2").stdout
     assert "queue position" in queued and "queued" in queued
     assert PROMPT in ltxbot(tmp_path, "jobs", columns=200).stdout

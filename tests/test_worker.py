@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -156,6 +157,18 @@ async def test_generator_environment_has_no_discord_token(
     monkeypatch.setenv("DISCORD_TOKEN", "SECRET-TOKEN")
     env = child_env(settings)
     assert "DISCORD_TOKEN" not in env and "SECRET-TOKEN" not in env.values()
+
+
+def test_spec_and_standby_carry_the_loading_settings(settings: Settings, tmp_path: Path) -> None:
+    """The prepared cache lives under the data dir; a standby learns its staging budget from its environment."""
+    from bot.worker import child_env
+    from generator.protocol import STAGING_ENV
+
+    assert STAGING_ENV not in child_env(settings)  # the default budget is 0: nothing staged
+    generator = settings.generator.model_copy(update={"host_ram_budget_gib": 8.0, "prepared_cache_gib": 30.0})
+    staged = settings.model_copy(update={"generator": generator})
+    assert json.loads(child_env(staged)[STAGING_ENV]) == {"dir": str(settings.data_path / "prepared"),
+                                                           "budget_gib": 8.0}
 
 
 HOST = """

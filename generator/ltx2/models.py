@@ -315,7 +315,11 @@ class LtxLedger(ModelLedger):
                 continue
             loader = builder.model_loader
             if not isinstance(loader, StoreLoader):
-                loader = StoreLoader(self.store)
+                # The fp8-cast transformer is the one build whose prepared copy is smaller than its
+                # source (18 GiB for 42 GB); the others would be copies of their files
+                # (docs/DESIGN.md, 'Prepared weights and staging').
+                prepare = name == "transformer_builder" and self.quantization is not None
+                loader = StoreLoader(self.store, prepare=prepare)
             setattr(self, name, replace(UsedKeysBuilder.of(builder), model_loader=loader))
 
     def with_loras(self, loras: tuple[Any, ...]) -> LtxLedger:

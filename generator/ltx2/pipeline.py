@@ -56,6 +56,7 @@ from generator.ltx2.keyframes import conditioning_images
 from generator.ltx2.models import LtxLedger
 from generator.ltx2.plan import Planner
 from generator.ltx2.scaled_mm import check_device
+from generator.ltx2.staging import weight_store_for
 from generator.phases import PhaseTracker, run_scoped
 from generator.protocol import DoneEvent, JobSpec, ProgressEvent
 
@@ -190,7 +191,9 @@ def _generate(
     params = detect_params(str(checkpoint))
     steps = req.steps or params.num_inference_steps
     # The VRAM budget's plan: it may lower the guidance batch or the decode tiles, and streams big models.
-    planner = Planner.for_job(spec, device, tracker)
+    # A host RAM budget bounds what streaming pins too; without one, streamed blocks are all pinned.
+    pin_limit = int(spec.host_ram_budget_gib * 2**30) if spec.host_ram_budget_gib > 0 else None
+    planner = Planner.for_job(spec, device, tracker, pin_limit_bytes=pin_limit)
     spec = planner.spec
     ledger = ledger_factory(
         dtype=dtype,
@@ -202,7 +205,9 @@ def _generate(
         quantization=QuantizationPolicy.fp8_cast() if spec.weights != "bf16" else None,
         # The owner's LoRAs: every transformer this ledger builds fuses them (docs/DESIGN.md, 'Modes').
         **({"loras": user_loras(spec)} if spec.loras else {}),
+        store=weight_store_for(spec),
     )
+    tracker.loads = ledger.store.counter
     ledger = planner.ledger(ledger)
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
@@ -263,6 +268,7 @@ def _generate(
     del video_state
     done = stream_clip(spec, tracker, frames, run.progress, audio_track)
     log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
+    ledger.store.finish(spec.prepared_dir if spec.host_ram_budget_gib > 0 else None)
     return done
 
 

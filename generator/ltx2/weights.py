@@ -7,19 +7,23 @@ SDOps match the whole ``model.diffusion_model.`` prefix, so each transformer bui
 belong to the embeddings processor, only to discard them. Here the builder names the keys
 its meta model holds and the store reads those alone (``UsedKeysBuilder``).
 
-The store also records each read (file, key, bytes, which build asked), so a job can say
-what it read. It is meant to be the one place weights enter the process: a prepared
-cache under the data dir, the standby's staging into pinned host memory and the VRAM
-budget's block streaming serve the same (file, key) requests here (docs/DESIGN.md,
-"Loading weights").
+The store also records each read (file, key, bytes, which build asked, where it came from),
+so a job can say what it read. It is the one place weights enter the process: the
+prepared cache under the data dir (``generator/ltx2/prepared.py``) and the standby's
+staged host copies (``generator/ltx2/staging.py``) serve the same (file, key) requests
+here, and ``WeightStore.host_tensor`` is the host-side lookup the VRAM budget's block
+streaming reads from (docs/DESIGN.md, "Loading weights" and "Prepared weights and staging").
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import safetensors
 import torch
@@ -29,9 +33,17 @@ from ltx_core.loader.registry import DummyRegistry
 from ltx_core.loader.sd_ops import SDOps
 from ltx_core.loader.single_gpu_model_builder import SingleGPUModelBuilder
 
+from generator.loadstats import LoadCounter
+from generator.ltx2.prepared import PreparedCache, PreparedWriter, load_through_cache
+from generator.ltx2.staging import StagedWeights, write_plan
+
+log = logging.getLogger(__name__)
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # (key in the file, its shape from the header) -> the key's name after the SDOps, or None: not read.
 Select = Callable[[str, Callable[[], tuple[int, ...]]], "str | None"]
+# Where a tensor came from: the model's own file, the prepared cache, or the standby's staged copy.
+Source = Literal["checkpoint", "prepared", "staged"]
 
 
 @dataclass(frozen=True)
@@ -42,21 +54,40 @@ class Read:
     key: str
     nbytes: int
     model: str
+    source: Source = "checkpoint"
 
 
 @dataclass
 class WeightStore:
-    """Reads tensors from safetensors files and remembers what it read."""
+    """Reads tensors from safetensors files, or from the standby's staged copies, and remembers what it read.
+
+    ``prepared``: the prepared-weights cache the transformer build reads through
+    (``generator/ltx2/prepared.py``); ``staged``: host tensors the standby read ahead
+    (``generator/ltx2/staging.py``); ``pin``: page-lock those before the first copy to CUDA.
+    ``plan`` is what the next job will read, in order (the standby stages from it).
+    """
 
     reads: list[Read] = field(default_factory=list)
+    prepared: PreparedCache | None = None
+    staged: StagedWeights | None = None
+    pin: bool = True
+    counter: LoadCounter = field(default_factory=LoadCounter)
+    plan: list[tuple[str, str, int]] = field(default_factory=list)
+    committing: list[PreparedWriter] = field(default_factory=list)
+
+    def host_tensor(self, path: str, key: str) -> torch.Tensor | None:
+        """The staged host copy of (file, key), handed out once; None: read it from the file."""
+        return None if self.staged is None else self.staged.take(path, key)
 
     def tensors(
-        self, path: str, select: Select, device: torch.device, model: str
+        self, path: str, select: Select, device: torch.device, model: str, *,
+        source: Source = "checkpoint", plan: bool = True,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(new key, tensor) for each key of ``path`` that ``select`` maps to a name; the rest is never read.
 
         ``select`` gets the key and a function that gives its shape from the file's header.
         """
+        copied_from_staged = False
         with safetensors.safe_open(path, framework="pt", device=str(device)) as handle:
             keys = handle.keys()  # a safetensors handle is not iterable
             for key in keys:
@@ -67,12 +98,54 @@ class WeightStore:
                 name = select(key, shape)
                 if name is None:
                     continue
-                tensor = handle.get_tensor(key)
-                self.reads.append(Read(path, key, tensor.nbytes, model))
-                yield name, tensor.to(device=device, non_blocking=True, copy=False)
+                start = time.perf_counter()
+                host = self.host_tensor(path, key)
+                if host is not None:
+                    if device.type == "cuda" and self.pin and self.staged is not None and not self.staged.pinned:
+                        self.staged.pin()
+                        self.counter.pin_seconds += self.staged.pin_seconds
+                    tensor = host.to(device=device, non_blocking=True, copy=False)
+                    copied_from_staged = copied_from_staged or tensor is not host
+                    self.counter.staged_bytes += host.nbytes
+                    if self.staged is not None and self.staged.pinned:
+                        self.counter.pinned_bytes += host.nbytes
+                    self.counter.staged_seconds += time.perf_counter() - start
+                    self.reads.append(Read(path, key, host.nbytes, model, "staged"))
+                else:
+                    raw = handle.get_tensor(key)
+                    tensor = raw.to(device=device, non_blocking=True, copy=False)
+                    if source == "prepared":
+                        self.counter.prepared_bytes += raw.nbytes
+                        self.counter.prepared_seconds += time.perf_counter() - start
+                    else:
+                        self.counter.checkpoint_bytes += raw.nbytes
+                        self.counter.checkpoint_seconds += time.perf_counter() - start
+                    self.reads.append(Read(path, key, raw.nbytes, model, source))
+                if plan:
+                    self.plan.append((path, key, tensor.nbytes if host is None else host.nbytes))
+                yield name, tensor
+        if copied_from_staged and device.type == "cuda":
+            # Pinned copies run behind the host: staged memory may be reused only after them.
+            start = time.perf_counter()
+            torch.cuda.current_stream(device).synchronize()
+            self.counter.staged_seconds += time.perf_counter() - start
 
     def bytes_read(self, model: str | None = None) -> int:
         return sum(r.nbytes for r in self.reads if model is None or r.model == model)
+
+    def finish(self, plan_dir: Path | None) -> None:
+        """End of the job: wait for prepared copies to reach the disk, write the next job's plan, drop staging."""
+        for writer in self.committing:
+            writer.join()
+        self.committing.clear()
+        if plan_dir is not None:
+            try:
+                write_plan(Path(plan_dir), self.plan)
+            except OSError as exc:
+                log.warning("the next job's staging plan was not written: %s", exc)
+        if self.staged is not None:
+            self.staged.release()
+            self.staged = None
 
 
 class StoreLoader:
@@ -85,15 +158,17 @@ class StoreLoader:
 
     def __init__(
         self, store: WeightStore, *, config: dict[str, Any] | None = None, wanted: frozenset[str] | None = None,
-        model: str = "",
+        model: str = "", prepare: bool = False,
     ) -> None:
         self.store = store
         self.config = config
         self.wanted = wanted
         self.model = model
+        # Read through the store's prepared cache (the fp8-cast transformer: generator/ltx2/prepared.py).
+        self.prepare = prepare
 
-    def only(self, wanted: frozenset[str], model: str) -> StoreLoader:
-        return StoreLoader(self.store, config=self.config, wanted=wanted, model=model)
+    def only(self, wanted: frozenset[str], model: str, *, prepare: bool = False) -> StoreLoader:
+        return StoreLoader(self.store, config=self.config, wanted=wanted, model=model, prepare=prepare)
 
     def metadata(self, path: str) -> dict[str, Any]:
         if self.config is not None:
@@ -120,10 +195,13 @@ class StoreLoader:
             probe = torch.empty(shape(), dtype=torch.bfloat16, device="meta")
             return name if any(new in wanted for new, _ in sd_ops.apply_to_key_value(name, probe)) else None
 
+        shards = path if isinstance(path, list) else [path]
+        if self.prepare and self.store.prepared is not None:
+            return load_through_cache(self.store, shards, select, sd_ops, device, self.model, wanted)
         sd: dict[str, torch.Tensor] = {}
         size = 0
         dtypes: set[torch.dtype] = set()
-        for shard in path if isinstance(path, list) else [path]:
+        for shard in shards:
             for name, value in self.store.tensors(shard, select, device, self.model):
                 pairs = sd_ops.apply_to_key_value(name, value) if sd_ops is not None else [(name, value)]
                 for key, item in pairs:
@@ -161,7 +239,7 @@ class UsedKeysBuilder(SingleGPUModelBuilder[Any]):
         model_name = type(meta_model).__name__
         kept = frozenset(meta_model.state_dict().keys())
         model_paths = list(self.model_path) if isinstance(self.model_path, tuple) else [self.model_path]
-        narrowed = self.model_loader.only(kept, model_name)
+        narrowed = self.model_loader.only(kept, model_name, prepare=self.model_loader.prepare)
         model_state_dict = _narrowed(self, narrowed).load_sd(
             model_paths, sd_ops=self.model_sd_ops, registry=self.registry, device=device
         )
