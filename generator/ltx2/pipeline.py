@@ -76,7 +76,36 @@ class _Run:
     ledger: LtxLedger
     generator: torch.Generator
     components: PipelineComponents
+    params: Any = None
     contexts: list[Any] = field(default_factory=list)
+    # Stage 1's transformer, kept for stage 2 to reuse; held here alone so stage 2 can drop it.
+    kept_transformer: Any = None
+    # Called with (stage, step, total, denoised video tokens, pixel shape) after each step
+    # (generator/preview.py draws stage 1's estimate here).
+    step_observers: list[Callable[[str, int, int, torch.Tensor, VideoPixelShape], None]] = field(
+        default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.request.pipeline
+
+    @property
+    def guided(self) -> bool:
+        return self.kind != "distilled"
+
+    @property
+    def two_stages(self) -> bool:
+        return self.kind != "one_stage"
+
+    @property
+    def reuse(self) -> bool:
+        """Stage 2 takes stage 1's transformer (distilled: as is; two-stage: with the distilled LoRA
+        fused in place) instead of reading the checkpoint again a minute later."""
+        return self.kind == "distilled" or (self.kind == "two_stage" and self.spec.stage_2_transformer == "reuse")
+
+    def stage_1_size(self) -> tuple[int, int]:
+        req = self.spec.request
+        return (req.width // 2, req.height // 2) if self.two_stages else (req.width, req.height)
 
     def progress(self, stage: str, step: int, total: int) -> None:
         self.emit(ProgressEvent(stage=stage, step=step, total=total))
@@ -114,6 +143,8 @@ class _Run:
 
         def with_progress(video_state: Any, audio_state: Any, sigmas: torch.Tensor, step_idx: int) -> Any:
             result = inner(video_state, audio_state, sigmas, step_idx)
+            for observe in self.step_observers:
+                observe(stage, step_idx + 1, total, result[0], shape)
             self.progress(stage, step_idx + 1, total)
             return result
 
@@ -165,12 +196,24 @@ def generate(
 def _generate(
     spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
 ) -> DoneEvent:
-    req = spec.request
-    kind = req.pipeline
+    run = new_run(spec, device, tracker, emit, ledger_factory)
+    if spec.draft != "off":
+        # Draft and finalize are this run cut after stage 1 (docs/DESIGN.md, 'Drafts and previews').
+        from generator.ltx2 import draft
+
+        return draft.render(run)
+    cond_1, cond_2 = encode_inputs(run)
+    video_state, audio_state = stage_1(run, cond_1, keep_transformer=run.reuse)
+    if run.two_stages:
+        video_state, audio_state = refine(run, video_state, audio_state, cond_2)
+    return finish(run, video_state, audio_state)
+
+
+def new_run(
+    spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
+) -> _Run:
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     checkpoint = main_checkpoint(spec)
-    params = detect_params(str(checkpoint))
-    steps = req.steps or params.num_inference_steps
     ledger = ledger_factory(
         dtype=dtype,
         device=device,
@@ -181,14 +224,23 @@ def _generate(
     )
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
-        generator=torch.Generator(device=device).manual_seed(req.seed),
+        generator=torch.Generator(device=device).manual_seed(spec.request.seed),
         components=PipelineComponents(dtype=dtype, device=device),
+        params=detect_params(str(checkpoint)),
     )
-    guided = kind != "distilled"
-    two_stages = kind != "one_stage"
-    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if guided else [req.prompt]
-    images = [ImageConditioningInput(str(spec.image_path), 0, req.image_strength)]
-    width_1, height_1 = (req.width // 2, req.height // 2) if two_stages else (req.width, req.height)
+    if spec.preview_every_seconds > 0:
+        from generator.preview import Previewer
+
+        run.step_observers.append(Previewer(run))
+    return run
+
+
+def encode_inputs(run: _Run) -> tuple[list[Any], list[Any]]:
+    """Text encode, embeddings and image encode: sets ``run.contexts``; the two stages' image conditionings."""
+    req, tracker, ledger, device, dtype = run.spec.request, run.tracker, run.ledger, run.device, run.dtype
+    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if run.guided else [req.prompt]
+    images = [ImageConditioningInput(str(run.spec.image_path), 0, req.image_strength)]
+    width_1, height_1 = run.stage_1_size()
 
     with tracker.phase("text_encode"):
         run.progress("reading the prompt", 0, 1)
@@ -208,52 +260,77 @@ def _generate(
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
         cond_1 = combined_image_conditionings(images, height_1, width_1, encoder, dtype, device)
         cond_2 = (
-            combined_image_conditionings(images, req.height, req.width, encoder, dtype, device) if two_stages else []
+            combined_image_conditionings(images, req.height, req.width, encoder, dtype, device)
+            if run.two_stages else []
         )
         del encoder
+    return cond_1, cond_2
 
-    # Stage 2 takes stage 1's transformer (distilled: as is; two-stage: with the distilled LoRA
-    # fused in place) instead of reading the checkpoint again a minute later.
-    reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse")
+
+def stage_1(run: _Run, cond_1: list[Any], *, keep_transformer: bool) -> tuple[Any, Any]:
+    """Stage 1 (the whole denoise for one_stage): the video and audio states; with
+    ``keep_transformer`` the transformer stays in ``run.kept_transformer`` for stage 2."""
+    req, tracker, device = run.spec.request, run.tracker, run.device
+    width_1, height_1 = run.stage_1_size()
     with tracker.phase("stage_1"):
-        keep_until = "stage_2" if reuse else None
-        transformer = tracker.watch(ledger.transformer(), "transformer", until=keep_until)
-        if guided:
+        keep_until = "stage_2" if keep_transformer else None
+        transformer = tracker.watch(run.ledger.transformer(), "transformer", until=keep_until)
+        if run.guided:
+            steps = req.steps or run.params.num_inference_steps
             sigmas = LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
         else:
             sigmas = torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
         shape_1 = VideoPixelShape(batch=1, frames=req.frames, width=width_1, height=height_1, fps=req.fps)
         video_state, audio_state = run.denoise(
             "generating", transformer, sigmas, shape_1, cond_1,
-            guided=guided, steps_params=params,
+            guided=run.guided, steps_params=run.params,
         )
-        if not reuse:
-            del transformer
+        for observe in run.step_observers:
+            close = getattr(observe, "close", None)
+            if close is not None:
+                close()  # a preview decoder lives only as long as stage 1
+        if keep_transformer:
+            run.kept_transformer = transformer
+        del transformer
+    return video_state, audio_state
 
-    if two_stages:
-        with tracker.phase("upsample"):
-            run.progress("upsampling", 0, 1)
-            encoder = tracker.watch(ledger.video_encoder(), "video encoder")
-            upsampler = tracker.watch(ledger.spatial_upsampler(), "spatial upsampler")
-            upscaled = upsample_video(latent=video_state.latent[:1], video_encoder=encoder, upsampler=upsampler)
-            del encoder, upsampler, video_state
 
-        with tracker.phase("stage_2"):
-            if kind == "two_stage":
-                assert spec.models.distilled_lora is not None
-                lora = LoraPathStrengthAndSDOps(str(spec.models.distilled_lora), 1.0, LTXV_LORA_COMFY_RENAMING_MAP)
-                if reuse:
-                    transformer = ledger.transformer_with_loras((lora,), kept=transformer)
-                else:
-                    transformer = tracker.watch(ledger.transformer_with_loras((lora,)), "transformer + LoRA")
-            sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
-            shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
-            video_state, audio_state = run.denoise(
-                "refining", transformer, sigmas, shape_2, cond_2, guided=False, steps_params=params,
-                noise_scale=sigmas[0], initial_video_latent=upscaled, initial_audio_latent=audio_state.latent,
-            )
-            del transformer, upscaled
+def refine(run: _Run, video_state: Any, audio_state: Any, cond_2: list[Any]) -> tuple[Any, Any]:
+    """Upsample stage 1's latent and run stage 2 (with stage 1's transformer when it was kept)."""
+    spec, req, tracker, ledger, device = run.spec, run.spec.request, run.tracker, run.ledger, run.device
+    with tracker.phase("upsample"):
+        run.progress("upsampling", 0, 1)
+        encoder = tracker.watch(ledger.video_encoder(), "video encoder")
+        upsampler = tracker.watch(ledger.spatial_upsampler(), "spatial upsampler")
+        upscaled = upsample_video(latent=video_state.latent[:1], video_encoder=encoder, upsampler=upsampler)
+        del encoder, upsampler, video_state
 
+    with tracker.phase("stage_2"):
+        transformer, run.kept_transformer = run.kept_transformer, None
+        if run.kind == "two_stage":
+            assert spec.models.distilled_lora is not None
+            lora = LoraPathStrengthAndSDOps(str(spec.models.distilled_lora), 1.0, LTXV_LORA_COMFY_RENAMING_MAP)
+            if transformer is not None:
+                transformer = ledger.transformer_with_loras((lora,), kept=transformer)
+            else:
+                transformer = tracker.watch(ledger.transformer_with_loras((lora,)), "transformer + LoRA")
+        elif transformer is None:
+            transformer = tracker.watch(ledger.transformer(), "transformer")
+        sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+        shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
+        video_state, audio_state = run.denoise(
+            "refining", transformer, sigmas, shape_2, cond_2, guided=False, steps_params=run.params,
+            noise_scale=sigmas[0], initial_video_latent=upscaled, initial_audio_latent=audio_state.latent,
+        )
+        del transformer, upscaled
+    return video_state, audio_state
+
+
+def finish(run: _Run, video_state: Any, audio_state: Any, spec: JobSpec | None = None) -> DoneEvent:
+    """Decode the audio, then stream the tiled video decode into the encoder; ``spec`` (default the
+    job's) says the clip's size and where it goes."""
+    spec = spec or run.spec
+    req, tracker, ledger = spec.request, run.tracker, run.ledger
     audio_track: tuple[np.ndarray, int] | None = None
     if req.audio:
         with tracker.phase("audio_decode"):
