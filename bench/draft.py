@@ -15,6 +15,7 @@ difference is what previews cost in time and memory. Writes ``results.json`` and
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -103,8 +104,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         spec = base.model_copy(update=changes[run_name])
         events: list[tuple[float, Any]] = []
         started = time.perf_counter()
-        done = generate(spec, lambda event, kept=events: kept.append((time.perf_counter(), event)),
-                        ledger_factory=RandomLedger)
+        done = generate(spec, functools.partial(_timed, events), ledger_factory=RandomLedger)
         steps = [(t, e) for t, e in events if isinstance(e, ProgressEvent) and e.stage == "generating"]
         results["runs"].append({
             "name": run_name,
@@ -119,6 +119,10 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         })
         (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _timed(events: list[tuple[float, Any]], event: Any) -> None:
+    events.append((time.perf_counter(), event))
 
 
 def _phase(entry: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -16,7 +16,8 @@ import pytest
 from generator.protocol import DoneEvent, JobSpec, PhaseEvent, PreviewEvent
 from tests.test_generator import make_spec, read_clip, run_generator
 
-pytestmark = pytest.mark.slow
+# Eight generator processes in the module fixture: on a busy CI core that is minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _decoded(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

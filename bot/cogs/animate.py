@@ -43,6 +43,7 @@ class Animate(commands.Cog):
         audio="Generate a sound track",
         pipeline="two_stage (best), distilled (fast) or one_stage",
         model="LTX-2 (sound, best quality) or LTX-Video (silent, lighter); default: this server's choice",
+        draft="A quick half-size draft first, then Finalize or Rerun (two-stage LTX-2 only)",
     )
     @app_commands.choices(model=[
         app_commands.Choice(name="LTX-2", value="ltx2"),
@@ -62,12 +63,13 @@ class Animate(commands.Cog):
         audio: bool | None = None,
         pipeline: Literal["two_stage", "distilled", "one_stage"] | None = None,
         model: app_commands.Choice[str] | None = None,
+        draft: bool | None = None,
     ) -> None:
         options = RequestOptions(
             preset=size, seconds=seconds, frames=frames, width=width, height=height, seed=seed, audio=audio,
             pipeline=pipeline, family=FAMILIES[model.value] if model is not None else None,
         )
-        await self.bot.service.animate_from_command(interaction, image, prompt, options)
+        await self.bot.service.animate_from_command(interaction, image, prompt, options, draft)
 
     @animate.autocomplete("size")
     async def _sizes(self, interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:
