@@ -191,7 +191,7 @@ def job_details(job: Job) -> dict[str, Any]:
     keys = (
         "id", "user_id", "guild_id", "channel_id", "status", "attempts", "prompt", "negative_prompt", "params",
         "input_sha256", "created_at", "started_at", "finished_at", "error_code", "error_message", "output_path",
-        "output_bytes", "posted_message_url", "progress", "phases", "history",
+        "output_bytes", "posted_message_url", "progress", "phases", "history", "draft", "draft_of", "draft_kept_until",
     )
     return {key: getattr(job, key) for key in keys}
 
