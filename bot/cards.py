@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.db.models import EndCode, JobStatus, WorkerState
+from bot.db.models import DraftStep, EndCode, JobStatus, WorkerState
 from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
@@ -127,9 +127,10 @@ def status_embed(job: Job, queue: QueueView | None = None) -> discord.Embed:
 
 def _status_word(job: Job) -> str:
     if job.status == JobStatus.RUNNING:
-        return "rendering"
+        words: dict[str | None, str] = {DraftStep.DRAFT: "drafting", DraftStep.FINALIZE: "finalizing"}
+        return words.get(job.draft, "rendering")
     if job.status == JobStatus.SUCCEEDED:
-        return "done"
+        return "draft done" if job.draft == DraftStep.DRAFT else "done"
     return str(job.status)
 
 
@@ -140,9 +141,15 @@ def failure_text(job: Job) -> str:
 
 
 def delivery_caption(job: Job) -> str:
+    if job.draft == DraftStep.DRAFT:
+        return (
+            f"<@{job.user_id}> draft of **{shorten(job.prompt, 160)}** (half size, stage 1 only)\n"
+            f"{_describe(job)} · job {job.id} · **Finalize** renders the full clip from it"
+        )
+    finalized = f" · finalized from job {job.draft_of}" if job.draft == DraftStep.FINALIZE else ""
     return (
         f"<@{job.user_id}> **{shorten(job.prompt, 180)}**\n"
-        f"{_describe(job)} · job {job.id}"
+        f"{_describe(job)} · job {job.id}{finalized}"
     )
 
 

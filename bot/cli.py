@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
     animate.add_argument("--no-worker", action="store_true",
                          help="only queue the job and wait: running `ltxbot worker` processes render it")
+    animate.add_argument("--draft", action="store_true",
+                         help="render a half-size draft (stage 1) only; `ltxbot finalize JOB` renders the rest")
+    animate.add_argument("--preview-dir", type=Path, default=None,
+                         help="write a PNG of stage 1's current estimate here every few seconds")
+    finalize = command("finalize", "render the full clip of a draft from its kept latents")
+    finalize.add_argument("job_id", type=int, help="the draft's job id")
+    finalize.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
     models = command("models", "model files")
     models.add_argument("action", choices=["tiny", "tiny-ltxv"],
                         help="write tiny random-weight LTX-2 (tiny) or LTX-Video (tiny-ltxv) files for smoke tests")
@@ -193,6 +200,10 @@ async def _with_store(settings: Settings, args: argparse.Namespace) -> int:
             from bot.local import animate
 
             return await animate(settings, store, args)
+        if args.command == "finalize":
+            from bot.local import finalize
+
+            return await finalize(settings, store, args)
     finally:
         await store.close()
     return EXIT_USAGE
@@ -231,7 +242,7 @@ def job_details(job: Job) -> dict[str, Any]:
     keys = (
         "id", "user_id", "guild_id", "channel_id", "status", "attempts", "prompt", "negative_prompt", "params",
         "input_sha256", "created_at", "started_at", "finished_at", "error_code", "error_message", "output_path",
-        "output_bytes", "posted_message_url", "progress", "phases", "history",
+        "output_bytes", "posted_message_url", "progress", "phases", "history", "draft", "draft_of", "draft_kept_until",
     )
     return {key: getattr(job, key) for key in keys}
 

@@ -90,6 +90,11 @@ class GenerationDefaults(_Section):
     image_strength: float = Field(default=1.0, ge=0.0, le=1.0)
     crf: int = Field(default=23, ge=0, le=51)
     presets: dict[str, SizePreset] = Field(default_factory=_default_presets)
+    # Drafts (README, 'Drafts'): /animate renders stage 1 only and waits for Finalize, by
+    # default here or in the guilds listed; draft_keep_hours is how long a draft stays finalizable.
+    draft: bool = False
+    guild_drafts: dict[int, bool] = Field(default_factory=dict)
+    draft_keep_hours: float = Field(default=24.0, gt=0, le=24 * 30)
 
     @model_validator(mode="after")
     def _frames_on_grid(self) -> GenerationDefaults:
@@ -171,6 +176,9 @@ class GeneratorSettings(_Section):
     host_ram_budget_gib: float = Field(default=0.0, ge=0)
     # Page-lock staged weights once the job has CUDA (copies at pinned speed).
     pin_staged: bool = True
+    # A preview of stage 1's estimate on the status card at most this often; 0: none. Off by
+    # default: the decoder it needs adds 0.76 GiB to stage 1's peak (bench/results/h200-draft).
+    preview_interval_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
 
 
 class WorkerSettings(_Section):
@@ -308,6 +316,12 @@ class Settings(BaseSettings):
         if guild_id is not None and guild_id in self.generation.guild_families:
             return self.generation.guild_families[guild_id]
         return self.generation.family
+
+    def draft_for(self, guild_id: int | None) -> bool:
+        """Whether /animate makes a draft when the user does not say (the guild's default, else the bot's)."""
+        if guild_id is not None and guild_id in self.generation.guild_drafts:
+            return self.generation.guild_drafts[guild_id]
+        return self.generation.draft
 
     def interpreter(self, family: ModelFamily) -> str:
         """The generator's Python for this family, absolute (the generator runs in the job's folder).

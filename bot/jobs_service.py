@@ -20,9 +20,9 @@ import aiohttp
 import discord
 from pydantic import ValidationError
 
-from bot import cards
+from bot import cards, drafts
 from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, is_admin
-from bot.db.models import ACTIVE_STATUSES, JobStatus, WorkerState
+from bot.db.models import ACTIVE_STATUSES, DraftStep, JobStatus, WorkerState
 from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
 from bot.intake.download import download_attachment
@@ -31,11 +31,12 @@ from bot.intake.request import RequestOptions, check_owner_limits, fixed_size, l
 from bot.replies import tell
 from bot.shared_files import SharedFiles
 from bot.status_cards import StatusCards
-from bot.views import AnimateModal, TweakModal, delivery_view
-from bot.worker import Ending, job_dir
+from bot.views import AnimateModal, TweakModal, delivery_view, draft_view
+from bot.worker import Ending, draft_state_path, job_dir
 from generator.protocol import (
     FAMILY_NAMES,
     GenerationRequest,
+    PreviewEvent,
     ProgressEvent,
     StartedEvent,
     describe_validation_error,
@@ -138,10 +139,12 @@ class JobService:
         self._purge_when_ended: dict[int, list[tuple[str, Path]]] = {}
         # A lock lives while a delivery of its job holds it, then drops out of the map by itself.
         self._delivery_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._sweeper: asyncio.Task[None] | None = None
         worker.listeners.append(self.on_worker_event)
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession()
+        self._sweeper = asyncio.create_task(drafts.sweep_forever(self.settings, self.store), name="ltxbot-drafts")
 
     def watch_workers(self) -> None:
         """Follow jobs that workers in other processes (other GPUs, other hosts) render: their cards and posts."""
@@ -175,6 +178,8 @@ class JobService:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.cards.close()
         if self.http is not None:
             await self.http.close()
@@ -241,7 +246,7 @@ class JobService:
     async def _create(
         self, request: GenerationRequest, *, input_path: str, sha256: str, user_id: int, guild: discord.Guild | None,
         guild_id: int | None, channel_id: int | None, key: str, admit: AdmitGate,
-        request_message_id: int | None = None,
+        request_message_id: int | None = None, draft: str | None = None, draft_of: int | None = None,
     ) -> tuple[Job, bool]:
         """Insert the job, and whether it is new (not a replay of the same request).
 
@@ -253,6 +258,7 @@ class JobService:
             guild_id=str(guild_id) if guild_id else None, channel_id=str(channel_id) if channel_id else None,
             interaction_id=key, request_message_id=str(request_message_id) if request_message_id else None,
             max_bytes=self.clip_limit(guild), predicted_peak_gib=least_vram(self.settings, request),
+            draft=draft, draft_of=draft_of,
         )
         # Stored before the job exists: a worker on another host may claim it at once.
         await self.files.publish_input(Path(input_path), sha256)
@@ -265,9 +271,9 @@ class JobService:
 
     async def animate_from_command(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: RequestOptions, end_image: discord.Attachment | None = None,
+        options: RequestOptions, end_image: discord.Attachment | None = None, draft: bool | None = None,
     ) -> None:
-        await self._animate_interaction(interaction, attachment, prompt, options, end_image)
+        await self._animate_interaction(interaction, attachment, prompt, options, end_image, draft)
 
     async def animate_from_context(self, interaction: discord.Interaction[Any], message: discord.Message) -> None:
         attachment = _image_attachment(message.attachments)
@@ -295,7 +301,7 @@ class JobService:
 
     async def _animate_interaction(
         self, interaction: discord.Interaction[Any], attachment: discord.Attachment, prompt: str,
-        options: RequestOptions, end_attachment: discord.Attachment | None = None,
+        options: RequestOptions, end_attachment: discord.Attachment | None = None, draft: bool | None = None,
     ) -> None:
         try:
             admit = await self._admit(interaction.user, interaction.guild_id)
@@ -306,8 +312,12 @@ class JobService:
                 if not _is_image(end_attachment):
                     raise IntakeError("unsupported_type", "end_image must be a JPEG, PNG or WebP picture.")
                 with_end_image(checked, "end-image.png")
+            step = drafts.draft_step(self.settings, checked, draft, interaction.guild_id)
         except (Refusal, IntakeError) as problem:
             await interaction.response.send_message(problem.message, ephemeral=True)
+            return
+        except ValueError as problem:
+            await interaction.response.send_message(str(problem), ephemeral=True)
             return
         # Download and decoding can take longer than Discord's 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -317,7 +327,7 @@ class JobService:
             job, _ = await self._create(
                 request, input_path=str(image.path), sha256=image.sha256, user_id=interaction.user.id,
                 guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-                key=str(interaction.id), admit=admit,
+                key=str(interaction.id), admit=admit, draft=step,
             )
         except IntakeError as problem:
             await interaction.edit_original_response(content=f"I can't animate that: {problem.message}")
@@ -329,8 +339,10 @@ class JobService:
         await self._post_card(interaction, job, notes)
 
     async def _post_card(self, interaction: discord.Interaction[Any], job: Job, notes: str = "") -> None:
+        things: dict[str | None, str] = {DraftStep.DRAFT: "the draft", DraftStep.FINALIZE: "the full clip"}
+        what = things.get(job.draft, "the clip")
         await interaction.edit_original_response(
-            content=f"Job {job.id} is queued{notes}. I'll post the clip in this channel and mention you."
+            content=f"Job {job.id} is queued{notes}. I'll post {what} in this channel and mention you."
         )
         await self.cards.post_followup(interaction, job)
         self.worker.ring()
@@ -429,11 +441,63 @@ class JobService:
                 request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
                 guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
                 key=str(interaction.id), admit=admit,
+                # Another seed of a draft is a draft again: the user is still choosing.
+                draft=DraftStep.DRAFT if job.draft == DraftStep.DRAFT else None,
             )
         except Refusal as refusal:
             await tell(interaction, refusal.message)
             return
         await self._post_card(interaction, new)
+
+    async def finalize(self, interaction: discord.Interaction[Any], job_id: int) -> None:
+        """Finalize: queue the rest of a draft (upsample, stage 2, decode) from its kept latents."""
+        job = await self._own_job(interaction, job_id)
+        if job is None:
+            return
+        if job.draft != DraftStep.DRAFT or job.status != JobStatus.SUCCEEDED:
+            await tell(interaction, f"Job {job_id} is not a finished draft, so there is nothing to finalize.")
+            return
+        earlier = await self.store.finalize_of(job.id)
+        if earlier is not None:
+            where = f" ({earlier.posted_message_url})" if earlier.posted_message_url else ""
+            await tell(interaction, f"This draft is already finalized as job {earlier.id}{where}.")
+            return
+        kept = job.draft_kept_until is not None and await asyncio.to_thread(
+            draft_state_path(self.settings, job.id).is_file)
+        if not kept:
+            hours = self.settings.generation.draft_keep_hours
+            await tell(interaction, f"The draft of job {job_id} can't be finalized any more: its kept latents were "
+                                    f"deleted (drafts are kept for {hours:g} hours, or an admin purged them). "
+                                    "Press Rerun for a new draft, or start a new /animate.")
+            return
+        try:
+            admit = await self._admit(interaction.user, interaction.guild_id)
+            request = GenerationRequest.model_validate(job.params)
+        except Refusal as refusal:
+            await tell(interaction, refusal.message)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            new, _ = await self._create(
+                request, input_path=job.input_path, sha256=job.input_sha256, user_id=int(job.user_id),
+                guild=interaction.guild, guild_id=int(job.guild_id) if job.guild_id else None,
+                channel_id=int(job.channel_id) if job.channel_id else interaction.channel_id,
+                key=str(interaction.id), admit=admit, draft=DraftStep.FINALIZE, draft_of=job.id,
+                # The full clip is posted as a reply to the draft.
+                request_message_id=int(job.posted_message_id) if job.posted_message_id else None,
+            )
+        except Refusal as refusal:
+            await tell(interaction, refusal.message)
+            return
+        await self._post_card(interaction, new)
+
+    async def purge_drafts(self) -> str:
+        """``/admin purge drafts``: delete every kept draft's latents now."""
+        kept = await self.store.kept_drafts()
+        removed = await drafts.delete_kept(self.settings, self.store, kept)
+        log.info("purged the kept latents of %d drafts", len(kept))
+        return (f"Deleted the kept latents of {len(kept)} drafts ({removed} files). Their clips stay; "
+                "Finalize on them now explains that they were deleted.")
 
     async def open_tweak(self, interaction: discord.Interaction[Any], job_id: int) -> None:
         job = await self._own_job(interaction, job_id)
@@ -557,7 +621,11 @@ class JobService:
     # --- progress ------------------------------------------------------------------------------
 
     async def on_worker_event(self, job: Job, event: Any) -> None:
-        if isinstance(event, ProgressEvent):
+        if isinstance(event, PreviewEvent):
+            with contextlib.suppress(ValueError):  # only a preview inside the jobs folder is shown
+                self.cards.previews[job.id] = confined_path(self.settings.jobs_dir, str(event.path))
+                await self.cards.refresh(job.id)
+        elif isinstance(event, ProgressEvent):
             self.cards.live[job.id] = event.model_dump(exclude={"event"})
             await self.cards.refresh(job.id)
         elif isinstance(event, StartedEvent):
@@ -566,6 +634,7 @@ class JobService:
             await self.cards.refresh_queue()
         elif isinstance(event, Ending):
             self.cards.live.pop(job.id, None)
+            self.cards.previews.pop(job.id, None)
             if job.status in ACTIVE_STATUSES:  # requeued for another attempt
                 await self.cards.refresh(job.id)
                 return
@@ -630,10 +699,11 @@ class JobService:
     ) -> discord.Message:
         clip = await self.files.clip_for(job) if job.status == JobStatus.SUCCEEDED else None
         if clip is not None:
+            name = f"ltxbot-{job.id}-draft.mp4" if job.draft == DraftStep.DRAFT else f"ltxbot-{job.id}.mp4"
             return await channel.send(
-                cards.delivery_caption(job), file=discord.File(clip, filename=f"ltxbot-{job.id}.mp4"),
+                cards.delivery_caption(job), file=discord.File(clip, filename=name),
                 reference=reference or discord.utils.MISSING, allowed_mentions=mentions,
-                view=delivery_view(job.id), nonce=nonce,
+                view=draft_view(job.id) if job.draft == DraftStep.DRAFT else delivery_view(job.id), nonce=nonce,
             )
         if job.status == JobStatus.SUCCEEDED:
             job.error_message = "The finished clip is no longer on disk."

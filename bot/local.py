@@ -8,19 +8,21 @@ import shutil
 import sys
 from typing import TYPE_CHECKING
 
-from bot.db.models import JobStatus
+from bot.db.models import DraftStep, JobStatus
 from bot.db.store import NewJob
+from bot.drafts import NOT_DRAFTABLE, draftable
 from bot.intake import IntakeError
 from bot.intake.image import DecodeLimits, NormalisedImage, TargetSize, normalise_image, read_local_image
 from bot.intake.request import RequestOptions, SizedRequest, fixed_size, least_vram, with_end_image
 from bot.terminal import StageProgress, make_console, phase_table, weights_table
-from bot.worker import Worker
+from bot.worker import Worker, draft_state_path
 from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from bot.config import Settings
+    from bot.db.models import Job
     from bot.db.store import JobStore
 
 LOCAL_USER = "local"
@@ -49,7 +51,10 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     except IntakeError as exc:
         print(f"Cannot animate that: {exc.message} ({exc.code})", file=sys.stderr)
         return 2
-    worker = Worker(settings, store)
+    if args.draft and not draftable(request):
+        print(f"Cannot animate that: {NOT_DRAFTABLE}", file=sys.stderr)
+        return 2
+    worker = Worker(settings, store, preview_dir=args.preview_dir)
     await worker.files.publish_input(image.path, image.sha256)
     if request.end_image is not None:
         await worker.files.publish_upload(request.end_image)
@@ -57,19 +62,50 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
         NewJob(
             user_id=LOCAL_USER, prompt=request.prompt, negative_prompt=request.negative_prompt,
             params=request.model_dump(mode="json"), input_path=str(image.path), input_sha256=image.sha256,
-            predicted_peak_gib=least_vram(settings, request),
+            predicted_peak_gib=least_vram(settings, request), draft=DraftStep.DRAFT if args.draft else None,
         )
     )
-    print(f"Job {job.id}: {FAMILY_NAMES[request.family]} {request.pipeline}, "
+    kind = "a draft of " if args.draft else ""
+    print(f"Job {job.id}: {kind}{FAMILY_NAMES[request.family]} {request.pipeline}, "
           f"{request.width}x{request.height}, {request.frames} frames, "
           f"seed {request.seed}", file=sys.stderr)
+    code = await _render(worker, store, job, out=args.out, here=not args.no_worker)
+    if code == 0 and args.draft:
+        print(f"Draft done: `ltxbot finalize {job.id}` renders the full clip from it.", file=sys.stderr)
+    return code
+
+
+async def finalize(settings: Settings, store: JobStore, args: argparse.Namespace) -> int:
+    """``ltxbot finalize JOB``: the full clip of a draft, from its kept latents."""
+    draft = await store.get(args.job_id)
+    if draft is None or draft.draft != DraftStep.DRAFT or draft.status != JobStatus.SUCCEEDED:
+        print(f"Job {args.job_id} is not a finished draft.", file=sys.stderr)
+        return 2
+    if draft.draft_kept_until is None or not draft_state_path(settings, draft.id).is_file():
+        print(f"The draft of job {draft.id} was deleted (drafts are kept for "
+              f"{settings.generation.draft_keep_hours:g} hours); render it again.", file=sys.stderr)
+        return 2
+    job = await store.create(
+        NewJob(
+            user_id=draft.user_id, prompt=draft.prompt, negative_prompt=draft.negative_prompt, params=draft.params,
+            input_path=draft.input_path, input_sha256=draft.input_sha256, draft=DraftStep.FINALIZE,
+            draft_of=draft.id, predicted_peak_gib=draft.predicted_peak_gib,
+        )
+    )
+    print(f"Job {job.id}: the full clip of draft {draft.id}", file=sys.stderr)
+    return await _render(Worker(settings, store), store, job, out=args.out)
+
+
+async def _render(worker: Worker, store: JobStore, job: Job, *, out: Path | None, here: bool = True) -> int:
+    """Run one job here (or, not ``here``, wait while other workers run it) to its end, showing its
+    progress; print the clip's path."""
     # stderr: stdout carries only the clip's path, for scripts.
     console = make_console(stderr=True)
     final = job
     with StageProgress(console) as progress:
         worker.listeners.append(progress)
         while True:
-            ran = None if args.no_worker else await worker.step(only_job=job.id)
+            ran = await worker.step(only_job=job.id) if here else None
             final = ran or await store.get(job.id) or job
             if final.status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}:
                 break
@@ -88,8 +124,8 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
         print(f"Job {job.id} finished, but its clip is not on this machine or in the database.", file=sys.stderr)
         return 1
     output = str(clip)
-    if args.out is not None:
-        shutil.copyfile(output, args.out)
-        output = str(args.out)
+    if out is not None:
+        shutil.copyfile(output, out)
+        output = str(out)
     print(output)
     return 0

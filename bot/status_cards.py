@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Interaction tokens live 15 minutes; leave a minute of margin before falling back to the channel.
 TOKEN_LIFE = timedelta(minutes=14)
+# The stage-1 preview rides on the card's edits as this attachment (docs/DESIGN.md, 'Drafts and previews').
+PREVIEW_NAME = "preview.png"
 QUEUE_CARDS_REFRESHED = 10
 
 
@@ -62,6 +65,9 @@ class StatusCards:
         self.cards: dict[int, CardRef] = {}
         # The running job's latest progress, newer than what the store keeps.
         self.live: dict[int, dict[str, Any]] = {}
+        # The running job's newest stage-1 preview image, and the cards that show one now.
+        self.previews: dict[int, Path] = {}
+        self._showing_preview: set[int] = set()
         self._dirty: set[int] = set()
         self._flushers: dict[int, asyncio.Task[None]] = {}
         self._last_edit: dict[int, float] = {}
@@ -139,20 +145,42 @@ class StatusCards:
         view = card_view(job.id, job.status in ACTIVE_STATUSES and not job.cancel_requested)
         assert job.status_message_id is not None
         message_id = int(job.status_message_id)
+        preview = self.previews.get(job.id) if job.status == JobStatus.RUNNING else None
+        if preview is not None and preview.is_file():
+            embed.set_thumbnail(url=f"attachment://{PREVIEW_NAME}")
+            self._showing_preview.add(job.id)
+        else:
+            preview = None
+
+        def attachments() -> Any:
+            """Each edit uploads the newest preview (a File is spent by one request); none clears it."""
+            if preview is not None:
+                return [discord.File(preview, filename=PREVIEW_NAME)]
+            if job.id in self._showing_preview:
+                return []
+            return discord.utils.MISSING
+
         ref = self.cards.get(job.id)
         if ref is not None and ref.message_id == message_id and _young(ref):
             with contextlib.suppress(discord.NotFound, discord.Forbidden):
-                await ref.interaction.followup.edit_message(message_id, embed=embed, view=view)
+                await ref.interaction.followup.edit_message(message_id, embed=embed, view=view,
+                                                            attachments=attachments())
+                self._shown(job.id, preview)
                 return
         self.cards.pop(job.id, None)
         # Past the token's life, or after a restart: the bot's own token edits the message.
         channel = self.channel(job)
         try:
-            await channel.get_partial_message(message_id).edit(embed=embed, view=view)
+            await channel.get_partial_message(message_id).edit(embed=embed, view=view, attachments=attachments())
+            self._shown(job.id, preview)
         except (discord.NotFound, discord.Forbidden):
             card = await channel.send(embed=embed, view=view or discord.utils.MISSING,
                                       allowed_mentions=discord.AllowedMentions.none())
             await self.store.set_status_message(job.id, str(card.id))
+
+    def _shown(self, job_id: int, preview: Path | None) -> None:
+        if preview is None:
+            self._showing_preview.discard(job_id)
 
     def channel(self, job: Job) -> discord.PartialMessageable:
         assert job.channel_id is not None
@@ -174,6 +202,8 @@ class StatusCards:
         self.cards.pop(job_id, None)
         self._last_edit.pop(job_id, None)
         self.live.pop(job_id, None)
+        self.previews.pop(job_id, None)
+        self._showing_preview.discard(job_id)
 
 
 def _young(ref: CardRef) -> bool:

@@ -26,6 +26,8 @@ class JobActions(Protocol):
 
     async def open_tweak(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
 
+    async def finalize(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
+
     async def animate_from_modal(self, interaction: discord.Interaction[Any], modal: AnimateModal) -> None: ...
 
 
@@ -82,7 +84,14 @@ class TweakButton(_JobButton, template=r"ltxbot:tweak:(?P<job>\d+)"):
         await actions.open_tweak(interaction, self.job_id)
 
 
-DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton)
+class FinalizeButton(_JobButton, template=r"ltxbot:finalize:(?P<job>\d+)"):
+    action, label, emoji, style = "finalize", "Finalize", "✨", discord.ButtonStyle.success
+
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.finalize(interaction, self.job_id)
+
+
+DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton, FinalizeButton)
 
 
 def cancel_view(job_id: int) -> discord.ui.View:
@@ -100,6 +109,14 @@ def delivery_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(RerunButton(job_id))
     view.add_item(TweakButton(job_id))
+    return view
+
+
+def draft_view(job_id: int) -> discord.ui.View:
+    """Under a posted draft: render the rest of it, or try another seed."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(FinalizeButton(job_id))
+    view.add_item(RerunButton(job_id))
     return view
 
 

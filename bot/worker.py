@@ -20,12 +20,13 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from bot.db.models import NOT_RETRIED, EndCode, WorkerState
+from bot.db.models import NOT_RETRIED, DraftStep, EndCode, WorkerState
 from bot.db.store import ClaimingWorker, WorkerInfo, is_orphaned
 from bot.processes import ProcessId, host_name, is_our_generator, kill_group, process_start_ticks
 from bot.shared_files import MissingFileError, SharedFiles
@@ -63,6 +64,9 @@ ENV_ALLOWLIST = (
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LTXBOT_FAULT", "LTXBOT_FAULT_ONCE", "LTXBOT_FAULT_SECONDS",
 )
 CLIP_NAME = "clip.mp4"
+# A draft's kept stage-1 state and the stage-1 previews, in the job's folder.
+DRAFT_STATE_NAME = "draft.pt"
+PREVIEWS_DIR = "previews"
 # How the generator's own error codes read as the job's end.
 GENERATOR_ERRORS: dict[str, EndCode] = {
     "oom": EndCode.OOM, "invalid_spec": EndCode.INVALID, "model_missing": EndCode.MODEL_MISSING,
@@ -71,6 +75,8 @@ GENERATOR_ERRORS: dict[str, EndCode] = {
 INVALID_PREFIX = "This job's settings are not valid any more:"
 # The worker loop's pause after an unexpected error, doubling up to the maximum while errors repeat.
 RETRY_DELAY_SECONDS = 1.0
+# `ltxbot animate --preview-dir` with previews off in the config.
+DEFAULT_PREVIEW_SECONDS = 2.0
 MAX_RETRY_DELAY_SECONDS = 60.0
 
 
@@ -110,6 +116,10 @@ def _absolute(paths: dict[str, Path | None]) -> dict[str, Path | None]:
     return {key: None if path is None else path.expanduser().absolute() for key, path in paths.items()}
 
 
+def draft_state_path(settings: Settings, draft_id: int) -> Path:
+    return job_dir(settings, draft_id) / DRAFT_STATE_NAME
+
+
 def end_image_path(settings: Settings, request: GenerationRequest, image: Path) -> Path | None:
     """The image for the last frame: the first one for a loop, else the end image, inside the uploads folder."""
     if request.loop:
@@ -134,7 +144,9 @@ def lora_files(settings: Settings, request: GenerationRequest) -> tuple[LoraFile
     return tuple(files)
 
 
-def build_spec(settings: Settings, job: Job, image_path: Path | None = None) -> JobSpec:
+def build_spec(
+    settings: Settings, job: Job, image_path: Path | None = None, *, preview_dir: Path | None = None
+) -> JobSpec:
     """The generator's spec for ``job``; ``image_path`` is the job's image on this host, when it was fetched."""
     uploads = settings.uploads_dir.resolve()
     image = (image_path or Path(job.input_path)).resolve()
@@ -173,7 +185,26 @@ def build_spec(settings: Settings, job: Job, image_path: Path | None = None) -> 
         device=settings.generator.device,
         crf=settings.generation.crf,
         max_bytes=job.max_bytes,
+        **draft_fields(settings, job, preview_dir),
     )
+
+
+def draft_fields(settings: Settings, job: Job, preview_dir: Path | None) -> dict[str, Any]:
+    """The spec's draft and preview fields (docs/DESIGN.md, 'Drafts and previews')."""
+    fields: dict[str, Any] = {}
+    if job.draft == DraftStep.DRAFT:
+        fields |= {"draft": "draft", "draft_state": draft_state_path(settings, job.id).absolute()}
+    elif job.draft == DraftStep.FINALIZE:
+        if job.draft_of is None or not draft_state_path(settings, job.draft_of).is_file():
+            raise ValueError(f"the draft it finalizes (job {job.draft_of}) has been deleted; Rerun it instead")
+        fields |= {"draft": "finalize", "draft_state": draft_state_path(settings, job.draft_of).absolute()}
+    interval = settings.generator.preview_interval_seconds
+    if preview_dir is not None and interval <= 0:
+        interval = DEFAULT_PREVIEW_SECONDS  # an owner who asks for a folder of previews wants some
+    if interval > 0 and job.draft != DraftStep.FINALIZE:  # a finalize has no stage 1
+        folder = preview_dir if preview_dir is not None else job_dir(settings, job.id) / PREVIEWS_DIR
+        fields |= {"preview_every_seconds": interval, "preview_dir": folder.absolute()}
+    return fields
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -286,7 +317,9 @@ async def gpu_name(index: int | None) -> str | None:
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: JobStore, *, standby: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, store: JobStore, *, standby: bool = False, preview_dir: Path | None = None
+    ) -> None:
         """``standby``: keep the next generator process started and imported, waiting for its job.
 
         It cuts the per-job start from about 13 s to well under one; it holds no GPU memory
@@ -295,6 +328,7 @@ class Worker:
         """
         self.settings = settings
         self.store = store
+        self.preview_dir = preview_dir  # `ltxbot animate --preview-dir`: previews there instead of the job's folder
         self.me = ProcessId.current()
         self.listeners: list[Listener] = []
         self.current: tuple[int, asyncio.subprocess.Process] | None = None
@@ -432,7 +466,7 @@ class Worker:
                 # Rendered, but the bot died before recording it: deliver it, never render again.
                 await self.store.finish(
                     job.id, job.attempts, output_path=str(clip), output_bytes=clip.stat().st_size,
-                    phases=job.phases or [],
+                    phases=job.phases or [], draft_kept_until=self._kept_until(),
                 )
         await self.store.recover_orphans(self.settings.generator.max_attempts, self.me)
         self._recovered = True
@@ -548,6 +582,10 @@ class Worker:
             await self._notify(final, ending)
         return final
 
+    def _kept_until(self) -> datetime:
+        """Until when a draft finished now stays finalizable (the store ignores it for other jobs)."""
+        return datetime.now(UTC) + timedelta(hours=self.settings.generation.draft_keep_hours)
+
     async def _record(self, job: Job, ending: Ending) -> None:
         attempts = self.settings.generator.max_attempts
         if ending.code == EndCode.OK and ending.done is not None:
@@ -556,6 +594,7 @@ class Worker:
             await self.store.finish(
                 job.id, job.attempts, output_path=str(ending.done.output_path), output_bytes=ending.done.bytes,
                 phases=[p.model_dump(mode="json", exclude={"event"}) for p in ending.done.phases],
+                draft_kept_until=self._kept_until(),
             )
         elif ending.code == EndCode.CANCELLED:
             await self.store.mark_cancelled(job.id, job.attempts)
@@ -573,7 +612,7 @@ class Worker:
             end_image = (job.params or {}).get("end_image")
             if isinstance(end_image, str):
                 await self.files.ensure_upload(end_image)
-            spec = build_spec(self.settings, job, image)
+            spec = build_spec(self.settings, job, image, preview_dir=self.preview_dir)
         except MissingFileError as exc:
             return Ending(EndCode.INVALID, str(exc))
         except ValidationError as exc:

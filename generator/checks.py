@@ -130,3 +130,7 @@ def _check_t5_root(root: Path) -> None:
             raise ModelFilesError(f"ltxv.text_encoder_root: {pattern} was not found in {root.name}.")
     if next((root / "text_encoder").glob("*.safetensors"), None) is None:
         raise ModelFilesError(f"ltxv.text_encoder_root: no text_encoder/*.safetensors weights in {root.name}.")
+
+
+class DraftStateError(Exception):
+    """A finalize's kept draft is missing, unreadable or not the draft of this clip."""

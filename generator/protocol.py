@@ -23,6 +23,8 @@ from pydantic import (
 
 PipelineKind = Literal["two_stage", "distilled", "one_stage", "two_stage_hq"]
 PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage", "two_stage_hq")
+# off: the whole clip; draft: stage 1 only, kept for finalize; finalize: the rest of a draft.
+DraftStep = Literal["off", "draft", "finalize"]
 # ltx2: LTX-2 / LTX-2.3 through ltx-core; ltxv: LTX-Video 0.9.x through the ltx-video package.
 ModelFamily = Literal["ltx2", "ltxv"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("ltx2", "ltxv")
@@ -296,6 +298,15 @@ class JobSpec(_Frozen):
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     crf: int = Field(default=23, ge=0, le=51)
     max_bytes: int | None = Field(default=None, ge=4096)
+    # --- drafts and previews (docs/DESIGN.md, 'Drafts and previews') ---
+    # draft: stage 1 only; its half-size clip goes to output_path and what stage 2 needs
+    # (latents, embeddings, conditioning, the RNG state) to draft_state. finalize: upsample,
+    # stage 2 and the decode from draft_state; the clip is the full run's, bit for bit.
+    draft: DraftStep = "off"
+    draft_state: Path | None = None
+    # A PNG of stage 1's current estimate into preview_dir at most this often (0: none).
+    preview_every_seconds: float = Field(default=0.0, ge=0.0)
+    preview_dir: Path | None = None
 
     @property
     def family(self) -> ModelFamily:
@@ -319,6 +330,17 @@ class JobSpec(_Frozen):
             raise ValueError("end_image_path is required when the request has end_image or loop")
         if not self.request.keyframed and self.end_image_path is not None:
             raise ValueError("end_image_path is set but the request has neither end_image nor loop")
+        return self
+
+    @model_validator(mode="after")
+    def _draft_needs_two_stages(self) -> JobSpec:
+        if self.draft != "off":
+            if self.family != "ltx2" or self.request.pipeline not in ("two_stage", "distilled"):
+                raise ValueError("draft: only LTX-2's two-stage pipelines (two_stage, distilled) have a draft")
+            if self.draft_state is None:
+                raise ValueError("draft: draft_state names the file that keeps the draft for its finalize")
+        if self.preview_every_seconds > 0 and self.preview_dir is None:
+            raise ValueError("preview_every_seconds: previews need a preview_dir")
         return self
 
     @model_validator(mode="after")
@@ -399,6 +421,19 @@ class ProgressEvent(_Frozen):
     total: int = Field(ge=0)
 
 
+class PreviewEvent(_Frozen):
+    """A small PNG of the denoised estimate at this step of a stage (generator/preview.py)."""
+
+    event: Literal["preview"] = "preview"
+    stage: str
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+    path: Path
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    seconds: float = Field(ge=0)  # what making it cost
+
+
 class DoneEvent(_Frozen):
     event: Literal["done"] = "done"
     output_path: Path
@@ -422,7 +457,8 @@ class ErrorEvent(_Frozen):
 
 
 Event = Annotated[
-    ReadyEvent | StartedEvent | PhaseEvent | ProgressEvent | DoneEvent | ErrorEvent, Field(discriminator="event")
+    ReadyEvent | StartedEvent | PhaseEvent | ProgressEvent | PreviewEvent | DoneEvent | ErrorEvent,
+    Field(discriminator="event"),
 ]
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 

@@ -49,13 +49,26 @@ class Admin(commands.GroupCog, group_name="admin", group_description="Bot admini
             await interaction.response.send_message("The queue is running.", ephemeral=True)
 
     @app_commands.command(name="purge", description="Delete a user's stored images and clips and anonymise their jobs.")
-    @app_commands.describe(user="Whose data to delete")
-    async def purge(self, interaction: discord.Interaction[Any], user: discord.User) -> None:
+    @app_commands.describe(user="Whose data to delete", drafts="Delete every kept draft's latents (all users)")
+    async def purge(
+        self, interaction: discord.Interaction[Any], user: discord.User | None = None, drafts: bool = False
+    ) -> None:
         if not await self._admin_only(interaction):
+            return
+        if user is None and not drafts:
+            await interaction.response.send_message(
+                "Say what to purge: `user:` for one user's data, or `drafts:True` for every kept draft.",
+                ephemeral=True)
+            return
+        if user is None:
+            text = await self.bot.service.purge_drafts()
+            await interaction.response.send_message(text, ephemeral=True)
             return
         # A running clip is stopped before its folder goes, which can take longer than 3 seconds.
         await interaction.response.defer(ephemeral=True, thinking=True)
         text = await self.bot.service.purge_user(user.id)
+        if drafts:
+            text += " " + await self.bot.service.purge_drafts()
         await interaction.edit_original_response(content=text, allowed_mentions=discord.AllowedMentions.none())
 
 

@@ -53,6 +53,7 @@ class Animate(commands.Cog):
         loop="End on the first image, so the clip loops",
         lora="A LoRA this bot offers (camera moves, styles)",
         lora_strength="How strongly the LoRA applies (default: the owner's; -2 to 2)",
+        draft="A quick half-size draft first, then Finalize or Rerun (two-stage LTX-2 only)",
     )
     @app_commands.choices(model=[
         app_commands.Choice(name="LTX-2", value="ltx2"),
@@ -76,13 +77,14 @@ class Animate(commands.Cog):
         loop: bool | None = None,
         lora: str | None = None,
         lora_strength: app_commands.Range[float, MIN_LORA_STRENGTH, MAX_LORA_STRENGTH] | None = None,
+        draft: bool | None = None,
     ) -> None:
         options = RequestOptions(
             preset=size, seconds=seconds, frames=frames, width=width, height=height, seed=seed, audio=audio,
             pipeline=pipeline, family=FAMILIES[model.value] if model is not None else None, loop=loop,
             lora=lora, lora_strength=lora_strength,
         )
-        await self.bot.service.animate_from_command(interaction, image, prompt, options, end_image)
+        await self.bot.service.animate_from_command(interaction, image, prompt, options, end_image, draft)
 
     @animate.autocomplete("size")
     async def _sizes(self, interaction: discord.Interaction[Any], current: str) -> list[app_commands.Choice[str]]:

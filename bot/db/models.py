@@ -24,6 +24,11 @@ class Base(AsyncAttrs, DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class DraftStep(enum.StrEnum):
+    DRAFT = "draft"
+    FINALIZE = "finalize"
+
+
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -105,6 +110,12 @@ class Job(Base):
     phases: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     # One entry per ended attempt: {"attempt", "code", "message", "at"}.
     history: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # Drafts (docs/DESIGN.md, 'Drafts and previews'): "draft" renders stage 1 and keeps it,
+    # "finalize" renders the rest of the draft ``draft_of``; None is a whole clip. A draft's
+    # kept latents live until ``draft_kept_until``; None once they are deleted.
+    draft: Mapped[str | None] = mapped_column(String(16))
+    draft_of: Mapped[int | None] = mapped_column(Integer)
+    draft_kept_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),

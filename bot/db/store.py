@@ -23,6 +23,7 @@ from bot.db.engine import create_engine, session_factory
 from bot.db.models import (
     ACTIVE_STATUSES,
     Blob,
+    DraftStep,
     EndCode,
     Job,
     JobStatus,
@@ -73,6 +74,8 @@ class NewJob:
     request_message_id: str | None = None
     max_bytes: int | None = None
     predicted_peak_gib: float | None = None
+    draft: str | None = None
+    draft_of: int | None = None
 
 
 class CancelOutcome(enum.StrEnum):
@@ -187,6 +190,8 @@ class JobStore:
             status=JobStatus.QUEUED,
             attempts=0,
             max_bytes=new.max_bytes,
+            draft=new.draft,
+            draft_of=new.draft_of,
             created_at=utcnow(),
             history=[],
         )
@@ -387,12 +392,17 @@ class JobStore:
         return await self._fenced(job_id, attempt, phases=phases)
 
     async def finish(
-        self, job_id: int, attempt: int, *, output_path: str, output_bytes: int, phases: list[dict[str, Any]]
+        self, job_id: int, attempt: int, *, output_path: str, output_bytes: int, phases: list[dict[str, Any]],
+        draft_kept_until: datetime | None = None,
     ) -> bool:
+        """``draft_kept_until``: a draft's latents are kept until then (the sweep deletes them)."""
+
         def succeed(job: Job) -> bool:
             job.output_path = output_path
             job.output_bytes = output_bytes
             job.phases = phases
+            if job.draft == DraftStep.DRAFT:
+                job.draft_kept_until = draft_kept_until
             job.progress = {"stage": "done", "step": 1, "total": 1}
             _count_gpu_time(job)
             _settle(job, JobStatus.SUCCEEDED)
@@ -630,6 +640,35 @@ class JobStore:
             await session.execute(delete(Blob).where(Blob.key == clip_key(job_id)))
             return bool(getattr(result, "rowcount", 0))
 
+    # --- drafts ----------------------------------------------------------------
+
+    async def finalize_of(self, draft_id: int) -> Job | None:
+        """The newest finalize of a draft that is queued, running or done (a failed one may be tried again)."""
+        query = (
+            select(Job)
+            .where(Job.draft == DraftStep.FINALIZE, Job.draft_of == draft_id,
+                   Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED)))
+            .order_by(Job.id.desc())
+            .limit(1)
+        )
+        async with self._sessions() as session:
+            return await session.scalar(query)
+
+    async def kept_drafts(self, *, expired_at: datetime | None = None) -> list[int]:
+        """Drafts whose latents are kept (only those expired at ``expired_at``, when given)."""
+        query = select(Job.id).where(Job.draft_kept_until.is_not(None))
+        if expired_at is not None:
+            query = query.where(Job.draft_kept_until <= expired_at)
+        async with self._sessions() as session:
+            return list(await session.scalars(query.order_by(Job.id)))
+
+    async def forget_drafts(self, job_ids: list[int]) -> None:
+        """These drafts' latents are deleted: a Finalize of them is refused from now on."""
+        if not job_ids:
+            return
+        async with self._sessions.begin() as session:
+            await session.execute(update(Job).where(Job.id.in_(job_ids)).values(draft_kept_until=None))
+
     # --- queue control ---------------------------------------------------------
 
     async def set_paused(self, paused: bool) -> None:
@@ -685,6 +724,7 @@ class JobStore:
                 job.negative_prompt = None
                 job.params = {**job.params, "prompt": "", "negative_prompt": None}
                 job.input_sha256 = ""
+                job.draft_kept_until = None  # its folder, latents included, is deleted
         return PurgeResult(
             jobs=[job.id for job in jobs],
             images=sorted(inputs - shared),

@@ -80,7 +80,41 @@ class _Run:
     ledger: LtxLedger
     generator: torch.Generator
     components: PipelineComponents
+    params: Any = None
     contexts: list[Any] = field(default_factory=list)
+    # Stage 1's transformer, kept for stage 2 to reuse; held here alone so stage 2 can drop it.
+    kept_transformer: Any = None
+    # Called with (stage, step, total, denoised video tokens, pixel shape) after each step
+    # (generator/preview.py draws stage 1's estimate here).
+    step_observers: list[Callable[[str, int, int, torch.Tensor, VideoPixelShape], None]] = field(
+        default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.request.pipeline
+
+    @property
+    def guided(self) -> bool:
+        return self.kind != "distilled"
+
+    @property
+    def two_stages(self) -> bool:
+        return self.kind != "one_stage"
+
+    @property
+    def reuse(self) -> bool:
+        """Stage 2 takes stage 1's transformer (distilled: as is; two-stage: with the distilled LoRA
+        fused in place) instead of reading the checkpoint again a minute later.
+
+        With the owner's LoRAs stage 2 builds afresh (ltx-core sums every delta before one rounding),
+        so stage 1's transformer is not kept for it: two would be resident at once.
+        """
+        return self.kind == "distilled" or (
+            self.kind == "two_stage" and self.spec.stage_2_transformer == "reuse" and not self.spec.loras)
+
+    def stage_1_size(self) -> tuple[int, int]:
+        req = self.spec.request
+        return (req.width // 2, req.height // 2) if self.two_stages else (req.width, req.height)
 
     def progress(self, stage: str, step: int, total: int) -> None:
         self.emit(ProgressEvent(stage=stage, step=step, total=total))
@@ -129,6 +163,8 @@ class _Run:
             result = inner(video_state, audio_state, sigmas, step_index)
             calls[0] += 1
             if calls[0] % evaluations_per_step == 0 and calls[0] // evaluations_per_step <= total:
+                for observe in self.step_observers:
+                    observe(stage, calls[0] // evaluations_per_step, total, result[0], shape)
                 self.progress(stage, calls[0] // evaluations_per_step, total)
             return result
 
@@ -182,14 +218,29 @@ def generate(
 def _generate(
     spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
 ) -> DoneEvent:
-    req = spec.request
-    kind = req.pipeline
+    run = new_run(spec, device, tracker, emit, ledger_factory)
+    if run.spec.draft != "off":
+        # Draft and finalize are this run cut after stage 1 (docs/DESIGN.md, 'Drafts and previews').
+        from generator.ltx2 import draft
+
+        return draft.render(run)
+    cond_1, cond_2 = encode_inputs(run)
+    if run.kind == "two_stage_hq":
+        video_state, audio_state = hq_stages(run, cond_1, cond_2, *run.stage_1_size())
+    else:
+        video_state, audio_state = stage_1(run, cond_1, keep_transformer=run.reuse)
+        if run.two_stages:
+            video_state, audio_state = refine(run, video_state, audio_state, cond_2)
+    return finish(run, video_state, audio_state)
+
+
+def new_run(
+    spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
+) -> _Run:
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     checkpoint = main_checkpoint(spec)
     if spec.weights == "fp8_scaled_mm":
         check_device(device)  # before any model is read
-    params = detect_params(str(checkpoint))
-    steps = req.steps or params.num_inference_steps
     # The VRAM budget's plan: it may lower the guidance batch or the decode tiles, and streams big models.
     # A host RAM budget bounds what streaming pins too; without one, streamed blocks are all pinned.
     pin_limit = int(spec.host_ram_budget_gib * 2**30) if spec.host_ram_budget_gib > 0 else None
@@ -211,15 +262,26 @@ def _generate(
     ledger = planner.ledger(ledger)
     run = _Run(
         spec=spec, device=device, dtype=dtype, tracker=tracker, emit=emit, ledger=ledger,
-        generator=torch.Generator(device=device).manual_seed(req.seed),
+        generator=torch.Generator(device=device).manual_seed(spec.request.seed),
         components=PipelineComponents(dtype=dtype, device=device),
+        params=detect_params(str(checkpoint)),
     )
-    guided = kind != "distilled"
-    two_stages = kind != "one_stage"
-    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if guided else [req.prompt]
-    images, condition = conditioning_images(spec)
-    width_1, height_1 = (req.width // 2, req.height // 2) if two_stages else (req.width, req.height)
+    if spec.preview_every_seconds > 0:
+        from generator.preview import Previewer
 
+        run.step_observers.append(Previewer(run))
+    return run
+
+
+def encode_inputs(run: _Run) -> tuple[list[Any], list[Any]]:
+    """Prompts (from the embedding cache when it has them), then image encode: sets ``run.contexts``;
+    returns the two stages' image conditionings."""
+    spec, req, tracker, ledger = run.spec, run.spec.request, run.tracker, run.ledger
+    device, dtype = run.device, run.dtype
+    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if run.guided else [req.prompt]
+    images, condition = conditioning_images(spec)
+    width_1, height_1 = run.stage_1_size()
+    checkpoint = main_checkpoint(spec)
     cache = (
         EmbeddingCache(spec.embedding_cache_dir, spec.embedding_cache_bytes)
         if spec.embedding_cache_dir is not None and spec.embedding_cache_bytes > 0 else None
@@ -232,14 +294,84 @@ def _generate(
     with tracker.phase("image_encode"):
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
         cond_1 = condition(images, height_1, width_1, encoder, dtype, device)
-        cond_2 = condition(images, req.height, req.width, encoder, dtype, device) if two_stages else []
+        cond_2 = condition(images, req.height, req.width, encoder, dtype, device) if run.two_stages else []
         del encoder
+    return cond_1, cond_2
 
-    if kind == "two_stage_hq":
-        video_state, audio_state = hq_stages(run, cond_1, cond_2, width_1, height_1)
-    else:
-        video_state, audio_state = _stages(run, params, steps, cond_1, cond_2, width_1, height_1)
 
+def preparer(spec: JobSpec) -> Callable[[Any], Any]:
+    """What a built transformer goes through before it runs: scaled-mm Linears, compiled blocks (both optional)."""
+    return functools.partial(
+        prepare_transformer, scaled_mm=spec.weights == "fp8_scaled_mm", compile_blocks=spec.compile_blocks,
+        cache_dir=spec.compile_cache_dir,
+    )
+
+
+def stage_1(run: _Run, cond_1: list[Any], *, keep_transformer: bool) -> tuple[Any, Any]:
+    """Stage 1 (the whole denoise for one_stage): the video and audio states; with
+    ``keep_transformer`` the transformer stays in ``run.kept_transformer`` for stage 2."""
+    req, tracker, device = run.spec.request, run.tracker, run.device
+    width_1, height_1 = run.stage_1_size()
+    with tracker.phase("stage_1"):
+        keep_until = "stage_2" if keep_transformer else None
+        transformer = tracker.watch(preparer(run.spec)(run.ledger.transformer()), "transformer", until=keep_until)
+        if run.guided:
+            steps = req.steps or run.params.num_inference_steps
+            sigmas = LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
+        else:
+            sigmas = torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+        shape_1 = VideoPixelShape(batch=1, frames=req.frames, width=width_1, height=height_1, fps=req.fps)
+        video_state, audio_state = run.denoise(
+            "generating", transformer, sigmas, shape_1, cond_1,
+            guided=run.guided, steps_params=run.params,
+        )
+        for observe in run.step_observers:
+            close = getattr(observe, "close", None)
+            if close is not None:
+                close()  # a preview decoder lives only as long as stage 1
+        if keep_transformer:
+            run.kept_transformer = transformer
+        del transformer
+    return video_state, audio_state
+
+
+def refine(run: _Run, video_state: Any, audio_state: Any, cond_2: list[Any]) -> tuple[Any, Any]:
+    """Upsample stage 1's latent and run stage 2 (with stage 1's transformer when it was kept)."""
+    spec, req, tracker, ledger, device = run.spec, run.spec.request, run.tracker, run.ledger, run.device
+    prepare = preparer(spec)
+    with tracker.phase("upsample"):
+        run.progress("upsampling", 0, 1)
+        encoder = tracker.watch(ledger.video_encoder(), "video encoder")
+        upsampler = tracker.watch(ledger.spatial_upsampler(), "spatial upsampler")
+        upscaled = upsample_video(latent=video_state.latent[:1], video_encoder=encoder, upsampler=upsampler)
+        del encoder, upsampler, video_state
+
+    with tracker.phase("stage_2"):
+        transformer, run.kept_transformer = run.kept_transformer, None
+        if run.kind == "two_stage":
+            assert spec.models.distilled_lora is not None
+            lora = LoraPathStrengthAndSDOps(str(spec.models.distilled_lora), 1.0, LTXV_LORA_COMFY_RENAMING_MAP)
+            if transformer is not None:
+                transformer = ledger.transformer_with_loras((lora,), kept=transformer)
+            else:
+                transformer = tracker.watch(prepare(ledger.transformer_with_loras((lora,))), "transformer + LoRA")
+        elif transformer is None:
+            transformer = tracker.watch(prepare(ledger.transformer()), "transformer")
+        sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
+        shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
+        video_state, audio_state = run.denoise(
+            "refining", transformer, sigmas, shape_2, cond_2, guided=False, steps_params=run.params,
+            noise_scale=sigmas[0], initial_video_latent=upscaled, initial_audio_latent=audio_state.latent,
+        )
+        del transformer, upscaled
+    return video_state, audio_state
+
+
+def finish(run: _Run, video_state: Any, audio_state: Any, spec: JobSpec | None = None) -> DoneEvent:
+    """Decode the audio, then stream the tiled video decode into the encoder; ``spec`` (default the
+    job's) says the clip's size and where it goes."""
+    spec = spec or run.spec
+    req, tracker, ledger = spec.request, run.tracker, run.ledger
     audio_track: tuple[np.ndarray, int] | None = None
     if req.audio:
         with tracker.phase("audio_decode"):
@@ -268,68 +400,4 @@ def _generate(
     del video_state
     done = stream_clip(spec, tracker, frames, run.progress, audio_track)
     log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
-    ledger.store.finish(spec.prepared_dir if spec.host_ram_budget_gib > 0 else None)
     return done
-
-
-def preparer(spec: JobSpec) -> Callable[[Any], Any]:
-    """What a built transformer goes through before it runs: scaled-mm Linears, compiled blocks (both optional)."""
-    return functools.partial(
-        prepare_transformer, scaled_mm=spec.weights == "fp8_scaled_mm", compile_blocks=spec.compile_blocks,
-        cache_dir=spec.compile_cache_dir,
-    )
-
-
-def _stages(
-    run: _Run, params: Any, steps: int, cond_1: list[Any], cond_2: list[Any], width_1: int, height_1: int
-) -> tuple[Any, Any]:
-    """Denoise: stage 1, then (two-stage and distilled) the upsample and stage 2."""
-    spec, req, tracker, ledger, device = run.spec, run.spec.request, run.tracker, run.ledger, run.device
-    prepare = preparer(spec)
-    kind = req.pipeline
-    guided = kind != "distilled"
-    two_stages = kind != "one_stage"
-    # Stage 2 takes stage 1's transformer (distilled: as is; two-stage: with the distilled LoRA
-    # fused in place) instead of reading the checkpoint again a minute later.
-    # With the owner's LoRAs stage 2 builds afresh (ltx-core sums every delta before one rounding), so
-    # stage 1's transformer is not kept for it: two would be resident at once.
-    reuse = kind == "distilled" or (kind == "two_stage" and spec.stage_2_transformer == "reuse" and not spec.loras)
-    with tracker.phase("stage_1"):
-        keep_until = "stage_2" if reuse else None
-        transformer = tracker.watch(prepare(ledger.transformer()), "transformer", until=keep_until)
-        if guided:
-            sigmas = LTX2Scheduler().execute(steps=steps).to(dtype=torch.float32, device=device)
-        else:
-            sigmas = torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
-        shape_1 = VideoPixelShape(batch=1, frames=req.frames, width=width_1, height=height_1, fps=req.fps)
-        video_state, audio_state = run.denoise(
-            "generating", transformer, sigmas, shape_1, cond_1,
-            guided=guided, steps_params=params,
-        )
-        if not reuse:
-            del transformer
-
-    if two_stages:
-        with tracker.phase("upsample"):
-            run.progress("upsampling", 0, 1)
-            encoder = tracker.watch(ledger.video_encoder(), "video encoder")
-            upsampler = tracker.watch(ledger.spatial_upsampler(), "spatial upsampler")
-            upscaled = upsample_video(latent=video_state.latent[:1], video_encoder=encoder, upsampler=upsampler)
-            del encoder, upsampler, video_state
-
-        with tracker.phase("stage_2"):
-            if kind == "two_stage":
-                assert spec.models.distilled_lora is not None
-                lora = LoraPathStrengthAndSDOps(str(spec.models.distilled_lora), 1.0, LTXV_LORA_COMFY_RENAMING_MAP)
-                if reuse:
-                    transformer = ledger.transformer_with_loras((lora,), kept=transformer)
-                else:
-                    transformer = tracker.watch(prepare(ledger.transformer_with_loras((lora,))), "transformer + LoRA")
-            sigmas = torch.tensor(STAGE_2_DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
-            shape_2 = VideoPixelShape(batch=1, frames=req.frames, width=req.width, height=req.height, fps=req.fps)
-            video_state, audio_state = run.denoise(
-                "refining", transformer, sigmas, shape_2, cond_2, guided=False, steps_params=params,
-                noise_scale=sigmas[0], initial_video_latent=upscaled, initial_audio_latent=audio_state.latent,
-            )
-            del transformer, upscaled
-    return video_state, audio_state

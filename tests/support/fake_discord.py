@@ -591,12 +591,16 @@ class FakeDiscord:
         return json_response({"id": cid, "type": 0, "name": "clips", "guild_id": self.guild_id, "position": 0,
                               "permission_overwrites": []})
 
-    @staticmethod
-    def _apply_edit(message: dict[str, Any], rec: Recorded) -> None:
+    def _apply_edit(self, message: dict[str, Any], rec: Recorded) -> None:
         body = rec.json or {}
         for key in ("content", "embeds", "components"):
             if key in body:
                 message[key] = body[key] or ([] if key != "content" else "")
+        if rec.files:  # uploaded with the edit: they replace what the message had
+            message["attachments"] = [self.attachment(f.data, f.filename, f.content_type) for f in rec.files]
+        elif "attachments" in body:  # the ones listed by id stay, the rest go
+            kept = {str(a.get("id")) for a in body["attachments"] or []}
+            message["attachments"] = [a for a in message.get("attachments") or [] if a["id"] in kept]
         message["edited_timestamp"] = _iso_now()
 
 
