@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from bot.db.models import DraftStep
+from bot.shared_files import SharedFiles
 from bot.worker import draft_state_path
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ async def delete_kept(settings: Settings, store: JobStore, job_ids: list[int]) -
             await asyncio.to_thread(path.unlink, True)
             removed += 1
     await store.forget_drafts(job_ids)
+    await SharedFiles(settings, store).forget_drafts(job_ids)
     return removed
 
 

@@ -462,8 +462,8 @@ class JobService:
             where = f" ({earlier.posted_message_url})" if earlier.posted_message_url else ""
             await tell(interaction, f"This draft is already finalized as job {earlier.id}{where}.")
             return
-        kept = job.draft_kept_until is not None and await asyncio.to_thread(
-            draft_state_path(self.settings, job.id).is_file)
+        kept = job.draft_kept_until is not None and await self.files.has_draft(
+            job.id, draft_state_path(self.settings, job.id))
         if not kept:
             hours = self.settings.generation.draft_keep_hours
             await tell(interaction, f"The draft of job {job_id} can't be finalized any more: its kept latents were "

@@ -81,7 +81,8 @@ async def finalize(settings: Settings, store: JobStore, args: argparse.Namespace
     if draft is None or draft.draft != DraftStep.DRAFT or draft.status != JobStatus.SUCCEEDED:
         print(f"Job {args.job_id} is not a finished draft.", file=sys.stderr)
         return 2
-    if draft.draft_kept_until is None or not draft_state_path(settings, draft.id).is_file():
+    files = Worker(settings, store).files
+    if draft.draft_kept_until is None or not await files.has_draft(draft.id, draft_state_path(settings, draft.id)):
         print(f"The draft of job {draft.id} was deleted (drafts are kept for "
               f"{settings.generation.draft_keep_hours:g} hours); render it again.", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.db.store import clip_key, input_key
+from bot.db.store import clip_key, draft_key, input_key
 from bot.intake.image import confined_path
 
 if TYPE_CHECKING:
@@ -106,6 +106,30 @@ class SharedFiles:
         if blob is None or hashlib.sha256(blob[0]).hexdigest() != sha256:
             raise MissingFileError("An image for this clip is no longer stored; start a new /animate.")
         await asyncio.to_thread(_write_atomically, local, blob[0])
+
+    # --- drafts' kept latents ---------------------------------------------------------
+
+    async def publish_draft(self, job_id: int, path: Path) -> None:
+        """A finished draft's kept state, for a finalize that another host's worker may claim."""
+        if self.enabled and await asyncio.to_thread(path.is_file):
+            data = await asyncio.to_thread(path.read_bytes)
+            await self.store.put_blob(draft_key(job_id), data, hashlib.sha256(data).hexdigest())
+
+    async def has_draft(self, job_id: int, path: Path) -> bool:
+        if await asyncio.to_thread(path.is_file):
+            return True
+        return self.enabled and await self.store.has_blob(draft_key(job_id))
+
+    async def draft_here(self, job_id: int, path: Path) -> None:
+        """Make the draft's kept state exist at ``path`` (this host's job folder of the draft)."""
+        if not self.enabled or await asyncio.to_thread(path.is_file):
+            return
+        blob = await self.store.get_blob(draft_key(job_id))
+        if blob is not None and hashlib.sha256(blob[0]).hexdigest() == blob[1]:
+            await asyncio.to_thread(_write_atomically, path, blob[0])
+
+    async def forget_drafts(self, job_ids: list[int]) -> None:
+        await self.store.delete_blobs([draft_key(job_id) for job_id in job_ids])
 
     # --- finished clips -----------------------------------------------------------------
 

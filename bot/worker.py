@@ -591,6 +591,8 @@ class Worker:
         if ending.code == EndCode.OK and ending.done is not None:
             # Stored before the job reads as done, so a front end on another host finds it.
             await self.files.publish_clip(job.id, ending.done.output_path)
+            if job.draft == DraftStep.DRAFT:
+                await self.files.publish_draft(job.id, draft_state_path(self.settings, job.id))
             await self.store.finish(
                 job.id, job.attempts, output_path=str(ending.done.output_path), output_bytes=ending.done.bytes,
                 phases=[p.model_dump(mode="json", exclude={"event"}) for p in ending.done.phases],
@@ -612,6 +614,8 @@ class Worker:
             end_image = (job.params or {}).get("end_image")
             if isinstance(end_image, str):
                 await self.files.ensure_upload(end_image)
+            if job.draft == DraftStep.FINALIZE and job.draft_of is not None:
+                await self.files.draft_here(job.draft_of, draft_state_path(self.settings, job.draft_of))
             spec = build_spec(self.settings, job, image, preview_dir=self.preview_dir)
         except MissingFileError as exc:
             return Ending(EndCode.INVALID, str(exc))

@@ -206,3 +206,22 @@ def test_a_job_records_the_least_vram_it_can_run_in() -> None:
     assert small < 8.0 < large
     assert least_vram(settings, GenerationRequest(prompt="p", family="ltxv", width=768, height=512, frames=97,
                                                   seed=1, audio=False)) is None  # no fitted model: any worker
+
+
+async def test_a_drafts_kept_latents_reach_a_finalize_on_another_host(tmp_path: Path, db_url: str,
+                                                                      store: JobStore) -> None:
+    from bot.db.store import draft_key
+    from bot.drafts import delete_kept
+    from bot.worker import draft_state_path
+
+    here = Settings(data_dir=tmp_path / "a", database_url=db_url, share_files="database")
+    there = Settings(data_dir=tmp_path / "b", database_url=db_url, share_files="database")
+    kept = draft_state_path(here, 7)
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"latents")
+    await SharedFiles(here, store).publish_draft(7, kept)
+    assert await SharedFiles(there, store).has_draft(7, draft_state_path(there, 7))
+    await SharedFiles(there, store).draft_here(7, draft_state_path(there, 7))
+    assert draft_state_path(there, 7).read_bytes() == b"latents"
+    await delete_kept(here, store, [7])
+    assert not await store.has_blob(draft_key(7)) and not kept.exists()

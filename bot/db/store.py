@@ -56,6 +56,11 @@ def clip_key(job_id: int) -> str:
     return f"clip:{job_id}"
 
 
+def draft_key(job_id: int) -> str:
+    """A draft's kept latents, for a finalize on another host."""
+    return f"draft:{job_id}"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -704,7 +709,8 @@ class JobStore:
                     select(Job.input_sha256).where(Job.user_id != user_id, Job.input_sha256.in_(shas))
                 )
             )
-            blobs = [input_key(sha) for sha in shas - kept_shas] + [clip_key(job.id) for job in jobs]
+            blobs = [input_key(sha) for sha in shas - kept_shas] + [clip_key(job.id) for job in jobs] + [
+                draft_key(job.id) for job in jobs]
             await session.execute(delete(Blob).where(Blob.key.in_(blobs)))
             if any(job.params.get("end_image") for job in jobs):
                 # End images live in params (docs/DESIGN.md, 'Modes'); rare enough to scan the others' rows.
