@@ -103,6 +103,7 @@ def test_make_run_builds_the_ltxv_venv_only_when_the_config_enables_it(tmp_path:
 SUBCOMMAND_ARGS: dict[str, list[str]] = {
     "run": [], "db": ["upgrade"], "jobs": [], "job": ["1"], "config": ["check"], "intake": ["photo.png"],
     "animate": ["photo.png", "waves roll in"], "models": ["tiny", "models"], "finalize": ["1"],
+    "worker": [], "workers": [], "drain": ["gpu0"],
 }
 
 

@@ -110,7 +110,8 @@ async def test_animate_slash_command_delivers_the_clip(make_harness: Callable[..
     assert "You have no job 1" in await h.answer_text(stranger)
     queue = await fake.slash(ALICE, "queue")
     text = await h.answer_text(queue)
-    assert "**2** waiting" in text and "paused" in text and "job 2: 1 of 2" in text
+    assert "**2** waiting" in text and "paused" in text and "1. job 2 (yours) · 2. job 3 (yours)" in text
+    assert "Idle: " in text  # the bot's own worker, waiting while the queue is paused
 
 
 def _png_bomb() -> bytes:
