@@ -81,13 +81,13 @@ class PhaseTracker:
         self.leaks: list[str] = []
         self._watched: list[tuple[str, str, weakref.ref[object]]] = []
         self._plan: dict[str, Any] = {}
+        # Set by a backend that loads through a counting store: each phase reports its weight reads.
+        self.loads: LoadCounter | None = None
+        self._loads_at_start: LoadCounter | None = None
 
     def note_plan(self, **values: Any) -> None:
         """Record what the budget's planner chose for the current phase (reported with its figures)."""
         self._plan.update(values)
-        # Set by a backend that loads through a counting store: each phase reports its weight reads.
-        self.loads: LoadCounter | None = None
-        self._loads_at_start: LoadCounter | None = None
 
     def watch(self, model: M, name: str, until: str | None = None) -> M:
         """Remember ``model`` by weak reference; it must be gone once phase ``until`` (default: this one) ends."""
