@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,9 @@ COMPILED_RELATIVE_TOLERANCE = 1e-5
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two tiny renders and a trace: minutes on a busy 2-core machine
+# Opt-in (LTXBOT_COMPILE_TEST=1): compiled blocks are off by default and the trace alone takes longer
+# than the rest of a CI run can spare on two cores; run it whenever generator/ltx2/compiled.py changes.
+@pytest.mark.skipif(not os.environ.get("LTXBOT_COMPILE_TEST"), reason="set LTXBOT_COMPILE_TEST=1 to trace the blocks")
 def test_compiled_blocks_give_the_eager_latents(tmp_path: Path, tiny_models: Path) -> None:
     spec = make_spec(tmp_path, tiny_models, pipeline="one_stage", width=64, height=64, frames=9, steps=2)
     spec = spec.model_copy(update={"dtype": "float32", "compile_cache_dir": tmp_path / "compile"})
