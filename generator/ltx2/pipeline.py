@@ -400,4 +400,6 @@ def finish(run: _Run, video_state: Any, audio_state: Any, spec: JobSpec | None =
     del video_state
     done = stream_clip(spec, tracker, frames, run.progress, audio_track)
     log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
+    # What this job read, in order: the next standby stages it (generator/ltx2/staging.py).
+    ledger.store.finish(run.spec.prepared_dir if run.spec.host_ram_budget_gib > 0 else None)
     return done
