@@ -190,6 +190,10 @@ class WorkerSettings(_Section):
     gpu: int | None = Field(default=None, ge=0, le=63)
     # A running job whose worker has not renewed its claim for this long is given to another worker.
     lease_seconds: float = Field(default=60.0, ge=2.0, le=3600.0)
+    # A queued job that no live worker can render (its family is served nowhere, or it needs more VRAM
+    # than any worker's budget) fails with a clear message after waiting this long, so that a worker
+    # that is still starting can take it first.
+    unserved_grace_seconds: float = Field(default=60.0, ge=0.0, le=86400.0)
 
 
 class DiscordSettings(_Section):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from bot.db.models import NOT_RETRIED, DraftStep, EndCode, WorkerState
-from bot.db.store import ClaimingWorker, WorkerInfo, is_orphaned
+from bot.db.store import ClaimingWorker, WorkerInfo, add_capability, is_orphaned
 from bot.processes import ProcessId, host_name, is_our_generator, kill_group, process_start_ticks
 from bot.shared_files import MissingFileError, SharedFiles
 from generator.lifeline import SUPERVISOR_ENV
@@ -92,6 +92,20 @@ class Ending:
     code: EndCode
     message: str
     done: DoneEvent | None = None
+
+
+def unservable_reason(job: Job, served: dict[str, float | None]) -> str | None:
+    """Why no worker in ``served`` (family -> largest VRAM budget, None: any) can render ``job``; None if one can."""
+    family = job.family or "ltx2"
+    if family not in served:
+        name = FAMILY_NAMES.get(family, family)
+        return (f"The {name} model family is not enabled on this bot, so this clip cannot be rendered. "
+                f"Please start a new /animate.")
+    budget, need = served[family], job.predicted_peak_gib
+    if budget is not None and need is not None and need > budget:
+        return (f"This clip needs about {need:.1f} GiB of GPU memory and the largest worker's budget is "
+                f"{budget:.1f} GiB. Try fewer frames or a smaller size.")
+    return None
 
 
 class GeneratorStartError(Exception):
@@ -508,6 +522,25 @@ class Worker:
         for job in await self.store.recover_expired(self.settings.generator.max_attempts):
             log.warning("job %s: its worker stopped renewing its lease; it goes back to the queue", job.id)
 
+    async def refuse_unservable(self) -> None:
+        """Fail queued jobs that no live worker can render, instead of leaving them queued for ever."""
+        now = datetime.now(UTC)
+        grace = timedelta(seconds=self.settings.worker.unserved_grace_seconds)
+        waiting = await self.store.queued_since(now - grace)
+        if not waiting:
+            return
+        served = await self.store.capabilities(now - timedelta(seconds=2 * self.settings.worker.lease_seconds))
+        for family in self.claiming.families:  # this worker, registered or not
+            add_capability(served, family, self.claiming.vram_budget_gib)
+        for job in waiting:
+            message = unservable_reason(job, served)
+            if message is None:
+                continue
+            refused = await self.store.refuse_queued(job.id, message)
+            if refused is not None:
+                log.warning("job %s: no worker can render it; it failed (%s)", job.id, message)
+                await self._notify(refused, Ending(EndCode.INVALID, message))
+
     async def run_forever(self, *, recover: bool = True) -> None:
         """Run jobs until cancelled or drained. An unexpected error is logged with an id and the loop goes on
         after a pause (doubling while errors repeat): a bot that takes jobs must never stop running them."""
@@ -557,6 +590,7 @@ class Worker:
         """
         if not self._recovered:
             await self.recover()
+        await self.refuse_unservable()
         job = await self.store.claim_next(only_id=only_job, supervisor=self.me, worker=self.claiming)
         if job is None:
             return None

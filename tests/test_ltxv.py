@@ -193,7 +193,7 @@ async def test_a_job_of_each_family_back_to_back_each_in_its_own_interpreter(
 async def test_a_job_for_a_family_that_is_not_enabled_fails_clearly(
     make_settings: Callable[..., Settings], store: JobStore
 ) -> None:
-    settings = make_settings()
+    settings = make_settings(worker={"unserved_grace_seconds": 0})
     job_id = await queue_job(settings, store, frames=9, family="ltxv", pipeline="distilled")
     await Worker(settings, store).step()
     job = await store.get(job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,31 @@ async def test_a_drafts_kept_latents_reach_a_finalize_on_another_host(tmp_path: 
     assert draft_state_path(there, 7).read_bytes() == b"latents"
     await delete_kept(here, store, [7])
     assert not await store.has_blob(draft_key(7)) and not kept.exists()
+
+
+async def test_a_queued_job_no_live_worker_can_render_fails_clearly_after_the_grace(
+    make_settings: Callable[..., Settings], store: JobStore
+) -> None:
+    settings = make_settings(worker={"unserved_grace_seconds": 0}, generator={"vram_budget_gib": 8})
+    other_family = await store.create(new_job(family="ltxv"))
+    too_big = await store.create(new_job(predicted_peak_gib=30.0))
+    fits = await store.create(new_job(predicted_peak_gib=6.0))
+    await store.register_worker(WorkerInfo(id="w2", name="box:gpu1", host="box", pid=1, gpu=1, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltxv"], libraries={}))
+    patient = Worker(make_settings(generator={"vram_budget_gib": 8}), store)
+    await patient.refuse_unservable()  # the default grace: nothing has waited a minute yet
+    worker_here = Worker(settings, store)
+    await worker_here.refuse_unservable()
+    states = {j: (await store.get(j)) for j in (other_family.id, too_big.id, fits.id)}
+    assert states[other_family.id].status == JobStatus.QUEUED  # type: ignore[union-attr]  # w2 renders LTX-Video
+    assert states[fits.id].status == JobStatus.QUEUED  # type: ignore[union-attr]
+    refused = states[too_big.id]
+    assert refused is not None and refused.status == JobStatus.FAILED and refused.error_code == EndCode.INVALID
+    assert "needs about 30.0 GiB" in (refused.error_message or "")
+
+    await store.worker_heartbeat("w2", WorkerState.STOPPED)
+    await worker_here.refuse_unservable()
+    gone = await store.get(other_family.id)
+    assert gone is not None and gone.status == JobStatus.FAILED
+    assert "LTX-Video model family is not enabled" in (gone.error_message or "")
+    assert (await store.get(fits.id)).status == JobStatus.QUEUED  # type: ignore[union-attr]

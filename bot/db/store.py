@@ -351,6 +351,32 @@ class JobStore:
         async with self._sessions.begin() as session:
             return (await session.scalars(statement)).first()
 
+    async def capabilities(self, live_after: datetime) -> dict[str, float | None]:
+        """Per family, the largest VRAM budget among workers heard from since ``live_after`` (None: any size)."""
+        async with self._sessions() as session:
+            rows = await session.scalars(select(WorkerRecord).where(
+                WorkerRecord.heartbeat_at >= live_after, WorkerRecord.state != WorkerState.STOPPED))
+            served: dict[str, float | None] = {}
+            for row in rows:
+                for family in row.families:
+                    add_capability(served, family, row.vram_budget_gib)
+            return served
+
+    async def queued_since(self, before: datetime) -> list[Job]:
+        """Queued jobs created before ``before``."""
+        async with self._sessions() as session:
+            return list(await session.scalars(
+                select(Job).where(Job.status == JobStatus.QUEUED, Job.created_at < before).order_by(Job.id)))
+
+    async def refuse_queued(self, job_id: int, message: str) -> Job | None:
+        """Fail a job that is still queued because nothing can render it; None when it is not queued any more."""
+        async with self._sessions.begin() as session:
+            job = await session.get(Job, job_id, with_for_update=True)
+            if job is None or job.status != JobStatus.QUEUED:
+                return None
+            _settle(job, JobStatus.FAILED, EndCode.INVALID, message)
+            return job
+
     async def renew_lease(self, job_id: int, attempt: int, worker_id: str, seconds: float) -> bool:
         """Extend this attempt's claim; False when the attempt no longer holds the job (taken back, ended)."""
         async with self._sessions.begin() as session:
@@ -780,6 +806,14 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+def add_capability(served: dict[str, float | None], family: str, budget: float | None) -> None:
+    """Note that a worker with ``budget`` (None: any size) renders ``family``; the largest budget wins."""
+    if budget is None or (family in served and served[family] is None):
+        served[family] = None
+    else:
+        served[family] = max(budget, served.get(family) or 0.0)
 
 
 def is_orphaned(job: Job, me: ProcessId, *, one_host: bool = False) -> bool:
