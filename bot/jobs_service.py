@@ -262,8 +262,7 @@ class JobService:
         )
         # Stored before the job exists: a worker on another host may claim it at once.
         await self.files.publish_input(Path(input_path), sha256)
-        if request.end_image is not None:
-            await self.files.publish_upload(request.end_image)
+        await self.files.publish_request_uploads(request)
         try:
             return await self.store.create(new, admit=admit), True
         except DuplicateJobError as duplicate:

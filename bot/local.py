@@ -56,8 +56,7 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
         return 2
     worker = Worker(settings, store, preview_dir=args.preview_dir)
     await worker.files.publish_input(image.path, image.sha256)
-    if request.end_image is not None:
-        await worker.files.publish_upload(request.end_image)
+    await worker.files.publish_request_uploads(request)
     job = await store.create(
         NewJob(
             user_id=LOCAL_USER, prompt=request.prompt, negative_prompt=request.negative_prompt,

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 
 from bot.db.store import clip_key, draft_key, input_key
 from bot.intake.image import confined_path
+from generator.protocol import UPLOAD_FIELDS
 
 if TYPE_CHECKING:
     from bot.config import Settings
     from bot.db.models import Job
     from bot.db.store import JobStore
+    from generator.protocol import GenerationRequest
 
 CLIP_NAME = "clip.mp4"
 
@@ -87,7 +89,7 @@ class SharedFiles:
         return local
 
     async def publish_upload(self, name: str) -> None:
-        """Another image of the job (an end image), named ``<sha256>.png`` in this uploads folder."""
+        """Another upload of the job (an end image, a source clip, an audio track), named ``<sha256>.<ext>`` here."""
         if not self.enabled:
             return
         path = confined_path(self.settings.uploads_dir, name)
@@ -95,6 +97,13 @@ class SharedFiles:
         sha256 = hashlib.sha256(data).hexdigest()
         if not await self.store.has_blob(input_key(sha256)):
             await self.store.put_blob(input_key(sha256), data, sha256)
+
+    async def publish_request_uploads(self, request: GenerationRequest) -> None:
+        """Every upload the request names besides its first image (end image, source clip, audio track)."""
+        for field in UPLOAD_FIELDS:
+            name = getattr(request, field)
+            if name is not None:
+                await self.publish_upload(name)
 
     async def ensure_upload(self, name: str) -> None:
         """Make ``uploads/<name>`` exist on this host, fetched by its content name when it was made elsewhere."""

@@ -34,6 +34,7 @@ from generator.lifeline import SUPERVISOR_ENV
 from generator.protocol import (
     FAMILY_NAMES,
     STAGING_ENV,
+    UPLOAD_FIELDS,
     DoneEvent,
     ErrorEvent,
     GenerationRequest,
@@ -138,13 +139,18 @@ def end_image_path(settings: Settings, request: GenerationRequest, image: Path) 
     """The image for the last frame: the first one for a loop, else the end image, inside the uploads folder."""
     if request.loop:
         return image
-    if request.end_image is None:
+    return upload_path(settings, request.end_image, "end image")
+
+
+def upload_path(settings: Settings, name: str | None, what: str) -> Path | None:
+    """An upload name from the request, resolved inside the uploads folder (never outside it)."""
+    if name is None:
         return None
     uploads = settings.uploads_dir.resolve()
-    end = (uploads / request.end_image).resolve()
-    if not end.is_relative_to(uploads):
-        raise ValueError("the job's end image is outside the uploads folder")
-    return end
+    path = (uploads / name).resolve()
+    if not path.is_relative_to(uploads):
+        raise ValueError(f"the job's {what} is outside the uploads folder")
+    return path
 
 
 def lora_files(settings: Settings, request: GenerationRequest) -> tuple[LoraFile, ...]:
@@ -176,6 +182,8 @@ def build_spec(
         request=request,
         image_path=image,
         end_image_path=end_image,
+        source_video_path=upload_path(settings, request.source_video, "source clip"),
+        audio_path=upload_path(settings, request.audio_file, "audio track"),
         loras=lora_files(settings, request),
         output_path=job_dir(settings, job.id) / CLIP_NAME,
         models=ModelFiles(**_absolute(settings.models.model_dump())),
@@ -645,9 +653,10 @@ class Worker:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             image = await self.files.input_for(job)
-            end_image = (job.params or {}).get("end_image")
-            if isinstance(end_image, str):
-                await self.files.ensure_upload(end_image)
+            for field in UPLOAD_FIELDS:
+                name = (job.params or {}).get(field)
+                if isinstance(name, str):
+                    await self.files.ensure_upload(name)
             if job.draft == DraftStep.FINALIZE and job.draft_of is not None:
                 await self.files.draft_here(job.draft_of, draft_state_path(self.settings, job.draft_of))
             spec = build_spec(self.settings, job, image, preview_dir=self.preview_dir)

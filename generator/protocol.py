@@ -27,6 +27,12 @@ PIPELINE_KINDS: tuple[PipelineKind, ...] = ("two_stage", "distilled", "one_stage
 DraftStep = Literal["off", "draft", "finalize"]
 # ltx2: LTX-2 / LTX-2.3 through ltx-core; ltxv: LTX-Video 0.9.x through the ltx-video package.
 ModelFamily = Literal["ltx2", "ltxv"]
+# What a job makes (docs/DESIGN.md, 'Modes'): a clip from the image (animate), a longer clip from a
+# delivered one (extend), a delivered clip with a time region made again (retake), or a clip driven
+# by the user's audio track (lipsync).
+JobMode = Literal["animate", "extend", "retake", "lipsync"]
+# The request's fields that name a file in the uploads folder besides the first image.
+UPLOAD_FIELDS = ("end_image", "source_video", "audio_file")
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("ltx2", "ltxv")
 FAMILY_NAMES: dict[str, str] = {"ltx2": "LTX-2", "ltxv": "LTX-Video"}
 Quantization = Literal["fp8_cast", "fp8_scaled_mm", "bf16"]
@@ -109,6 +115,13 @@ class GenerationRequest(_Frozen):
     loop: bool = False
     # Fused into the transformer of every stage, before the distilled LoRA (as ltx-pipelines orders them).
     loras: tuple[LoraChoice, ...] = Field(default=(), max_length=MAX_LORAS)
+    mode: JobMode = "animate"
+    # Extend and retake: the delivered clip they start from, copied into the uploads folder by
+    # content name (``<sha256>.mp4``), and the job that delivered it (shown in /job).
+    source_video: str | None = Field(default=None, max_length=200)
+    source_job: int | None = Field(default=None, ge=1)
+    # Lipsync: the user's audio track after the audio intake, an upload name (``<sha256>.wav``).
+    audio_file: str | None = Field(default=None, max_length=200)
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -162,10 +175,21 @@ class GenerationRequest(_Frozen):
             raise ValueError("lora needs the LTX-2 model: this bot's LoRAs are LTX-2 LoRAs")
         if len({lora.name for lora in self.loras}) != len(self.loras):
             raise ValueError("lora: each LoRA may be chosen once")
-        if self.end_image is not None and (
-            not self.end_image or "/" in self.end_image or "\\" in self.end_image or self.end_image.startswith(".")
-        ):
-            raise ValueError("end_image must be the name of an uploaded file, not a path")
+        for name in UPLOAD_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not value or "/" in value or "\\" in value or value.startswith(".")):
+                raise ValueError(f"{name} must be the name of an uploaded file, not a path")
+        return self
+
+    @model_validator(mode="after")
+    def _mode_inputs(self) -> GenerationRequest:
+        needs_video = self.mode in ("extend", "retake")
+        if needs_video != (self.source_video is not None):
+            raise ValueError(f"source_video is {'required' if needs_video else 'only'} for extend and retake")
+        if (self.mode == "lipsync") != (self.audio_file is not None):
+            raise ValueError(f"audio_file is {'required' if self.mode == 'lipsync' else 'only'} for lipsync")
+        if self.mode != "animate" and self.family == "ltxv":
+            raise ValueError(f"{self.mode} needs the LTX-2 model: LTX-Video has no {self.mode} pipeline")
         return self
 
     @property
@@ -263,6 +287,9 @@ class JobSpec(_Frozen):
     image_path: Path
     # The image at the last frame: the request's end image, or image_path itself for a loop.
     end_image_path: Path | None = None
+    # The request's source_video and audio_file, resolved inside the uploads folder.
+    source_video_path: Path | None = None
+    audio_path: Path | None = None
     output_path: Path
     models: ModelFiles = ModelFiles()
     loras: tuple[LoraFile, ...] = ()
@@ -330,6 +357,13 @@ class JobSpec(_Frozen):
             raise ValueError("end_image_path is required when the request has end_image or loop")
         if not self.request.keyframed and self.end_image_path is not None:
             raise ValueError("end_image_path is set but the request has neither end_image nor loop")
+        return self
+
+    @model_validator(mode="after")
+    def _mode_files_given(self) -> JobSpec:
+        for field, path in (("source_video", self.source_video_path), ("audio_file", self.audio_path)):
+            if (getattr(self.request, field) is None) != (path is None):
+                raise ValueError(f"{field}'s path must be set exactly when the request has {field}")
         return self
 
     @model_validator(mode="after")

@@ -33,6 +33,7 @@ from bot.db.models import (
     WorkerState,
 )
 from bot.processes import ProcessId, host_name
+from generator.protocol import UPLOAD_FIELDS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -90,12 +91,12 @@ class CancelOutcome(enum.StrEnum):
     NOT_FOUND = "not_found"  # no such job for this user
 
 
-def end_image_file(input_path: str, params: dict[str, Any]) -> str | None:
-    """A job's end image: a file beside its first image in the uploads folder, named in its request."""
-    name = params.get("end_image")
-    if not input_path or not isinstance(name, str) or not name:
-        return None
-    return str(Path(input_path).with_name(name))
+def upload_files(input_path: str, params: dict[str, Any]) -> set[str]:
+    """A job's other uploads (end image, source clip, audio): files beside its first image, named in its request."""
+    if not input_path:
+        return set()
+    return {str(Path(input_path).with_name(name)) for field in UPLOAD_FIELDS
+            if isinstance(name := params.get(field), str) and name}
 
 
 @dataclass(frozen=True)
@@ -721,9 +722,8 @@ class JobStore:
         """
         async with self._sessions.begin() as session:
             jobs = list(await session.scalars(select(Job).where(Job.user_id == user_id)))
-            inputs = {job.input_path for job in jobs if job.input_path} | {
-                end for job in jobs if (end := end_image_file(job.input_path, job.params)) is not None
-            }
+            inputs = {job.input_path for job in jobs if job.input_path}.union(
+                *(upload_files(job.input_path, job.params) for job in jobs))
             shared = set(
                 await session.scalars(
                     select(Job.input_path).where(Job.user_id != user_id, Job.input_path.in_(inputs))
@@ -738,12 +738,12 @@ class JobStore:
             blobs = [input_key(sha) for sha in shas - kept_shas] + [clip_key(job.id) for job in jobs] + [
                 draft_key(job.id) for job in jobs]
             await session.execute(delete(Blob).where(Blob.key.in_(blobs)))
-            if any(job.params.get("end_image") for job in jobs):
-                # End images live in params (docs/DESIGN.md, 'Modes'); rare enough to scan the others' rows.
+            if any(job.params.get(field) for job in jobs for field in UPLOAD_FIELDS):
+                # These uploads live in params (docs/DESIGN.md, 'Modes'); rare enough to scan the others' rows.
                 others = await session.execute(
                     select(Job.input_path, Job.params).where(Job.user_id != user_id)
                 )
-                shared |= {end for path, params in others if (end := end_image_file(path, params)) is not None}
+                shared = shared.union(*(upload_files(path, params) for path, params in others))
             running = 0
             for job in jobs:
                 if job.status == JobStatus.QUEUED:
