@@ -167,3 +167,20 @@ class SharedFiles:
         local = confined_path(jobs_dir, f"{job.id}/{CLIP_NAME}")
         await asyncio.to_thread(_write_atomically, local, blob[0])
         return local
+
+    async def clip_as_upload(self, job: Job) -> str | None:
+        """A delivered clip copied into the uploads folder by content (``<sha256>.mp4``), for extend and retake.
+
+        The new job names it like an end image, so it travels to another host's worker the same
+        way and outlives the source job's folder. None when the clip is no longer stored.
+        """
+        clip = await self.clip_for(job)
+        if clip is None:
+            return None
+        data = await asyncio.to_thread(clip.read_bytes)
+        name = f"{hashlib.sha256(data).hexdigest()}.mp4"
+        target = confined_path(self.settings.uploads_dir, name)
+        if not await asyncio.to_thread(target.is_file):
+            await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(_write_atomically, target, data)
+        return name

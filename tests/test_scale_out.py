@@ -254,3 +254,24 @@ async def test_a_queued_job_no_live_worker_can_render_fails_clearly_after_the_gr
     assert gone is not None and gone.status == JobStatus.FAILED
     assert "LTX-Video model family is not enabled" in (gone.error_message or "")
     assert (await store.get(fits.id)).status == JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+async def test_a_delivered_clip_becomes_an_upload_another_host_can_fetch(
+    make_settings: Callable[..., Settings], store: JobStore, tmp_path: Path
+) -> None:
+    front = SharedFiles(make_settings(share_files="database"), store)
+    job = await store.create(new_job())
+    clip = front.settings.jobs_dir / str(job.id) / "clip.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"not really an mp4")
+    job.output_path = str(clip)
+    name = await front.clip_as_upload(job)
+    assert name is not None and name.endswith(".mp4")
+    assert (front.settings.uploads_dir / name).read_bytes() == b"not really an mp4"
+    await front.publish_upload(name)
+    remote = SharedFiles(make_settings(share_files="database", data_dir=str(tmp_path / "remote")), store)
+    await remote.ensure_upload(name)
+    assert (remote.settings.uploads_dir / name).read_bytes() == b"not really an mp4"
+    clip.unlink()
+    front.enabled = False
+    assert await front.clip_as_upload(job) is None
