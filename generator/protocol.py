@@ -192,6 +192,20 @@ class GenerationRequest(_Frozen):
             raise ValueError(f"{self.mode} needs the LTX-2 model: LTX-Video has no {self.mode} pipeline")
         return self
 
+    # --- lipsync (docs/DESIGN.md, 'Lip-sync') ---
+    @model_validator(mode="after")
+    def _lipsync_fits(self) -> GenerationRequest:
+        if self.mode != "lipsync":
+            return self
+        if self.pipeline != "two_stage":
+            raise ValueError(f"pipeline must be two_stage for lipsync (the audio-to-video pipeline is two-stage); "
+                             f"got {self.pipeline}")
+        if not self.audio:
+            raise ValueError("audio must stay on for lipsync: the clip carries your audio track")
+        if self.keyframed:
+            raise ValueError("end_image and loop do not go with lipsync: the audio drives the whole clip")
+        return self
+
     @property
     def keyframed(self) -> bool:
         """An image is set at the last frame too (an end image, or a loop)."""
