@@ -79,6 +79,7 @@ class NormalisedAudio:
     source_seconds: float  # what the upload held
     frames: int  # the clip's frame count at the server's fps
     notes: list[str] = field(default_factory=list)
+    fresh: bool = True  # this call stored it (no earlier upload had the same samples)
 
 
 def sniff_audio(data: bytes) -> AudioFormat:
@@ -163,11 +164,12 @@ def normalise_audio(
         out.writeframes(kept)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest()
+    fresh = not (uploads_dir / f"{digest}.wav").exists()
     path = _write_confined(uploads_dir, f"{digest}.wav", payload)
     notes = []
     if source_seconds - seconds > 0.5:
         notes.append(f"the clip covers the first {seconds:.1f} s of your {source_seconds:.1f} s of audio")
-    return NormalisedAudio(path, digest, seconds, source_seconds, frames, notes)
+    return NormalisedAudio(path, digest, seconds, source_seconds, frames, notes, fresh)
 
 
 def _too_long(max_seconds: float) -> IntakeError:
