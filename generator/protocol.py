@@ -392,6 +392,12 @@ class JobSpec(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _lipsync_has_no_draft(self) -> JobSpec:
+        if self.request.mode == "lipsync" and self.draft != "off":
+            raise ValueError("draft: a lipsync clip has no draft (the audio-to-video pipeline runs whole)")
+        return self
+
+    @model_validator(mode="after")
     def _tiles_fit_the_family(self) -> JobSpec:
         if self.family == "ltx2" and self.tiling.temporal_overlap_frames >= self.tiling.temporal_frames:
             raise ValueError("vae_tiling.temporal_overlap_frames must be smaller than temporal_frames for LTX-2")

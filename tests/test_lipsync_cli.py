@@ -38,7 +38,12 @@ def test_ltxbot_animate_with_audio_renders_a_clip_as_long_as_the_track_carrying_
     # The user's track: 48 kHz, as long as they sent it (AAC pads to its 1024-sample frames, no more).
     assert audio_rate == 48000 and given == 17 * 2000
     assert abs(samples - given) <= 1024, (samples, given)
-    params = json.loads(ltxbot(tmp_path, "job", "1", "--json").stdout)["params"]
+    detail = json.loads(ltxbot(tmp_path, "job", "1", "--json").stdout)
+    params = detail["params"]
+    # Each input is encoded once; the user's track is encoded, never decoded from the latent.
+    assert [phase["name"] for phase in detail["phases"]] == [
+        "text_encode", "embeddings", "image_encode", "audio_encode", "stage_1", "upsample", "stage_2",
+        "video_decode", "finalize"]
     assert params["mode"] == "lipsync" and params["frames"] == 17 and params["pipeline"] == "two_stage"
     with wave.open(str(tmp_path / "data" / "uploads" / params["audio_file"])) as stored:
         assert (stored.getnframes(), stored.getnchannels(), stored.getframerate()) == (given, 2, 48000)

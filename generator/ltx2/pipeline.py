@@ -223,16 +223,16 @@ def _generate(
     spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
 ) -> DoneEvent:
     run = new_run(spec, device, tracker, emit, ledger_factory)
+    if run.spec.request.mode == "lipsync":
+        from generator.ltx2 import lipsync
+
+        return lipsync.render(run)
     if run.spec.draft != "off":
         # Draft and finalize are this run cut after stage 1 (docs/DESIGN.md, 'Drafts and previews').
         from generator.ltx2 import draft
 
         return draft.render(run)
     cond_1, cond_2 = encode_inputs(run)
-    if run.spec.request.mode == "lipsync":
-        from generator.ltx2 import lipsync
-
-        return lipsync.render(run)
     if run.kind == "two_stage_hq":
         video_state, audio_state = hq_stages(run, cond_1, cond_2, *run.stage_1_size())
     else:
