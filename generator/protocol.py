@@ -204,6 +204,8 @@ class GenerationRequest(_Frozen):
             raise ValueError("audio must stay on for lipsync: the clip carries your audio track")
         if self.keyframed:
             raise ValueError("end_image and loop do not go with lipsync: the audio drives the whole clip")
+        if self.loras:
+            raise ValueError("lora does not go with lipsync: the audio-to-video pipeline is checked without LoRAs")
         return self
 
     @property

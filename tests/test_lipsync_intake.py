@@ -143,3 +143,24 @@ def test_a_long_track_is_cut_to_max_frames_and_says_so(tmp_path: Path) -> None:
     assert (audio.frames, audio.seconds) == (97, 97 / 24)
     assert samples(audio.path)[0] == 97 * 2000
     assert audio.notes == ["the clip covers the first 4.0 s of your 8.0 s of audio"]
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ({"pipeline": "distilled"}, "pipeline must be two_stage for lipsync"),
+    ({"audio": False}, "audio must stay on for lipsync"),
+    ({"loop": True}, "end_image and loop do not go with lipsync"),
+    ({"loras": [{"name": "camera"}]}, "lora does not go with lipsync"),
+    ({"audio_file": None}, "audio_file is required for lipsync"),
+])
+def test_a_lipsync_request_is_two_stage_with_sound_and_nothing_else(extra: dict[str, object], says: str) -> None:
+    from pydantic import ValidationError
+
+    from bot.drafts import draftable
+    from generator.protocol import GenerationRequest
+
+    base = {"prompt": "she sings", "width": 128, "height": 64, "frames": 9, "seed": 1, "mode": "lipsync",
+            "audio_file": "a.wav"}
+    # A server that drafts by default still renders a lip-sync clip whole (a Rerun included).
+    assert not draftable(GenerationRequest.model_validate(base))
+    with pytest.raises(ValidationError, match=says):
+        GenerationRequest.model_validate(base | extra)
