@@ -35,6 +35,10 @@ EXPECTED_PHASES: dict[tuple[str, str, bool], list[str]] = {
     ("ltxv", "two_stage", False): _LTXV_MULTI_SCALE,
     ("ltxv", "one_stage", False): ["text_encode", "stage_1", "video_decode", "finalize"],
 }
+# A mode whose phases differ from its pipeline's: lipsync encodes the user's track and keeps it (no audio decode).
+MODE_PHASES: dict[str, list[str]] = {
+    "lipsync": [*_LTX2_HEAD[:3], "audio_encode", "stage_1", "upsample", "stage_2", "video_decode", "finalize"],
+}
 # (pipeline, fp8 cast, audio, mode); LTX-Video has no sound and no fp8 cast. A mode: an end
 # image at the last frame, a loop, or an owner's LoRA (a tiny one written here).
 Mode = str | None
@@ -42,7 +46,7 @@ RUNS: dict[str, list[tuple[str, bool, bool, Mode]]] = {
     "ltx2": [("two_stage", True, True, None), ("two_stage", False, True, None), ("distilled", True, False, None),
              ("one_stage", True, True, None), ("two_stage_hq", True, True, None),
              ("two_stage", True, True, "end_image"), ("two_stage", True, True, "loop"),
-             ("two_stage_hq", True, True, "lora")],
+             ("two_stage_hq", True, True, "lora"), ("two_stage", True, True, "lipsync")],
     "ltxv": [("distilled", False, False, None), ("two_stage", False, False, None), ("one_stage", False, False, None)],
 }
 SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
@@ -52,6 +56,9 @@ FPS = 24
 
 def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The request's and the spec's fields for a mode (the worker fills the spec's from the request)."""
+    if mode == "lipsync":  # the track beside the image, as long as the clip (the audio intake cuts it so)
+        voice = write_voice(image.parent / "voice.wav", FRAMES / FPS)
+        return {"mode": "lipsync", "audio_file": voice.name}, {"audio_path": str(voice)}
     if mode == "end_image":
         return {"end_image": end_image.name}, {"end_image_path": str(end_image)}
     if mode == "loop":
@@ -62,8 +69,27 @@ def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[d
     return {}, {}
 
 
+def write_voice(path: Path, seconds: float, rate: int = 48000) -> Path:
+    """A stereo 16-bit WAV of two tones, as the audio intake stores an upload."""
+    import math
+    import struct
+    import wave
+
+    frames = b"".join(
+        struct.pack("<hh", int(9000 * math.sin(2 * math.pi * 220 * i / rate)),
+                    int(7000 * math.sin(2 * math.pi * 330 * i / rate)))
+        for i in range(round(seconds * rate))
+    )
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(frames)
+    return path
+
+
 def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: list[Any],
-              clip: dict[str, Any] | None) -> list[str]:
+              clip: dict[str, Any] | None, mode: Mode = None) -> list[str]:
     """What differs from the CPU tests' expectations; empty when the run passes."""
     width, height = SIZE[family]
     failures = [] if exit_code == 0 else [f"exit {exit_code}"]
@@ -78,7 +104,7 @@ def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: l
         if (done.frames, done.width, done.height, done.has_audio) != (FRAMES, width, height, audio):
             failures.append(f"done reports {done.frames} frames {done.width}x{done.height} audio {done.has_audio}")
     phases = [e for e in events if isinstance(e, PhaseEvent)]
-    expected = EXPECTED_PHASES[(family, pipeline, audio)]
+    expected = MODE_PHASES.get(mode or "") or EXPECTED_PHASES[(family, pipeline, audio)]
     if [p.name for p in phases] != expected:
         failures.append(f"phases {[p.name for p in phases]}, expected {expected}")
     for phase in phases:
@@ -138,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - started
         events = [parse_event(line) for line in proc.stdout.splitlines() if line.strip()]
         clip = _probe(spec.output_path) if proc.returncode == 0 else None
-        failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip)
+        failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip, mode)
         entry: dict[str, Any] = {
             "pipeline": pipeline, "mode": mode, "fp8_cast": fp8, "audio": audio, "exit": proc.returncode,
             "wall_seconds": round(wall, 1), "failed_checks": failures, "clip": clip,

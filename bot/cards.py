@@ -86,6 +86,8 @@ def _family(params: dict[str, Any]) -> str:
 
 def mode_text(params: dict[str, Any]) -> str | None:
     """How the clip ends, when the user chose it (jobs from before these options have neither key)."""
+    if params.get("mode") == "lipsync":
+        return "lip-sync"
     if params.get("loop"):
         return "loop"
     if params.get("end_image"):
