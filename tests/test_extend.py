@@ -194,14 +194,80 @@ def test_request_refuses_extend_fields_that_do_not_fit() -> None:
 
     from generator.protocol import GenerationRequest, describe_validation_error
 
-    base = {"prompt": "waves", "width": 128, "height": 64, "frames": 17, "seed": 1, "mode": "extend",
+    base: dict[str, Any] = {"prompt": "waves", "width": 128, "height": 64, "frames": 17, "seed": 1, "mode": "extend",
             "source_video": "a.mp4", "source_frames": 17}
     assert GenerationRequest.model_validate(base).total_frames == 25
-    for change, words in [({"frames": 9}, "frames must be at least 17 for extend"),
+    cases: list[tuple[dict[str, Any], str]] = [({"frames": 9}, "frames must be at least 17 for extend"),
                           ({"source_frames": None}, "source_frames is required for extend"),
                           ({"source_frames": 18}, "source_frames must be one more than a multiple of 8"),
-                          ({"mode": "animate", "source_video": None}, "source_frames is only for extend")]:
+                          ({"mode": "animate", "source_video": None}, "source_frames is only for extend")]
+    for change, words in cases:
         with pytest.raises(ValidationError) as caught:
             GenerationRequest.model_validate(base | change)
         assert words in describe_validation_error(caught.value).lower()
 
+
+
+def test_each_press_adds_the_configured_seconds_until_the_maximum() -> None:
+    from types import SimpleNamespace
+
+    from bot.config import Settings
+    from bot.jobs_service import JobService
+    from generator.protocol import GenerationRequest
+
+    def next_segment(settings: Settings, **request: Any) -> int:
+        source = GenerationRequest.model_validate(
+            {"prompt": "waves", "width": 128, "height": 64, "seed": 1} | request)
+        return JobService.extension_frames(SimpleNamespace(settings=settings), source)  # type: ignore[arg-type]
+
+    defaults = Settings()  # 4 s a press, 20 s at most, limits.max_frames 257
+    assert next_segment(defaults, frames=97) == 9 + 96  # 97 + 96 = 193 frames, 8.0 s
+    # An extension of an extension: 401 frames so far, 480 allowed: 72 more, not 96.
+    assert next_segment(defaults, frames=97, mode="extend", source_video="a.mp4", source_frames=313) == 9 + 72
+    assert next_segment(defaults, frames=473, mode="extend", source_video="a.mp4", source_frames=9) == 0
+    short = Settings(extend={"segment_seconds": 0.34, "max_seconds": 0.75})  # type: ignore[arg-type]
+    assert next_segment(short, frames=9) == 17 and next_segment(short, frames=17) == 0
+
+
+async def test_worker_renders_an_extension_longer_by_the_new_segment(
+    make_settings: Any, store: Any
+) -> None:
+    """Through the worker and the real generator: an animate clip, then an extension of it."""
+    import hashlib
+    import shutil
+
+    import av
+
+    from bot.db.models import JobStatus
+    from bot.worker import Worker
+    from generator.ltx2.extend import source_frames
+    from tests.test_worker import queue_job
+
+    settings = make_settings()
+    worker = Worker(settings, store)
+    common = {"width": 128, "height": 64, "audio": True}
+    first_id = await queue_job(settings, store, frames=17, **common)
+    first = await worker.step()
+    assert first is not None and first.id == first_id and first.status == JobStatus.SUCCEEDED
+    clip = Path(first.output_path or "")
+    # What SharedFiles.clip_as_upload does on the front end: the clip in uploads by its content.
+    name = f"{hashlib.sha256(clip.read_bytes()).hexdigest()}.mp4"
+    shutil.copyfile(clip, settings.uploads_dir / name)
+    second_id = await queue_job(settings, store, frames=25, seed=9, mode="extend", source_video=name,
+                                source_job=first_id, source_frames=17, **common)
+    second = await worker.step()
+    assert second is not None and second.id == second_id and second.status == JobStatus.SUCCEEDED, second
+    original = np.concatenate(list(source_frames(clip)))
+    joined = np.concatenate(list(source_frames(Path(second.output_path or ""))))
+    # 17 frames, then the 25-frame segment less its 9 overlapping ones: 33, at the clip's size and rate.
+    assert original.shape == (17, 64, 128, 3) and joined.shape == (33, 64, 128, 3)
+    head = np.abs(joined[:17].astype(np.int16) - original.astype(np.int16)).mean()
+    assert head < 4.0, head  # the original's decoded frames, after one more H.264 pass
+    with av.open(str(second.output_path)) as container:
+        assert float(container.streams.video[0].average_rate) == 24.0
+        audio = container.streams.audio[0]
+        seconds = sum(f.samples for f in container.decode(audio=0)) / audio.rate
+    with av.open(str(clip)) as container:
+        first_seconds = sum(f.samples for f in container.decode(audio=0)) / container.streams.audio[0].rate
+    # Sound to the end: the first clip's track plus the 16 new frames' (the model's track runs a little short).
+    assert seconds == pytest.approx(first_seconds + 16 / 24, abs=0.08), (seconds, first_seconds)
