@@ -86,7 +86,7 @@ async def test_extend_posts_a_longer_clip_and_refuses_others_and_the_longest(
     assert joined_sound == pytest.approx(17 / 24, abs=0.1)
 
     # Its status card had a Cancel button, as every queued job's has.
-    cards = [r.json for r in fake.requests if r.json and any(
+    cards = [r.json for r in fake.requests if isinstance(r.json, dict) and any(
         e.get("title", "").startswith("Job 2 ") for e in r.json.get("embeds") or [])]
     assert any("ltxbot:cancel:2" in custom_ids(card) for card in cards)
     job = await h.job(2)
