@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from generator.protocol import DoneEvent, JobSpec, PhaseEvent, StartedEvent, parse_event
+from generator.protocol import EXTEND_OVERLAP_FRAMES, DoneEvent, JobSpec, PhaseEvent, StartedEvent, parse_event
 
 _LTX2_HEAD = ["text_encode", "embeddings", "image_encode", "stage_1"]
 _LTXV_MULTI_SCALE = ["text_encode", "stage_1", "upsample", "stage_2", "video_decode", "finalize"]
@@ -40,18 +40,25 @@ MODE_PHASES: dict[str, list[str]] = {
     "lipsync": [*_LTX2_HEAD[:3], "audio_encode", "stage_1", "upsample", "stage_2", "video_decode", "finalize"],
 }
 # (pipeline, fp8 cast, audio, mode); LTX-Video has no sound and no fp8 cast. A mode: an end
-# image at the last frame, a loop, or an owner's LoRA (a tiny one written here).
+# image at the last frame, a loop, an owner's LoRA (a tiny one written here), or an extension of
+# the first run's clip (EXTEND_SOURCE: FRAMES more frames less the overlap).
 Mode = str | None
 RUNS: dict[str, list[tuple[str, bool, bool, Mode]]] = {
     "ltx2": [("two_stage", True, True, None), ("two_stage", False, True, None), ("distilled", True, False, None),
              ("one_stage", True, True, None), ("two_stage_hq", True, True, None),
              ("two_stage", True, True, "end_image"), ("two_stage", True, True, "loop"),
-             ("two_stage_hq", True, True, "lora"), ("two_stage", True, True, "lipsync")],
+             ("two_stage_hq", True, True, "lora"), ("two_stage", True, True, "lipsync"),
+             ("two_stage", True, True, "extend")],
     "ltxv": [("distilled", False, False, None), ("two_stage", False, False, None), ("one_stage", False, False, None)],
 }
 SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
 FRAMES = 25
 FPS = 24
+EXTEND_SOURCE = "two_stage-True.mp4"
+
+
+def expected_frames(mode: Mode) -> int:
+    return FRAMES + FRAMES - EXTEND_OVERLAP_FRAMES if mode == "extend" else FRAMES
 
 
 def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -63,6 +70,10 @@ def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[d
         return {"end_image": end_image.name}, {"end_image_path": str(end_image)}
     if mode == "loop":
         return {"loop": True}, {"end_image_path": str(image)}
+    if mode == "extend":
+        source = image.parent / EXTEND_SOURCE
+        return ({"mode": "extend", "source_video": source.name, "source_job": 1, "source_frames": FRAMES},
+                {"source_video_path": str(source)})
     if mode == "lora":
         return ({"loras": [{"name": "camera", "strength": 0.8}]},
                 {"loras": [{"name": "camera", "path": str(lora), "strength": 0.8}]})
@@ -89,7 +100,7 @@ def write_voice(path: Path, seconds: float, rate: int = 48000) -> Path:
 
 
 def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: list[Any],
-              clip: dict[str, Any] | None, mode: Mode = None) -> list[str]:
+              clip: dict[str, Any] | None, mode: Mode = None, frames: int = FRAMES) -> list[str]:
     """What differs from the CPU tests' expectations; empty when the run passes."""
     width, height = SIZE[family]
     failures = [] if exit_code == 0 else [f"exit {exit_code}"]
@@ -101,7 +112,7 @@ def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: l
         done = events[-1]
         if done.leaked_models:
             failures.append(f"models kept alive across phases: {done.leaked_models}")
-        if (done.frames, done.width, done.height, done.has_audio) != (FRAMES, width, height, audio):
+        if (done.frames, done.width, done.height, done.has_audio) != (frames, width, height, audio):
             failures.append(f"done reports {done.frames} frames {done.width}x{done.height} audio {done.has_audio}")
     phases = [e for e in events if isinstance(e, PhaseEvent)]
     expected = MODE_PHASES.get(mode or "") or EXPECTED_PHASES[(family, pipeline, audio)]
@@ -114,7 +125,7 @@ def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: l
     if clip is None:
         failures.append("no clip to read back")
     elif (clip["frames"], clip["width"], clip["height"], clip["fps"], clip["has_audio"]) != (
-            FRAMES, width, height, float(FPS), audio):
+            frames, width, height, float(FPS), audio):
         failures.append(f"the clip reads back as {clip}")
     return failures
 
@@ -164,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - started
         events = [parse_event(line) for line in proc.stdout.splitlines() if line.strip()]
         clip = _probe(spec.output_path) if proc.returncode == 0 else None
-        failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip, mode)
+        failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip, mode,
+                             expected_frames(mode))
         entry: dict[str, Any] = {
             "pipeline": pipeline, "mode": mode, "fp8_cast": fp8, "audio": audio, "exit": proc.returncode,
             "wall_seconds": round(wall, 1), "failed_checks": failures, "clip": clip,

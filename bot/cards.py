@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.db.models import DraftStep, EndCode, JobStatus, WorkerState
-from generator.protocol import FAMILY_NAMES
+from generator.protocol import EXTEND_OVERLAP_FRAMES, FAMILY_NAMES
 
 if TYPE_CHECKING:
     from bot.db.models import Job, WorkerRecord
@@ -88,6 +88,8 @@ def mode_text(params: dict[str, Any]) -> str | None:
     """How the clip ends, when the user chose it (jobs from before these options have neither key)."""
     if params.get("mode") == "lipsync":
         return "lip-sync"
+    if params.get("mode") == "extend":
+        return f"extends job {params.get('source_job')}"
     if params.get("loop"):
         return "loop"
     if params.get("end_image"):
@@ -97,10 +99,13 @@ def mode_text(params: dict[str, Any]) -> str | None:
 
 def _describe(job: Job) -> str:
     p = job.params
-    seconds = p["frames"] / p["fps"]
+    frames = p["frames"]
+    if p.get("source_frames"):  # an extension: the joined clip (docs/DESIGN.md, 'Extend')
+        frames = p["source_frames"] + frames - EXTEND_OVERLAP_FRAMES
+    seconds = frames / p["fps"]
     extras = [mode] if (mode := mode_text(p)) else []
     extras += [f"LoRA {lora['name']} {lora['strength']:g}" for lora in p.get("loras") or []]
-    return (f"{_family(p)} · {p['width']}×{p['height']} · {seconds:.1f} s ({p['frames']} frames) · seed {p['seed']}"
+    return (f"{_family(p)} · {p['width']}×{p['height']} · {seconds:.1f} s ({frames} frames) · seed {p['seed']}"
             + "".join(f" · {extra}" for extra in extras))
 
 

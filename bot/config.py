@@ -230,6 +230,15 @@ class LoraEntry(_Section):
     description: str | None = Field(default=None, max_length=80)
 
 
+class ExtendSettings(_Section):
+    """The Extend button (docs/DESIGN.md, 'Extend'): how much each press adds, and the longest clip it makes."""
+
+    # Each press adds about this much (the new segment, less its overlap with the clip, on the 8k+1 grid).
+    segment_seconds: float = Field(default=4.0, gt=0, le=20)
+    # No extension makes a clip longer than this; a press on a clip at it is refused.
+    max_seconds: float = Field(default=20.0, gt=0, le=60)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LTXBOT_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -255,6 +264,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     ltxv: LtxvSettings = LtxvSettings()
     discord: DiscordSettings = DiscordSettings()
+    extend: ExtendSettings = ExtendSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -40,10 +40,12 @@ from bot.intake.request import (
 from bot.replies import tell
 from bot.shared_files import SharedFiles
 from bot.status_cards import StatusCards
-from bot.views import AnimateModal, TweakModal, delivery_view, draft_view
+from bot.views import AnimateModal, ExtendModal, TweakModal, delivery_view, draft_view
 from bot.worker import Ending, draft_state_path, job_dir
 from generator.protocol import (
+    EXTEND_OVERLAP_FRAMES,
     FAMILY_NAMES,
+    MAX_FRAMES,
     GenerationRequest,
     PreviewEvent,
     ProgressEvent,
@@ -514,6 +516,99 @@ class JobService:
         job = await self._own_job(interaction, job_id)
         if job is not None:
             await interaction.response.send_modal(TweakModal(job.id, job.prompt, self.settings.limits.max_prompt_chars))
+
+    # --- extend (docs/DESIGN.md, 'Extend') ------------------------------------------------
+
+    def extension_frames(self, source: GenerationRequest) -> int:
+        """The next segment's frames for a clip made by ``source``; 0 when the clip is at the longest allowed.
+
+        Each press adds about ``extend.segment_seconds`` after the overlap, less near the end of
+        ``extend.max_seconds``, in steps of 8 frames (the model's grid).
+        """
+        ext, fps = self.settings.extend, source.fps
+        room = int(ext.max_seconds * fps + 1e-9) - source.total_frames
+        wanted = max(8, round(ext.segment_seconds * fps / 8) * 8)
+        most = min(self.settings.limits.max_frames, MAX_FRAMES) - EXTEND_OVERLAP_FRAMES
+        added = min(wanted, room, most) // 8 * 8
+        return EXTEND_OVERLAP_FRAMES + added if added >= 8 else 0
+
+    async def _extendable(
+        self, interaction: discord.Interaction[Any], job_id: int
+    ) -> tuple[Job, GenerationRequest, int] | None:
+        """The job, its request and the next segment's frames, if its clip can be extended; else the user is told."""
+        job = await self._own_job(interaction, job_id)
+        if job is None:
+            return None
+        if job.status != JobStatus.SUCCEEDED or job.draft == DraftStep.DRAFT:
+            what = "is a draft: Finalize it first, then extend the full clip" if job.draft == DraftStep.DRAFT else (
+                "has no finished clip to extend")
+            await tell(interaction, f"Job {job_id} {what}.")
+            return None
+        try:
+            source = GenerationRequest.model_validate(job.params)
+        except ValidationError:
+            await tell(interaction, f"Job {job_id} was made by an older version of the bot and can't be extended.")
+            return None
+        if source.family != "ltx2":
+            await tell(interaction, "Extend needs the LTX-2 model: LTX-Video clips can't be continued. "
+                                    "Try Rerun, or a new /animate with the LTX-2 model.")
+            return None
+        frames = self.extension_frames(source)
+        if not frames:
+            limit = self.settings.extend.max_seconds
+            await tell(interaction, f"This clip is already {source.total_frames / source.fps:.1f} s long, and "
+                                    f"extended clips stop at {limit:g} s on this server. Start a new /animate "
+                                    "from its last frame to go on.")
+            return None
+        return job, source, frames
+
+    async def open_extend(self, interaction: discord.Interaction[Any], job_id: int) -> None:
+        """The Extend button: refuse at once what cannot be extended, else ask what happens next."""
+        found = await self._extendable(interaction, job_id)
+        if found is not None:
+            job = found[0]
+            await interaction.response.send_modal(ExtendModal(job.id, job.prompt,
+                                                              self.settings.limits.max_prompt_chars))
+
+    async def extend(self, interaction: discord.Interaction[Any], job_id: int, prompt: str) -> None:
+        """Queue the next segment of a delivered clip; the longer clip is posted as a reply to it."""
+        found = await self._extendable(interaction, job_id)  # again: the clip may have changed meanwhile
+        if found is None:
+            return
+        job, source, frames = found
+        params = source.model_dump(mode="json") | {
+            "prompt": prompt, "seed": secrets.randbelow(2**32), "frames": frames, "mode": "extend",
+            "source_job": job.id, "source_frames": source.total_frames,
+            # The clip's last frames condition the segment; the first clip's end image or loop does not.
+            "end_image": None, "loop": False,
+        }
+        try:
+            admit = await self._admit(interaction.user, interaction.guild_id)
+            request = GenerationRequest.model_validate(params | {"source_video": "pending.mp4"})
+            check_owner_limits(self.settings, request)
+        except (Refusal, IntakeError) as refusal:
+            await tell(interaction, refusal.message)
+            return
+        except ValidationError as exc:
+            await tell(interaction, describe_validation_error(exc))
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        name = await self.files.clip_as_upload(job)
+        if name is None:
+            await tell(interaction, f"The clip of job {job_id} is no longer stored, so it can't be extended.")
+            return
+        request = request.model_copy(update={"source_video": name})
+        try:
+            new, _ = await self._create(
+                request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
+                guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                key=str(interaction.id), admit=admit,
+                request_message_id=int(job.posted_message_id) if job.posted_message_id else None,
+            )
+        except Refusal as refusal:
+            await tell(interaction, refusal.message)
+            return
+        await self._post_card(interaction, new)
 
     # --- cancelling -----------------------------------------------------------------------
 

@@ -30,6 +30,10 @@ class JobActions(Protocol):
 
     async def animate_from_modal(self, interaction: discord.Interaction[Any], modal: AnimateModal) -> None: ...
 
+    async def open_extend(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
+
+    async def extend(self, interaction: discord.Interaction[Any], job_id: int, prompt: str) -> None: ...
+
 
 def actions_of(interaction: discord.Interaction[Any]) -> JobActions:
     """The bot's job service: every ``LtxBot`` has one as ``service``."""
@@ -91,7 +95,16 @@ class FinalizeButton(_JobButton, template=r"ltxbot:finalize:(?P<job>\d+)"):
         await actions.finalize(interaction, self.job_id)
 
 
-DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton, FinalizeButton)
+class ExtendButton(_JobButton, template=r"ltxbot:extend:(?P<job>\d+)"):
+    """Continue a delivered clip (docs/DESIGN.md, 'Extend'): opens a form for the next segment's prompt."""
+
+    action, label, emoji = "extend", "Extend", "⏩"
+
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.open_extend(interaction, self.job_id)
+
+
+DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton, FinalizeButton, ExtendButton)
 
 
 def cancel_view(job_id: int) -> discord.ui.View:
@@ -109,6 +122,7 @@ def delivery_view(job_id: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(RerunButton(job_id))
     view.add_item(TweakButton(job_id))
+    view.add_item(ExtendButton(job_id))
     return view
 
 
@@ -190,3 +204,20 @@ class TweakModal(discord.ui.Modal, title="Tweak the prompt"):
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
         await guarded(interaction, actions_of(interaction).rerun(interaction, self.job_id, prompt=self.prompt.value))
+
+
+class ExtendModal(discord.ui.Modal, title="Extend the clip"):
+    """What happens next: prefilled with the clip's prompt, so a plain Submit continues the same scene."""
+
+    prompt: discord.ui.TextInput[ExtendModal] = discord.ui.TextInput(
+        label="What happens next", style=discord.TextStyle.paragraph, max_length=MAX_PROMPT_CHARS
+    )
+
+    def __init__(self, job_id: int, prompt: str, max_prompt_chars: int) -> None:
+        super().__init__(timeout=600)
+        self.job_id = job_id
+        self.prompt.max_length = max_prompt_chars
+        self.prompt.default = prompt[:max_prompt_chars]
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        await guarded(interaction, actions_of(interaction).extend(interaction, self.job_id, self.prompt.value))

@@ -134,3 +134,7 @@ def _check_t5_root(root: Path) -> None:
 
 class DraftStateError(Exception):
     """A finalize's kept draft is missing, unreadable or not the draft of this clip."""
+
+
+class SourceClipError(Exception):
+    """An extend's source clip is missing, unreadable, or not the clip the request describes."""

@@ -40,6 +40,10 @@ ErrorCode = Literal["oom", "invalid_spec", "model_missing", "too_large", "intern
 
 MIN_FRAMES = 9
 MAX_FRAMES = 481
+# Extend (docs/DESIGN.md, 'Extend'): the new segment's first frames are the clip's last ones; 8k+1, so
+# the joined clip stays on the model's 8k+1 grid. The joined clip's own hard maximum (60 s at 24 fps).
+EXTEND_OVERLAP_FRAMES = 9
+MAX_EXTENDED_FRAMES = 1441
 MAX_SEED = 2**32 - 1
 # The contract's hard maximum; an owner's lower limit is checked once, where a request comes in
 # (bot/intake/request.py). 4000 is also the longest text a Discord modal field takes.
@@ -122,6 +126,34 @@ class GenerationRequest(_Frozen):
     source_job: int | None = Field(default=None, ge=1)
     # Lipsync: the user's audio track after the audio intake, an upload name (``<sha256>.wav``).
     audio_file: str | None = Field(default=None, max_length=200)
+    # --- extend (docs/DESIGN.md, 'Extend') ---
+    # The delivered clip's frame count: ``frames`` is the new segment, whose first
+    # EXTEND_OVERLAP_FRAMES frames are the clip's last ones, so the joined clip has
+    # ``total_frames``. The generator checks the source file has exactly these frames.
+    source_frames: int | None = Field(default=None, ge=MIN_FRAMES, le=MAX_EXTENDED_FRAMES)
+
+    @model_validator(mode="after")
+    def _extend_inputs(self) -> GenerationRequest:
+        if (self.mode == "extend") != (self.source_frames is not None):
+            raise ValueError(f"source_frames is {'required' if self.mode == 'extend' else 'only'} for extend")
+        if self.source_frames is None:
+            return self
+        if (self.source_frames - 1) % 8:
+            raise ValueError(f"source_frames must be one more than a multiple of 8; got {self.source_frames}")
+        if self.frames < EXTEND_OVERLAP_FRAMES + 8:
+            raise ValueError(f"frames must be at least {EXTEND_OVERLAP_FRAMES + 8} for extend: its first "
+                             f"{EXTEND_OVERLAP_FRAMES} frames overlap the clip; got {self.frames}")
+        if self.total_frames > MAX_EXTENDED_FRAMES:
+            raise ValueError(f"an extended clip may have at most {MAX_EXTENDED_FRAMES} frames; "
+                             f"this one would have {self.total_frames}")
+        return self
+
+    @property
+    def total_frames(self) -> int:
+        """Frames of the clip this request makes: an extension is the source clip and the new frames."""
+        if self.source_frames is None:
+            return self.frames
+        return self.source_frames + self.frames - EXTEND_OVERLAP_FRAMES
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod

@@ -232,6 +232,10 @@ def _generate(
         from generator.ltx2 import draft
 
         return draft.render(run)
+    if run.spec.request.mode == "extend":
+        from generator.ltx2 import extend
+
+        return extend.render(run)
     cond_1, cond_2 = encode_inputs(run)
     if run.kind == "two_stage_hq":
         video_state, audio_state = hq_stages(run, cond_1, cond_2, *run.stage_1_size())
@@ -281,13 +285,16 @@ def new_run(
     return run
 
 
-def encode_inputs(run: _Run) -> tuple[list[Any], list[Any]]:
+def encode_inputs(
+    run: _Run, chosen: tuple[list[Any], Callable[..., list[Any]]] | None = None
+) -> tuple[list[Any], list[Any]]:
     """Prompts (from the embedding cache when it has them), then image encode: sets ``run.contexts``;
-    returns the two stages' image conditionings."""
+    returns the two stages' image conditionings. ``chosen``: the conditioning images and their helper
+    when the mode picks them itself (extend: the clip's last frames), else the job's images."""
     spec, req, tracker, ledger = run.spec, run.spec.request, run.tracker, run.ledger
     device, dtype = run.device, run.dtype
     prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if run.guided else [req.prompt]
-    images, condition = conditioning_images(spec)
+    images, condition = conditioning_images(spec) if chosen is None else chosen
     width_1, height_1 = run.stage_1_size()
     checkpoint = main_checkpoint(spec)
     cache = (
@@ -378,13 +385,18 @@ def refine(run: _Run, video_state: Any, audio_state: Any, cond_2: list[Any], **d
     return video_state, audio_state
 
 
+Join = Callable[[Iterator[np.ndarray], "tuple[np.ndarray, int] | None"],
+               "tuple[Iterator[np.ndarray], tuple[np.ndarray, int] | None]"]
+
+
 def finish(
     run: _Run, video_state: Any, audio_state: Any, spec: JobSpec | None = None,
-    audio_track: tuple[np.ndarray, int] | None = None,
+    audio_track: tuple[np.ndarray, int] | None = None, *, join: Join | None = None,
 ) -> DoneEvent:
     """Decode the audio, then stream the tiled video decode into the encoder; ``spec`` (default the
     job's) says the clip's size and where it goes; a given ``audio_track`` (lipsync's: the user's
-    own) is the clip's sound instead of the decoded latent."""
+    own) is the clip's sound instead of the decoded latent. ``join`` (extend) puts the decoded frames
+    and audio into a longer clip; it must stay lazy, so the decode still runs as the encoder consumes it."""
     spec = spec or run.spec
     req, tracker, ledger = spec.request, run.tracker, run.ledger
     if req.audio and audio_track is None:
@@ -412,6 +424,8 @@ def finish(
     # The decoder is lazy: it is built and runs inside stream_clip, as the encoder consumes it, inside the scope.
     frames = decoded(video_state.latent)
     del video_state
+    if join is not None:
+        frames, audio_track = join(frames, audio_track)
     done = stream_clip(spec, tracker, frames, run.progress, audio_track)
     log.info("weights read: %.3f GB in %d tensors", ledger.store.bytes_read() / 1e9, len(ledger.store.reads))
     # What this job read, in order: the next standby stages it (generator/ltx2/staging.py).
