@@ -132,5 +132,9 @@ def _check_t5_root(root: Path) -> None:
         raise ModelFilesError(f"ltxv.text_encoder_root: no text_encoder/*.safetensors weights in {root.name}.")
 
 
+class SourceClipError(Exception):
+    """The delivered clip a retake starts from is missing, unreadable, or not the clip the job describes."""
+
+
 class DraftStateError(Exception):
     """A finalize's kept draft is missing, unreadable or not the draft of this clip."""

@@ -40,6 +40,8 @@ ErrorCode = Literal["oom", "invalid_spec", "model_missing", "too_large", "intern
 
 MIN_FRAMES = 9
 MAX_FRAMES = 481
+# LTX-2's video VAE packs 8 video frames into one latent frame (the first latent frame holds one).
+FRAMES_PER_LATENT_FRAME = 8
 MAX_SEED = 2**32 - 1
 # The contract's hard maximum; an owner's lower limit is checked once, where a request comes in
 # (bot/intake/request.py). 4000 is also the longest text a Discord modal field takes.
@@ -122,6 +124,10 @@ class GenerationRequest(_Frozen):
     source_job: int | None = Field(default=None, ge=1)
     # Lipsync: the user's audio track after the audio intake, an upload name (``<sha256>.wav``).
     audio_file: str | None = Field(default=None, max_length=200)
+    # --- retake (docs/DESIGN.md, 'Retake') ---
+    # The region of the source clip made again, in seconds from its start; the rest of it is kept.
+    retake_start: float | None = Field(default=None, allow_inf_nan=False)
+    retake_end: float | None = Field(default=None, allow_inf_nan=False)
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -192,10 +198,58 @@ class GenerationRequest(_Frozen):
             raise ValueError(f"{self.mode} needs the LTX-2 model: LTX-Video has no {self.mode} pipeline")
         return self
 
+    @model_validator(mode="after")
+    def _retake_region(self) -> GenerationRequest:
+        region = (self.retake_start, self.retake_end)
+        if self.mode != "retake":
+            if region != (None, None):
+                raise ValueError("the retake region (retake_start, retake_end) is only for mode retake")
+            return self
+        if None in region:
+            raise ValueError("a retake needs a Start second and an End second")
+        if self.pipeline not in RETAKE_PIPELINES:
+            raise ValueError(f"a retake renders in one stage at the clip's own size: pipeline must be one of "
+                             f"{', '.join(RETAKE_PIPELINES)}, not {self.pipeline}")
+        if self.keyframed:
+            raise ValueError("a retake keeps the clip's own frames: end_image and loop are for animate")
+        assert self.retake_start is not None and self.retake_end is not None
+        problem = retake_region_problem(self.retake_start, self.retake_end, self.frames, self.fps)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @property
     def keyframed(self) -> bool:
         """An image is set at the last frame too (an end image, or a loop)."""
         return self.end_image is not None or self.loop
+
+
+# A retake is ltx-pipelines' RetakePipeline: one denoising stage at the clip's size, guided (the dev
+# checkpoint) or distilled; the front end picks distilled for a distilled clip, else one_stage.
+RETAKE_PIPELINES: tuple[PipelineKind, ...] = ("one_stage", "distilled")
+
+
+def retake_region_problem(start: float, end: float, frames: int, fps: int) -> str | None:
+    """Why ``[start, end)`` seconds cannot be retaken in a clip of ``frames`` at ``fps``, or None.
+
+    The model remakes whole latent frames (8 video frames each): ltx-pipelines' mask takes every
+    latent frame that overlaps the region, so a region shorter than one would still remake
+    one, more than was asked. Half a video frame of slack on both checks lets a user type the
+    rounded numbers this message shows.
+    """
+    length = frames / fps
+    slack = 0.5 / fps
+    shortest = FRAMES_PER_LATENT_FRAME / fps
+    if start < 0:
+        return f"Start second must be 0 or more; got {start:g}."
+    if end > length + slack:
+        return f"End second must be at most {length:.2f}: the clip is {length:.2f} s long; got {end:g}."
+    if start >= end:
+        return f"Start second must be before End second; got {start:g} and {end:g}."
+    if end - start < shortest - slack:
+        return (f"The region from Start second to End second must be at least {shortest:.2f} s "
+                f"({FRAMES_PER_LATENT_FRAME} frames, the smallest part the model remakes); got {end - start:.2f} s.")
+    return None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -375,6 +429,12 @@ class JobSpec(_Frozen):
                 raise ValueError("draft: draft_state names the file that keeps the draft for its finalize")
         if self.preview_every_seconds > 0 and self.preview_dir is None:
             raise ValueError("preview_every_seconds: previews need a preview_dir")
+        return self
+
+    @model_validator(mode="after")
+    def _retake_whole(self) -> JobSpec:
+        if self.request.mode == "retake" and self.draft != "off":
+            raise ValueError("draft: a retake is rendered whole; it has no draft")
         return self
 
     @model_validator(mode="after")

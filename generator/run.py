@@ -25,7 +25,13 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
-from generator.checks import DraftStateError, ModelFilesError, UnsupportedOnDeviceError, check_model_files
+from generator.checks import (
+    DraftStateError,
+    ModelFilesError,
+    SourceClipError,
+    UnsupportedOnDeviceError,
+    check_model_files,
+)
 from generator.lifeline import watch_supervisor_pipe
 from generator.protocol import (
     FAMILY_NAMES,
@@ -180,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(emit, "too_large", str(exc), ExitCode.TOO_LARGE)
     except DraftStateError as exc:
         return _fail(emit, "invalid_spec", f"This clip cannot be finalized: {exc}.", ExitCode.INVALID_SPEC)
+    except SourceClipError as exc:
+        return _fail(emit, "invalid_spec", f"This clip cannot be retaken: {exc}.", ExitCode.INVALID_SPEC)
     except Exception:
         log.exception("generation failed")
         return _fail(emit, "internal", INTERNAL_MESSAGE, ExitCode.INTERNAL)

@@ -132,12 +132,14 @@ class _Run:
         sampler: Callable[..., Any] = euler_denoising_loop,
         stepper: Any = None,
         evaluations_per_step: int = 1,
+        states: Callable[..., tuple[Any, Any]] = denoise_audio_video,
         **extra: Any,
     ) -> tuple[Any, Any]:
         """One denoising stage; ``sampler`` is ltx-pipelines' loop (Euler, or res_2s with its stepper).
 
         res_2s evaluates the model twice per step and once more at the end: progress counts
-        ``evaluations_per_step`` calls as one step.
+        ``evaluations_per_step`` calls as one step. ``states`` noises the states, runs the loop
+        and unpatchifies (ltx-pipelines' ``denoise_audio_video``, or a retake's, which masks audio too).
         """
         v_pos, a_pos = self.contexts[0].video_encoding, self.contexts[0].audio_encoding
         if guided:
@@ -175,7 +177,7 @@ class _Run:
             )
 
         self.progress(stage, 0, total)
-        video_state, audio_state = denoise_audio_video(
+        video_state, audio_state = states(
             output_shape=shape,
             conditionings=conditionings,
             noiser=GaussianNoiser(generator=self.generator),
@@ -219,6 +221,10 @@ def _generate(
     spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
 ) -> DoneEvent:
     run = new_run(spec, device, tracker, emit, ledger_factory)
+    if run.spec.request.mode == "retake":
+        from generator.ltx2 import retake
+
+        return retake.render(run)
     if run.spec.draft != "off":
         # Draft and finalize are this run cut after stage 1 (docs/DESIGN.md, 'Drafts and previews').
         from generator.ltx2 import draft
@@ -278,18 +284,9 @@ def encode_inputs(run: _Run) -> tuple[list[Any], list[Any]]:
     returns the two stages' image conditionings."""
     spec, req, tracker, ledger = run.spec, run.spec.request, run.tracker, run.ledger
     device, dtype = run.device, run.dtype
-    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if run.guided else [req.prompt]
     images, condition = conditioning_images(spec)
     width_1, height_1 = run.stage_1_size()
-    checkpoint = main_checkpoint(spec)
-    cache = (
-        EmbeddingCache(spec.embedding_cache_dir, spec.embedding_cache_bytes)
-        if spec.embedding_cache_dir is not None and spec.embedding_cache_bytes > 0 else None
-    )
-    run.contexts = prompt_contexts(
-        prompts, ledger=ledger, tracker=tracker, device=device, dtype=dtype, progress=run.progress, cache=cache,
-        identity=lambda: model_identity(checkpoint, Path(str(spec.models.gemma_root)), dtype, device),
-    )
+    encode_prompts(run)
 
     with tracker.phase("image_encode"):
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
@@ -297,6 +294,21 @@ def encode_inputs(run: _Run) -> tuple[list[Any], list[Any]]:
         cond_2 = condition(images, req.height, req.width, encoder, dtype, device) if run.two_stages else []
         del encoder
     return cond_1, cond_2
+
+
+def encode_prompts(run: _Run) -> None:
+    """The prompt (and, guided, the negative prompt) into ``run.contexts``, from the embedding cache if it has them."""
+    spec, req, device, dtype = run.spec, run.spec.request, run.device, run.dtype
+    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if run.guided else [req.prompt]
+    checkpoint = main_checkpoint(spec)
+    cache = (
+        EmbeddingCache(spec.embedding_cache_dir, spec.embedding_cache_bytes)
+        if spec.embedding_cache_dir is not None and spec.embedding_cache_bytes > 0 else None
+    )
+    run.contexts = prompt_contexts(
+        prompts, ledger=run.ledger, tracker=run.tracker, device=device, dtype=dtype, progress=run.progress,
+        cache=cache, identity=lambda: model_identity(checkpoint, Path(str(spec.models.gemma_root)), dtype, device),
+    )
 
 
 def preparer(spec: JobSpec) -> Callable[[Any], Any]:
