@@ -35,14 +35,18 @@ EXPECTED_PHASES: dict[tuple[str, str, bool], list[str]] = {
     ("ltxv", "two_stage", False): _LTXV_MULTI_SCALE,
     ("ltxv", "one_stage", False): ["text_encode", "stage_1", "video_decode", "finalize"],
 }
+# A retake reads its source clip instead of an image (generator/ltx2/retake.py).
+RETAKE_PHASES = ["text_encode", "embeddings", "source_encode", "stage_1", "audio_decode", "video_decode", "finalize"]
+# The retake remakes 0.4-0.8 s of the one_stage run's clip (same size, frames, fps and sound).
+RETAKE_SOURCE = "one_stage-True.mp4"
 # (pipeline, fp8 cast, audio, mode); LTX-Video has no sound and no fp8 cast. A mode: an end
-# image at the last frame, a loop, or an owner's LoRA (a tiny one written here).
+# image at the last frame, a loop, an owner's LoRA (a tiny one written here), or a retake.
 Mode = str | None
 RUNS: dict[str, list[tuple[str, bool, bool, Mode]]] = {
     "ltx2": [("two_stage", True, True, None), ("two_stage", False, True, None), ("distilled", True, False, None),
              ("one_stage", True, True, None), ("two_stage_hq", True, True, None),
              ("two_stage", True, True, "end_image"), ("two_stage", True, True, "loop"),
-             ("two_stage_hq", True, True, "lora")],
+             ("two_stage_hq", True, True, "lora"), ("one_stage", True, True, "retake")],
     "ltxv": [("distilled", False, False, None), ("two_stage", False, False, None), ("one_stage", False, False, None)],
 }
 SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
@@ -59,11 +63,14 @@ def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[d
     if mode == "lora":
         return ({"loras": [{"name": "camera", "strength": 0.8}]},
                 {"loras": [{"name": "camera", "path": str(lora), "strength": 0.8}]})
+    if mode == "retake":
+        return ({"mode": "retake", "source_video": RETAKE_SOURCE, "source_job": 1, "retake_start": 0.4,
+                 "retake_end": 0.8}, {"source_video_path": str(image.parent / RETAKE_SOURCE)})
     return {}, {}
 
 
 def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: list[Any],
-              clip: dict[str, Any] | None) -> list[str]:
+              clip: dict[str, Any] | None, mode: Mode = None) -> list[str]:
     """What differs from the CPU tests' expectations; empty when the run passes."""
     width, height = SIZE[family]
     failures = [] if exit_code == 0 else [f"exit {exit_code}"]
@@ -78,7 +85,7 @@ def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: l
         if (done.frames, done.width, done.height, done.has_audio) != (FRAMES, width, height, audio):
             failures.append(f"done reports {done.frames} frames {done.width}x{done.height} audio {done.has_audio}")
     phases = [e for e in events if isinstance(e, PhaseEvent)]
-    expected = EXPECTED_PHASES[(family, pipeline, audio)]
+    expected = RETAKE_PHASES if mode == "retake" else EXPECTED_PHASES[(family, pipeline, audio)]
     if [p.name for p in phases] != expected:
         failures.append(f"phases {[p.name for p in phases]}, expected {expected}")
     for phase in phases:
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - started
         events = [parse_event(line) for line in proc.stdout.splitlines() if line.strip()]
         clip = _probe(spec.output_path) if proc.returncode == 0 else None
-        failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip)
+        failures = check_run(args.family, pipeline, audio, proc.returncode, events, clip, mode)
         entry: dict[str, Any] = {
             "pipeline": pipeline, "mode": mode, "fp8_cast": fp8, "audio": audio, "exit": proc.returncode,
             "wall_seconds": round(wall, 1), "failed_checks": failures, "clip": clip,

@@ -243,3 +243,24 @@ def test_a_retake_request_needs_its_region_and_one_stage(change: dict[str, Any],
     with pytest.raises(ValidationError) as caught:
         GenerationRequest.model_validate(BASE | {"retake_start": 0.1, "retake_end": 0.5} | change)
     assert expected in describe_validation_error(caught.value)
+
+
+def test_the_gpu_check_expects_a_retakes_own_phases() -> None:
+    from bench.tiny_cuda import FRAMES, RETAKE_PHASES, RUNS, check_run
+    from generator.protocol import DoneEvent, PhaseEvent, StartedEvent
+
+    assert ("one_stage", True, True, "retake") in RUNS["ltx2"]
+    started = StartedEvent(pid=1, device="cuda", device_name="GPU", family="ltx2", import_seconds=9.0)
+
+    def events(names: list[str]) -> list[Any]:
+        phases = [PhaseEvent(name=n, seconds=0.1, device="cuda", peak_allocated_gib=0.04, peak_reserved_gib=0.06,
+                             peak_rss_gib=1.6) for n in names]
+        done = DoneEvent.model_validate({"output_path": "c.mp4", "bytes": 1, "frames": FRAMES, "width": 256,
+                                         "height": 192, "fps": 24, "duration_seconds": 1.04, "has_audio": True,
+                                         "reencoded": False, "phases": phases})
+        return [started, *phases, done]
+
+    clip = {"frames": FRAMES, "width": 256, "height": 192, "fps": 24.0, "has_audio": True}
+    assert check_run("ltx2", "one_stage", True, 0, events(RETAKE_PHASES), clip, "retake") == []
+    animate = ["text_encode", "embeddings", "image_encode", "stage_1", "audio_decode", "video_decode", "finalize"]
+    assert check_run("ltx2", "one_stage", True, 0, events(animate), clip, "retake")
