@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--rows", type=int, help="run only the first N rows")
+    parser.add_argument("--select", help="run only the rows whose case name contains this, e.g. 2048x1536")
     parser.add_argument("--report-only", action="store_true", help="redo the comparison and table from --out")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = TINY_ROWS if args.tiny else ROWS
     tiling = TINY_TILING if args.tiny else DEFAULT_TILING
     with GpuSampler() if cuda else contextlib.nullcontext() as sampler:
-        for config, budget in rows[: args.rows]:
+        for config, budget in [r for r in rows if args.select is None or args.select in r[0].name][: args.rows]:
             print(f"running {config.name} budget {budget}", file=sys.stderr, flush=True)
             if cuda:  # the planner sets the cap per budget; an unconstrained row starts uncapped
                 torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())

@@ -101,9 +101,11 @@ pipeline.DENOISE_OBSERVERS.append(latents)
 # Weight bytes on the "device" at every streamed block's entry: every model tensor that is not a view
 # of a streamer's host copy, plus the slots (measured from the tensors, not taken from the plan).
 peaks = {}
+pins = {}
 original = plan_module.BudgetedLedger._streamed
-def measured(self, model, phase, parts, activation_phases):
-    model = original(self, model, phase, parts, activation_phases)
+def measured(self, model, phase, parts, activation_phases, *, pin):
+    pins[phase] = pin
+    model = original(self, model, phase, parts, activation_phases, pin=pin)
     streamers = streamers_of(model)
     hosts = [(p.host.data_ptr(), p.host.data_ptr() + p.nbytes) for s in streamers for p in s.packed]
     def device_bytes(*_):
@@ -125,7 +127,7 @@ events = []
 pipeline.generate(spec, events.append)
 plans = {e.name: e.plan for e in events if isinstance(e, PhaseEvent) and e.plan}
 frames = hashlib.sha256(open(spec.output_path, "rb").read()).hexdigest()
-print(json.dumps({"latents": found, "plans": plans, "peaks": peaks, "clip": frames}))
+print(json.dumps({"latents": found, "plans": plans, "peaks": peaks, "clip": frames, "pins": pins}))
 """
 
 
@@ -160,6 +162,8 @@ def test_streamed_pipeline_gives_the_resident_clip(tmp_path: Path, tiny_models: 
     assert streamed["plans"]["text_encode"]["streamed"] > 0
     assert streamed["latents"] == resident["latents"]
     assert streamed["clip"] == resident["clip"]  # frames and audio, muxed the same way
+    # Pinned host copies only for the transformer, whose blocks cross the bus on every step.
+    assert streamed["pins"] == {"text_encode": False, "embeddings": False, "stage_1": True}, streamed["pins"]
 
 
 @pytest.mark.slow

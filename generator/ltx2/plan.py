@@ -182,7 +182,14 @@ def _other_bytes(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> int:
 
 
 class BudgetedLedger:
-    """A ledger whose big models stream their blocks to fit the plan; every other build is the ledger's own."""
+    """A ledger whose big models stream their blocks to fit the plan; every other build is the ledger's own.
+
+    Only the transformer's streamed blocks are pinned. Page-locking costs about 1 s per GB on
+    the H200 and every job pays it again (each is a fresh process), while a pageable copy runs
+    at about 18 GB/s against 55 pinned (bench/results/h200-vram-budget). The transformer's
+    blocks cross the bus on every pass of every step, hundreds of times a job, so pinning
+    them pays; Gemma's layers and the connectors run once or twice a job, and pinning Gemma's
+    20 GB would cost about 20 s where copying it pageable costs about 1.1 s per forward."""
 
     def __init__(self, ledger: Any, planner: Planner) -> None:
         self._ledger = ledger
@@ -192,7 +199,7 @@ class BudgetedLedger:
         return getattr(self._ledger, name)
 
     def _streamed(self, model: Any, phase: str, parts: list[tuple[torch.nn.Module, torch.nn.ModuleList, str]],
-                  activation_phases: tuple[str, ...]) -> Any:
+                  activation_phases: tuple[str, ...], *, pin: bool) -> Any:
         planner = self._planner
         all_blocks = [b for _, blocks, _ in parts for b in blocks]
         chosen = planner.resident_blocks(phase, all_blocks, _other_bytes(model, all_blocks), activation_phases)
@@ -204,7 +211,7 @@ class BudgetedLedger:
             resident = min(len(blocks), share - resident_total)
             resident_total += resident
             stream(model, root, blocks, planner.device, resident=resident, allowance=planner.allowance,
-                   prefix=prefix, slots=chosen.slots)
+                   prefix=prefix, slots=chosen.slots, pin=pin)
         streamers = streamers_of(model)
         plan.update(resident=resident_total, streamed=len(all_blocks) - resident_total, slots=chosen.slots,
                     block_bytes=max((block_bytes(b) for b in all_blocks), default=0))
@@ -229,7 +236,8 @@ class BudgetedLedger:
             return self._ledger.text_encoder()
         model = _host_ledger(self._ledger).text_encoder()
         language = model.model.model.language_model
-        return self._streamed(model, "text_encode", [(language, language.layers, "gemma.")], ("text_encode",))
+        return self._streamed(model, "text_encode", [(language, language.layers, "gemma.")], ("text_encode",),
+                              pin=False)
 
     def gemma_embeddings_processor(self) -> Any:
         if self._resident(("embeddings",)):
@@ -238,7 +246,7 @@ class BudgetedLedger:
         parts = [(c, c.transformer_1d_blocks, f"{name}.")
                  for name, c in (("video", model.video_connector), ("audio", model.audio_connector))
                  if c is not None]
-        return self._streamed(model, "embeddings", parts, ("embeddings",))
+        return self._streamed(model, "embeddings", parts, ("embeddings",), pin=False)
 
     def transformer(self) -> Any:
         # Kept through the upsample into stage 2: planned for the largest need of the three (as predicted).
@@ -250,7 +258,7 @@ class BudgetedLedger:
         model = _host_ledger(self._ledger).transformer()
         velocity = model.velocity_model
         return self._streamed(model, self._planner.tracker.current or "stage_1",
-                              [(velocity, velocity.transformer_blocks, "transformer.")], phases)
+                              [(velocity, velocity.transformer_blocks, "transformer.")], phases, pin=True)
 
     def transformer_with_loras(self, loras: Any, kept: Any = None) -> Any:
         if kept is None:

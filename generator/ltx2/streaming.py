@@ -146,6 +146,7 @@ class BlockStreamer:
         resident: Iterable[int] = (),
         slots: int = 2,
         allowance: PinAllowance | None = None,
+        pin: bool = True,
     ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
@@ -157,7 +158,7 @@ class BlockStreamer:
             if index in keep:
                 module.to(device)
                 continue
-            packed = _pack(index, name, module, allowance, pin=self.cuda)
+            packed = _pack(index, name, module, allowance, pin=self.cuda and pin)
             if packed.host.is_pinned():
                 self.stats.pinned_bytes += packed.nbytes
             else:
@@ -332,17 +333,19 @@ def stream(
     allowance: PinAllowance | None = None,
     slots: int = 2,
     prefix: str = "",
+    pin: bool = True,
 ) -> BlockStreamer:
     """Stream ``blocks`` of a host-built ``model``: the first ``resident`` stay on ``device``, the rest stream.
 
     Everything outside the streamed blocks is moved to ``device``. The streamer is kept on
-    ``model`` (attribute ``_ltxbot_streamers``) so it lives and dies with it.
+    ``model`` (attribute ``_ltxbot_streamers``) so it lives and dies with it. ``pin: False``
+    keeps the host copies pageable (for a model that runs once or twice a job).
     """
     named = [(f"{prefix}{i}", b) for i, b in enumerate(blocks)]
     keep = range(min(max(resident, 0), len(named)))
     streamed = [b for i, (_, b) in enumerate(named) if i not in keep]
     place(model, device, streamed)
-    streamer = BlockStreamer(root, named, device, resident=keep, slots=slots, allowance=allowance)
+    streamer = BlockStreamer(root, named, device, resident=keep, slots=slots, allowance=allowance, pin=pin)
     streamers: list[BlockStreamer] = getattr(model, "_ltxbot_streamers", [])
     streamers.append(streamer)
     object.__setattr__(model, "_ltxbot_streamers", streamers)
