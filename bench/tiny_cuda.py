@@ -35,8 +35,12 @@ EXPECTED_PHASES: dict[tuple[str, str, bool], list[str]] = {
     ("ltxv", "two_stage", False): _LTXV_MULTI_SCALE,
     ("ltxv", "one_stage", False): ["text_encode", "stage_1", "video_decode", "finalize"],
 }
-# A retake reads its source clip instead of an image (generator/ltx2/retake.py).
-RETAKE_PHASES = ["text_encode", "embeddings", "source_encode", "stage_1", "audio_decode", "video_decode", "finalize"]
+# A mode whose phases differ from its pipeline's: lipsync encodes the user's track and keeps it (no audio decode).
+MODE_PHASES: dict[str, list[str]] = {
+    "lipsync": [*_LTX2_HEAD[:3], "audio_encode", "stage_1", "upsample", "stage_2", "video_decode", "finalize"],
+    # A retake reads its source clip instead of an image (generator/ltx2/retake.py).
+    "retake": [*_LTX2_HEAD[:2], "source_encode", "stage_1", "audio_decode", "video_decode", "finalize"],
+}
 # The retake remakes 0.4-0.8 s of the one_stage run's clip (same size, frames, fps and sound).
 RETAKE_SOURCE = "one_stage-True.mp4"
 # (pipeline, fp8 cast, audio, mode); LTX-Video has no sound and no fp8 cast. A mode: an end
@@ -46,7 +50,8 @@ RUNS: dict[str, list[tuple[str, bool, bool, Mode]]] = {
     "ltx2": [("two_stage", True, True, None), ("two_stage", False, True, None), ("distilled", True, False, None),
              ("one_stage", True, True, None), ("two_stage_hq", True, True, None),
              ("two_stage", True, True, "end_image"), ("two_stage", True, True, "loop"),
-             ("two_stage_hq", True, True, "lora"), ("one_stage", True, True, "retake")],
+             ("two_stage_hq", True, True, "lora"), ("two_stage", True, True, "lipsync"),
+             ("one_stage", True, True, "retake")],
     "ltxv": [("distilled", False, False, None), ("two_stage", False, False, None), ("one_stage", False, False, None)],
 }
 SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
@@ -56,6 +61,9 @@ FPS = 24
 
 def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The request's and the spec's fields for a mode (the worker fills the spec's from the request)."""
+    if mode == "lipsync":  # the track beside the image, as long as the clip (the audio intake cuts it so)
+        voice = write_voice(image.parent / "voice.wav", FRAMES / FPS)
+        return {"mode": "lipsync", "audio_file": voice.name}, {"audio_path": str(voice)}
     if mode == "end_image":
         return {"end_image": end_image.name}, {"end_image_path": str(end_image)}
     if mode == "loop":
@@ -67,6 +75,25 @@ def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[d
         return ({"mode": "retake", "source_video": RETAKE_SOURCE, "source_job": 1, "retake_start": 0.4,
                  "retake_end": 0.8}, {"source_video_path": str(image.parent / RETAKE_SOURCE)})
     return {}, {}
+
+
+def write_voice(path: Path, seconds: float, rate: int = 48000) -> Path:
+    """A stereo 16-bit WAV of two tones, as the audio intake stores an upload."""
+    import math
+    import struct
+    import wave
+
+    frames = b"".join(
+        struct.pack("<hh", int(9000 * math.sin(2 * math.pi * 220 * i / rate)),
+                    int(7000 * math.sin(2 * math.pi * 330 * i / rate)))
+        for i in range(round(seconds * rate))
+    )
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(frames)
+    return path
 
 
 def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: list[Any],
@@ -85,7 +112,7 @@ def check_run(family: str, pipeline: str, audio: bool, exit_code: int, events: l
         if (done.frames, done.width, done.height, done.has_audio) != (FRAMES, width, height, audio):
             failures.append(f"done reports {done.frames} frames {done.width}x{done.height} audio {done.has_audio}")
     phases = [e for e in events if isinstance(e, PhaseEvent)]
-    expected = RETAKE_PHASES if mode == "retake" else EXPECTED_PHASES[(family, pipeline, audio)]
+    expected = MODE_PHASES.get(mode or "") or EXPECTED_PHASES[(family, pipeline, audio)]
     if [p.name for p in phases] != expected:
         failures.append(f"phases {[p.name for p in phases]}, expected {expected}")
     for phase in phases:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from bot.db.store import JobStore
 
 log = logging.getLogger(__name__)
-EXTENSIONS = ("bot.cogs.animate", "bot.cogs.jobs", "bot.cogs.admin")
+EXTENSIONS = ("bot.cogs.animate", "bot.cogs.jobs", "bot.cogs.admin", "bot.cogs.lipsync")
 
 
 class LtxBot(commands.Bot):

@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     animate.add_argument("--lora-strength", type=float, default=None, help="its strength (default: the config's)")
     animate.add_argument("--model", choices=["ltx2", "ltxv"], help="model family (default: generation.family)")
     animate.add_argument("--no-audio", action="store_true")
+    animate.add_argument("--audio", type=Path, default=None,
+                         help="lip-sync to this track (MP3, WAV, M4A, OGG); the clip is as long as the track")
     animate.add_argument("--out", type=Path, default=None, help="copy the clip here (default: print its path)")
     animate.add_argument("--no-worker", action="store_true",
                          help="only queue the job and wait: running `ltxbot worker` processes render it")

@@ -121,6 +121,11 @@ class Limits(_Section):
     decode_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
     # Per user, seconds of generator phases in the last 24 hours (null: no GPU-time budget).
     daily_gpu_seconds: float | None = Field(default=None, gt=0)
+    # --- lipsync (docs/DESIGN.md, 'Lip-sync') ---
+    # The longest audio track /lipsync takes; the clip follows the track, up to max_frames.
+    max_audio_seconds: float = Field(default=10.0, gt=0, le=60)
+    # The audio decoder process's address space (PyAV's libraries need more than Pillow's).
+    audio_decode_memory_mib: int = Field(default=512, ge=192, le=65536)
 
 
 class LtxvSettings(_Section):

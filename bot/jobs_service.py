@@ -25,9 +25,18 @@ from bot.access import Caller, Refusal, budget_gate, check_budget, check_place, 
 from bot.db.models import ACTIVE_STATUSES, DraftStep, JobStatus, WorkerState
 from bot.db.store import CancelOutcome, DuplicateJobError, NewJob
 from bot.intake import IntakeError
+from bot.intake.audio import AudioIntake, AudioLimits
 from bot.intake.download import download_attachment
 from bot.intake.image import DecodeLimits, ImageIntake, confined_path
-from bot.intake.request import RequestOptions, check_owner_limits, fixed_size, least_vram, with_end_image
+from bot.intake.request import (
+    RequestOptions,
+    check_owner_limits,
+    fixed_size,
+    least_vram,
+    lipsync_options,
+    with_audio_track,
+    with_end_image,
+)
 from bot.replies import tell
 from bot.retake import PENDING_SOURCE, clip_seconds, retake_refusal, retake_request
 from bot.shared_files import SharedFiles
@@ -129,6 +138,8 @@ class JobService:
             settings.uploads_dir, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side,
             threads=limits.intake_threads, limits=DecodeLimits.of(limits),
         )
+        self.audio_intake = AudioIntake(settings.uploads_dir, threads=limits.intake_threads,
+                                        limits=AudioLimits.of(limits))
         self.files = SharedFiles(settings, store)
         self.http: aiohttp.ClientSession | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -185,6 +196,7 @@ class JobService:
         if self.http is not None:
             await self.http.close()
         self.intake.close()
+        self.audio_intake.close()
 
     # --- who is asking -----------------------------------------------------------
 
@@ -780,4 +792,60 @@ class JobService:
         return await channel.send(
             cards.failure_notice(job), reference=reference or discord.utils.MISSING, allowed_mentions=mentions,
             nonce=nonce,
+        )
+
+    # --- lipsync (docs/DESIGN.md, 'Lip-sync') ---------------------------------------------
+
+    async def lipsync_from_command(
+        self, interaction: discord.Interaction[Any], image: discord.Attachment, audio: discord.Attachment,
+        prompt: str, options: RequestOptions,
+    ) -> None:
+        """/lipsync: the audio goes through its intake first (its length sets the clip's), then the image."""
+        limits, fps = self.settings.limits, self.settings.generation.fps
+        try:
+            admit = await self._admit(interaction.user, interaction.guild_id)
+            # Bad options are refused before anything is downloaded; the audio only changes the frame count.
+            checked = lipsync_options(options, 9).build(self.settings, prompt=prompt, source_size=(4, 3),
+                                                        guild_id=interaction.guild_id)
+            with_audio_track(checked, "audio.wav")
+        except (Refusal, IntakeError) as problem:
+            await interaction.response.send_message(problem.message, ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        track = None
+        try:
+            try:
+                data = await self._download_audio(audio)
+                track = await self.audio_intake.normalise(
+                    data, max_seconds=limits.max_audio_seconds, fps=fps, max_frames=limits.max_frames)
+            except IntakeError as problem:
+                raise IntakeError(problem.code, f"audio: {problem.message}") from None
+            try:
+                request, picture = await self._from_attachment(
+                    image, prompt, lipsync_options(options, track.frames), interaction.guild_id)
+            except IntakeError as problem:
+                raise IntakeError(problem.code, f"image: {problem.message}") from None
+            request = with_audio_track(request, track.path.name)
+            job, _ = await self._create(
+                request, input_path=str(picture.path), sha256=picture.sha256, user_id=interaction.user.id,
+                guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                key=str(interaction.id), admit=admit,
+            )
+        except (IntakeError, Refusal) as problem:
+            if track is not None and track.fresh:
+                await asyncio.to_thread(track.path.unlink, missing_ok=True)  # no job will ever read it
+            text = f"I can't animate that: {problem.message}" if isinstance(problem, IntakeError) else problem.message
+            await interaction.edit_original_response(content=text)
+            return
+        notes = picture.notes + track.notes
+        await self._post_card(interaction, job, f" ({'; '.join(notes)})" if notes else "")
+
+    async def _download_audio(self, attachment: discord.Attachment) -> bytes:
+        assert self.http is not None
+        d = self.settings.discord
+        return await download_attachment(
+            self.http, attachment.url, declared_size=attachment.size,
+            max_bytes=self.settings.limits.max_upload_bytes, allowed_hosts=d.cdn_hosts,
+            allow_insecure=d.allow_insecure_cdn, timeout_seconds=self.settings.limits.download_timeout_seconds,
+            what="audio file",
         )

@@ -12,8 +12,9 @@ from bot.db.models import DraftStep, JobStatus
 from bot.db.store import NewJob
 from bot.drafts import NOT_DRAFTABLE, draftable
 from bot.intake import IntakeError
+from bot.intake.audio import AudioLimits, NormalisedAudio, normalise_audio
 from bot.intake.image import DecodeLimits, NormalisedImage, TargetSize, normalise_image, read_local_image
-from bot.intake.request import RequestOptions, SizedRequest, fixed_size, least_vram, with_end_image
+from bot.intake.request import RequestOptions, SizedRequest, fixed_size, least_vram, with_audio_track, with_end_image
 from bot.terminal import StageProgress, make_console, phase_table, weights_table
 from bot.worker import Worker, draft_state_path
 from generator.protocol import FAMILY_NAMES
@@ -30,10 +31,21 @@ LOCAL_USER = "local"
 
 async def animate(settings: Settings, store: JobStore, args: argparse.Namespace) -> int:
     limits = settings.limits
+    try:
+        track = lipsync_track(settings, args) if args.audio is not None else None
+    except IntakeError as exc:
+        print(f"Cannot animate that: {exc.message} ({exc.code})", file=sys.stderr)
+        return 2
+    lipsync = {} if track is None else {
+        "frames": track.frames, "pipeline": args.pipeline or "two_stage", "audio": not args.no_audio,
+        "family": args.model or "ltx2"}
     sized = SizedRequest(
-        settings, prompt=args.prompt, width=args.width, height=args.height, frames=args.frames,
-        seconds=args.seconds, seed=args.seed, pipeline=args.pipeline, audio=False if args.no_audio else None,
-        family=args.model, loop=args.loop or None, lora=args.lora, lora_strength=args.lora_strength,
+        settings, **({
+            "prompt": args.prompt, "width": args.width, "height": args.height, "frames": args.frames,
+            "seconds": args.seconds, "seed": args.seed, "pipeline": args.pipeline,
+            "audio": False if args.no_audio else None, "family": args.model, "loop": args.loop or None,
+            "lora": args.lora, "lora_strength": args.lora_strength,
+        } | lipsync),
     )
 
     def fit(path: Path, target: TargetSize) -> NormalisedImage:
@@ -48,6 +60,8 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
         assert request is not None
         if args.end_image is not None:
             request = with_end_image(request, fit(args.end_image, fixed_size(request)).path.name)
+        if track is not None:
+            request = with_audio_track(request, track.path.name)
     except IntakeError as exc:
         print(f"Cannot animate that: {exc.message} ({exc.code})", file=sys.stderr)
         return 2
@@ -129,3 +143,21 @@ async def _render(worker: Worker, store: JobStore, job: Job, *, out: Path | None
         output = str(out)
     print(output)
     return 0
+
+
+# --- lipsync (docs/DESIGN.md, 'Lip-sync') ---
+def lipsync_track(settings: Settings, args: argparse.Namespace) -> NormalisedAudio:
+    """``--audio``: the track through the same intake as /lipsync's; its length sets the clip's."""
+    for flag, given in (("--frames", args.frames), ("--seconds", args.seconds), ("--lora", args.lora),
+                        ("--draft", args.draft)):
+        if given:
+            why = "the clip is as long as the track" if flag in ("--frames", "--seconds") else "not for lip-sync"
+            raise IntakeError("invalid_request", f"{flag} does not go with --audio ({why}).")
+    limits = settings.limits
+    try:
+        data = read_local_image(args.audio, limits.max_upload_bytes)
+        return normalise_audio(data, settings.uploads_dir, max_seconds=limits.max_audio_seconds,
+                               fps=settings.generation.fps, max_frames=limits.max_frames,
+                               limits=AudioLimits.of(limits))
+    except IntakeError as exc:
+        raise IntakeError(exc.code, f"audio: {exc.message}") from None

@@ -218,6 +218,22 @@ class GenerationRequest(_Frozen):
             raise ValueError(problem)
         return self
 
+    # --- lipsync (docs/DESIGN.md, 'Lip-sync') ---
+    @model_validator(mode="after")
+    def _lipsync_fits(self) -> GenerationRequest:
+        if self.mode != "lipsync":
+            return self
+        if self.pipeline != "two_stage":
+            raise ValueError(f"pipeline must be two_stage for lipsync (the audio-to-video pipeline is two-stage); "
+                             f"got {self.pipeline}")
+        if not self.audio:
+            raise ValueError("audio must stay on for lipsync: the clip carries your audio track")
+        if self.keyframed:
+            raise ValueError("end_image and loop do not go with lipsync: the audio drives the whole clip")
+        if self.loras:
+            raise ValueError("lora does not go with lipsync: the audio-to-video pipeline is checked without LoRAs")
+        return self
+
     @property
     def keyframed(self) -> bool:
         """An image is set at the last frame too (an end image, or a loop)."""
@@ -435,6 +451,12 @@ class JobSpec(_Frozen):
     def _retake_whole(self) -> JobSpec:
         if self.request.mode == "retake" and self.draft != "off":
             raise ValueError("draft: a retake is rendered whole; it has no draft")
+        return self
+
+    @model_validator(mode="after")
+    def _lipsync_has_no_draft(self) -> JobSpec:
+        if self.request.mode == "lipsync" and self.draft != "off":
+            raise ValueError("draft: a lipsync clip has no draft (the audio-to-video pipeline runs whole)")
         return self
 
     @model_validator(mode="after")

@@ -246,7 +246,7 @@ def test_a_retake_request_needs_its_region_and_one_stage(change: dict[str, Any],
 
 
 def test_the_gpu_check_expects_a_retakes_own_phases() -> None:
-    from bench.tiny_cuda import FRAMES, RETAKE_PHASES, RUNS, check_run
+    from bench.tiny_cuda import FRAMES, MODE_PHASES, RUNS, check_run
     from generator.protocol import DoneEvent, PhaseEvent, StartedEvent
 
     assert ("one_stage", True, True, "retake") in RUNS["ltx2"]
@@ -261,6 +261,6 @@ def test_the_gpu_check_expects_a_retakes_own_phases() -> None:
         return [started, *phases, done]
 
     clip = {"frames": FRAMES, "width": 256, "height": 192, "fps": 24.0, "has_audio": True}
-    assert check_run("ltx2", "one_stage", True, 0, events(RETAKE_PHASES), clip, "retake") == []
+    assert check_run("ltx2", "one_stage", True, 0, events(MODE_PHASES["retake"]), clip, "retake") == []
     animate = ["text_encode", "embeddings", "image_encode", "stage_1", "audio_decode", "video_decode", "finalize"]
     assert check_run("ltx2", "one_stage", True, 0, events(animate), clip, "retake")

@@ -286,3 +286,21 @@ def with_end_image(request: GenerationRequest, upload_name: str) -> GenerationRe
 def fixed_size(request: GenerationRequest) -> Callable[[int, int], tuple[int, int]]:
     """The ``normalise_image`` target for an end image: fitted to the first image's clip size."""
     return lambda _width, _height: (request.width, request.height)
+
+
+# --- lipsync (docs/DESIGN.md, 'Lip-sync') ---
+def lipsync_options(options: RequestOptions, frames: int) -> RequestOptions:
+    """``options`` for a lip-sync clip: LTX-2's two-stage audio-to-video pipeline, with sound, ``frames`` long."""
+    return RequestOptions(
+        preset=options.preset, width=options.width, height=options.height, frames=frames, seed=options.seed,
+        audio=True, pipeline="two_stage", family="ltx2",
+    )
+
+
+def with_audio_track(request: GenerationRequest, upload_name: str) -> GenerationRequest:
+    """``request`` as a lip-sync job driven by the audio upload ``upload_name``, validated again."""
+    try:
+        return GenerationRequest.model_validate(
+            request.model_dump() | {"mode": "lipsync", "audio_file": upload_name})
+    except ValidationError as exc:
+        raise IntakeError("invalid_request", describe_validation_error(exc)) from None

@@ -132,25 +132,27 @@ class _Run:
         sampler: Callable[..., Any] = euler_denoising_loop,
         stepper: Any = None,
         evaluations_per_step: int = 1,
-        states: Callable[..., tuple[Any, Any]] = denoise_audio_video,
+        driver: Callable[..., tuple[Any, Any]] = denoise_audio_video,
+        guider_factories: tuple[Any, Any] | None = None,
         **extra: Any,
     ) -> tuple[Any, Any]:
         """One denoising stage; ``sampler`` is ltx-pipelines' loop (Euler, or res_2s with its stepper).
 
         res_2s evaluates the model twice per step and once more at the end: progress counts
-        ``evaluations_per_step`` calls as one step. ``states`` noises the states, runs the loop
-        and unpatchifies (ltx-pipelines' ``denoise_audio_video``, or a retake's, which masks audio too).
+        ``evaluations_per_step`` calls as one step. ``driver`` sets up the states and runs the loop
+        (lipsync's keeps the audio frozen); ``guider_factories`` (video, audio) replace the ones
+        made from ``steps_params`` and the negative prompt.
         """
         v_pos, a_pos = self.contexts[0].video_encoding, self.contexts[0].audio_encoding
         if guided:
             v_neg, a_neg = self.contexts[1].video_encoding, self.contexts[1].audio_encoding
+            video_factory, audio_factory = guider_factories or (
+                create_multimodal_guider_factory(params=steps_params.video_guider_params, negative_context=v_neg),
+                create_multimodal_guider_factory(params=steps_params.audio_guider_params, negative_context=a_neg),
+            )
             inner = batched_guider_denoising_func(
-                video_guider_factory=create_multimodal_guider_factory(
-                    params=steps_params.video_guider_params, negative_context=v_neg
-                ),
-                audio_guider_factory=create_multimodal_guider_factory(
-                    params=steps_params.audio_guider_params, negative_context=a_neg
-                ),
+                video_guider_factory=video_factory,
+                audio_guider_factory=audio_factory,
                 v_context=v_pos,
                 a_context=a_pos,
                 transformer=transformer,
@@ -177,7 +179,7 @@ class _Run:
             )
 
         self.progress(stage, 0, total)
-        video_state, audio_state = states(
+        video_state, audio_state = driver(
             output_shape=shape,
             conditionings=conditionings,
             noiser=GaussianNoiser(generator=self.generator),
@@ -225,6 +227,10 @@ def _generate(
         from generator.ltx2 import retake
 
         return retake.render(run)
+    if run.spec.request.mode == "lipsync":
+        from generator.ltx2 import lipsync
+
+        return lipsync.render(run)
     if run.spec.draft != "off":
         # Draft and finalize are this run cut after stage 1 (docs/DESIGN.md, 'Drafts and previews').
         from generator.ltx2 import draft
@@ -319,9 +325,10 @@ def preparer(spec: JobSpec) -> Callable[[Any], Any]:
     )
 
 
-def stage_1(run: _Run, cond_1: list[Any], *, keep_transformer: bool) -> tuple[Any, Any]:
+def stage_1(run: _Run, cond_1: list[Any], *, keep_transformer: bool, **denoise: Any) -> tuple[Any, Any]:
     """Stage 1 (the whole denoise for one_stage): the video and audio states; with
-    ``keep_transformer`` the transformer stays in ``run.kept_transformer`` for stage 2."""
+    ``keep_transformer`` the transformer stays in ``run.kept_transformer`` for stage 2.
+    ``denoise`` goes to ``_Run.denoise`` (a mode's driver and guiders)."""
     req, tracker, device = run.spec.request, run.tracker, run.device
     width_1, height_1 = run.stage_1_size()
     with tracker.phase("stage_1"):
@@ -335,7 +342,7 @@ def stage_1(run: _Run, cond_1: list[Any], *, keep_transformer: bool) -> tuple[An
         shape_1 = VideoPixelShape(batch=1, frames=req.frames, width=width_1, height=height_1, fps=req.fps)
         video_state, audio_state = run.denoise(
             "generating", transformer, sigmas, shape_1, cond_1,
-            guided=run.guided, steps_params=run.params,
+            guided=run.guided, steps_params=run.params, **denoise,
         )
         for observe in run.step_observers:
             close = getattr(observe, "close", None)
@@ -347,8 +354,9 @@ def stage_1(run: _Run, cond_1: list[Any], *, keep_transformer: bool) -> tuple[An
     return video_state, audio_state
 
 
-def refine(run: _Run, video_state: Any, audio_state: Any, cond_2: list[Any]) -> tuple[Any, Any]:
-    """Upsample stage 1's latent and run stage 2 (with stage 1's transformer when it was kept)."""
+def refine(run: _Run, video_state: Any, audio_state: Any, cond_2: list[Any], **denoise: Any) -> tuple[Any, Any]:
+    """Upsample stage 1's latent and run stage 2 (with stage 1's transformer when it was kept);
+    ``denoise`` goes to ``_Run.denoise``."""
     spec, req, tracker, ledger, device = run.spec, run.spec.request, run.tracker, run.ledger, run.device
     prepare = preparer(spec)
     with tracker.phase("upsample"):
@@ -374,18 +382,22 @@ def refine(run: _Run, video_state: Any, audio_state: Any, cond_2: list[Any]) -> 
         video_state, audio_state = run.denoise(
             "refining", transformer, sigmas, shape_2, cond_2, guided=False, steps_params=run.params,
             noise_scale=sigmas[0], initial_video_latent=upscaled, initial_audio_latent=audio_state.latent,
+            **denoise,
         )
         del transformer, upscaled
     return video_state, audio_state
 
 
-def finish(run: _Run, video_state: Any, audio_state: Any, spec: JobSpec | None = None) -> DoneEvent:
+def finish(
+    run: _Run, video_state: Any, audio_state: Any, spec: JobSpec | None = None,
+    audio_track: tuple[np.ndarray, int] | None = None,
+) -> DoneEvent:
     """Decode the audio, then stream the tiled video decode into the encoder; ``spec`` (default the
-    job's) says the clip's size and where it goes."""
+    job's) says the clip's size and where it goes; a given ``audio_track`` (lipsync's: the user's
+    own) is the clip's sound instead of the decoded latent."""
     spec = spec or run.spec
     req, tracker, ledger = spec.request, run.tracker, run.ledger
-    audio_track: tuple[np.ndarray, int] | None = None
-    if req.audio:
+    if req.audio and audio_track is None:
         with tracker.phase("audio_decode"):
             run.progress("decoding audio", 0, 1)
             audio_decoder = tracker.watch(ledger.audio_decoder(), "audio decoder")

@@ -130,7 +130,7 @@ def render(run: _Run) -> DoneEvent:
             sigmas = torch.tensor(DISTILLED_SIGMA_VALUES, dtype=torch.float32, device=device)
         video_state, audio_state = run.denoise(
             STAGE, transformer, sigmas, shape, video_mask, guided=run.guided, steps_params=run.params,
-            states=masked_states(audio_mask), initial_video_latent=video_latent, initial_audio_latent=audio_latent,
+            driver=masked_states(audio_mask), initial_video_latent=video_latent, initial_audio_latent=audio_latent,
         )
         del transformer, video_latent, audio_latent
     return finish(run, video_state, audio_state)
