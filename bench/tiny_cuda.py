@@ -38,17 +38,21 @@ EXPECTED_PHASES: dict[tuple[str, str, bool], list[str]] = {
 # A mode whose phases differ from its pipeline's: lipsync encodes the user's track and keeps it (no audio decode).
 MODE_PHASES: dict[str, list[str]] = {
     "lipsync": [*_LTX2_HEAD[:3], "audio_encode", "stage_1", "upsample", "stage_2", "video_decode", "finalize"],
+    # A retake reads its source clip instead of an image (generator/ltx2/retake.py).
+    "retake": [*_LTX2_HEAD[:2], "source_encode", "stage_1", "audio_decode", "video_decode", "finalize"],
 }
+# The retake remakes 0.4-0.8 s of the one_stage run's clip (same size, frames, fps and sound).
+RETAKE_SOURCE = "one_stage-True.mp4"
 # (pipeline, fp8 cast, audio, mode); LTX-Video has no sound and no fp8 cast. A mode: an end
-# image at the last frame, a loop, an owner's LoRA (a tiny one written here), or an extension of
-# the first run's clip (EXTEND_SOURCE: FRAMES more frames less the overlap).
+# image at the last frame, a loop, an owner's LoRA (a tiny one written here), an extension of
+# the first run's clip (EXTEND_SOURCE: FRAMES more frames less the overlap), or a retake.
 Mode = str | None
 RUNS: dict[str, list[tuple[str, bool, bool, Mode]]] = {
     "ltx2": [("two_stage", True, True, None), ("two_stage", False, True, None), ("distilled", True, False, None),
              ("one_stage", True, True, None), ("two_stage_hq", True, True, None),
              ("two_stage", True, True, "end_image"), ("two_stage", True, True, "loop"),
              ("two_stage_hq", True, True, "lora"), ("two_stage", True, True, "lipsync"),
-             ("two_stage", True, True, "extend")],
+             ("two_stage", True, True, "extend"), ("one_stage", True, True, "retake")],
     "ltxv": [("distilled", False, False, None), ("two_stage", False, False, None), ("one_stage", False, False, None)],
 }
 SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
@@ -77,6 +81,9 @@ def mode_fields(mode: Mode, image: Path, end_image: Path, lora: Path) -> tuple[d
     if mode == "lora":
         return ({"loras": [{"name": "camera", "strength": 0.8}]},
                 {"loras": [{"name": "camera", "path": str(lora), "strength": 0.8}]})
+    if mode == "retake":
+        return ({"mode": "retake", "source_video": RETAKE_SOURCE, "source_job": 1, "retake_start": 0.4,
+                 "retake_end": 0.8}, {"source_video_path": str(image.parent / RETAKE_SOURCE)})
     return {}, {}
 
 

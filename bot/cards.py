@@ -86,6 +86,8 @@ def _family(params: dict[str, Any]) -> str:
 
 def mode_text(params: dict[str, Any]) -> str | None:
     """How the clip ends, when the user chose it (jobs from before these options have neither key)."""
+    if params.get("mode") == "retake":
+        return f"retake of job {params.get('source_job')}, {params['retake_start']:g}–{params['retake_end']:g} s"
     if params.get("mode") == "lipsync":
         return "lip-sync"
     if params.get("mode") == "extend":

@@ -33,7 +33,8 @@ NOT_DRAFTABLE = ("draft: only LTX-2 clips with a two-stage pipeline (two_stage o
 def draftable(request: GenerationRequest) -> bool:
     # two_stage_hq's stage 1 is its own (res_2s, LoRA 0.25): a draft would not be its stage 1.
     # A lip-sync clip runs whole: its stages hold the user's audio (docs/DESIGN.md, 'Lip-sync').
-    return request.family == "ltx2" and request.pipeline in ("two_stage", "distilled") and request.mode != "lipsync"
+    # A retake is one stage at full size (docs/DESIGN.md, 'Retake'); an extension is joined to its clip.
+    return request.family == "ltx2" and request.pipeline in ("two_stage", "distilled") and request.mode == "animate"
 
 
 def draft_step(settings: Settings, request: GenerationRequest, asked: bool | None, guild_id: int | None) -> str | None:

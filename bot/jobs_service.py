@@ -38,9 +38,10 @@ from bot.intake.request import (
     with_end_image,
 )
 from bot.replies import tell
+from bot.retake import PENDING_SOURCE, clip_seconds, retake_refusal, retake_request
 from bot.shared_files import SharedFiles
 from bot.status_cards import StatusCards
-from bot.views import AnimateModal, ExtendModal, TweakModal, delivery_view, draft_view
+from bot.views import AnimateModal, ExtendModal, RetakeModal, TweakModal, delivery_view, draft_view
 from bot.worker import Ending, draft_state_path, job_dir
 from generator.protocol import (
     EXTEND_OVERLAP_FRAMES,
@@ -607,6 +608,76 @@ class JobService:
             )
         except Refusal as refusal:
             await tell(interaction, refusal.message)
+            return
+        await self._post_card(interaction, new)
+
+    # --- retake (docs/DESIGN.md, 'Retake') ------------------------------------------------
+
+    async def open_retake(self, interaction: discord.Interaction[Any], job_id: int) -> None:
+        """Retake under a delivered clip: the form, once the clip and the user may have one."""
+        job = await self._own_job(interaction, job_id)
+        if job is None:
+            return
+        refusal = retake_refusal(job)
+        if refusal is not None:
+            await tell(interaction, refusal)
+            return
+        try:
+            await self._admit(interaction.user, interaction.guild_id)
+        except Refusal as problem:
+            await tell(interaction, problem.message)
+            return
+        await interaction.response.send_modal(RetakeModal(
+            job.id, job.prompt, clip_seconds(job.params), self.settings.limits.max_prompt_chars))
+
+    async def retake_from_modal(self, interaction: discord.Interaction[Any], modal: RetakeModal) -> None:
+        """Queue the retake: the region checked first, then the clip copied into uploads, then the job."""
+        job = await self._own_job(interaction, modal.job_id)
+        if job is None:
+            return
+        refusal = retake_refusal(job)
+        if refusal is not None:
+            await tell(interaction, refusal)
+            return
+        try:
+            start, end = modal.region()
+            admit = await self._admit(interaction.user, interaction.guild_id)
+            request = retake_request(job.params, prompt=modal.prompt.value, start=start, end=end,
+                                     seed=secrets.randbelow(2**32), source_video=PENDING_SOURCE, source_job=job.id)
+            check_owner_limits(self.settings, request)
+        except (Refusal, IntakeError) as problem:
+            await tell(interaction, problem.message)
+            return
+        except ValidationError as exc:
+            await tell(interaction, describe_validation_error(exc))
+            return
+        except ValueError as exc:
+            await tell(interaction, str(exc))
+            return
+        if request.family not in self.settings.enabled_families():
+            await tell(interaction, f"The {FAMILY_NAMES[request.family]} model is no longer set up on this bot.")
+            return
+        # The retake does not read the image, but its job carries it as every job does (Rerun needs it).
+        if not job.input_path or not await asyncio.to_thread(Path(job.input_path).is_file):
+            await tell(interaction, "The image for that clip is no longer stored; start a new /animate.")
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        source = await self.files.clip_as_upload(job)
+        if source is None:
+            await tell(interaction, f"The clip of job {job.id} is no longer stored, so it can't be retaken. "
+                                    "Press Rerun for a new one.")
+            return
+        request = GenerationRequest.model_validate(request.model_dump() | {"source_video": source})
+        try:
+            new, _ = await self._create(
+                request, input_path=job.input_path, sha256=job.input_sha256, user_id=interaction.user.id,
+                guild=interaction.guild, guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                key=str(interaction.id), admit=admit,
+                # The retake is posted as a reply to the clip it retakes.
+                request_message_id=int(job.posted_message_id) if job.posted_message_id else None,
+            )
+        except Refusal as problem:
+            await tell(interaction, problem.message)
             return
         await self._post_card(interaction, new)
 

@@ -14,6 +14,7 @@ import discord
 
 from bot.intake.request import RequestOptions
 from bot.replies import guarded
+from bot.retake import parse_second
 from generator.protocol import MAX_PROMPT_CHARS
 
 
@@ -33,6 +34,10 @@ class JobActions(Protocol):
     async def open_extend(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
 
     async def extend(self, interaction: discord.Interaction[Any], job_id: int, prompt: str) -> None: ...
+
+    async def open_retake(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
+
+    async def retake_from_modal(self, interaction: discord.Interaction[Any], modal: RetakeModal) -> None: ...
 
 
 def actions_of(interaction: discord.Interaction[Any]) -> JobActions:
@@ -104,7 +109,16 @@ class ExtendButton(_JobButton, template=r"ltxbot:extend:(?P<job>\d+)"):
         await actions.open_extend(interaction, self.job_id)
 
 
-DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton, FinalizeButton, ExtendButton)
+class RetakeButton(_JobButton, template=r"ltxbot:retake:(?P<job>\d+)"):
+    """Under a delivered clip: make a part of it again (docs/DESIGN.md, 'Retake')."""
+
+    action, label, emoji = "retake", "Retake", "🎬"
+
+    async def run(self, actions: JobActions, interaction: discord.Interaction[Any]) -> None:
+        await actions.open_retake(interaction, self.job_id)
+
+
+DYNAMIC_ITEMS = (CancelButton, RerunButton, TweakButton, FinalizeButton, ExtendButton, RetakeButton)
 
 
 def cancel_view(job_id: int) -> discord.ui.View:
@@ -123,6 +137,7 @@ def delivery_view(job_id: int) -> discord.ui.View:
     view.add_item(RerunButton(job_id))
     view.add_item(TweakButton(job_id))
     view.add_item(ExtendButton(job_id))
+    view.add_item(RetakeButton(job_id))
     return view
 
 
@@ -221,3 +236,29 @@ class ExtendModal(discord.ui.Modal, title="Extend the clip"):
 
     async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
         await guarded(interaction, actions_of(interaction).extend(interaction, self.job_id, self.prompt.value))
+
+
+class RetakeModal(discord.ui.Modal, title="Retake part of the clip"):
+    """The region to make again and what should happen in it; the prompt starts as the clip's own."""
+
+    start: discord.ui.TextInput[RetakeModal] = discord.ui.TextInput(label="Start second", max_length=8)
+    end: discord.ui.TextInput[RetakeModal] = discord.ui.TextInput(label="End second", max_length=8)
+    prompt: discord.ui.TextInput[RetakeModal] = discord.ui.TextInput(
+        label="Prompt", style=discord.TextStyle.paragraph, placeholder="What happens in that part?",
+        max_length=MAX_PROMPT_CHARS,
+    )
+
+    def __init__(self, job_id: int, prompt: str, seconds: float, max_prompt_chars: int) -> None:
+        super().__init__(timeout=600)
+        self.job_id = job_id
+        self.start.placeholder = "0"
+        self.end.placeholder = f"{seconds:.2f} (the clip is {seconds:.2f} s long)"
+        self.prompt.max_length = max_prompt_chars
+        self.prompt.default = prompt[:max_prompt_chars]
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        await guarded(interaction, actions_of(interaction).retake_from_modal(interaction, self))
+
+    def region(self) -> tuple[float, float]:
+        """The two seconds as numbers; raises ValueError naming the field. Their range is the request's check."""
+        return parse_second(self.start.value, "Start second"), parse_second(self.end.value, "End second")

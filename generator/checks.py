@@ -137,4 +137,5 @@ class DraftStateError(Exception):
 
 
 class SourceClipError(Exception):
-    """An extend's source clip is missing, unreadable, or not the clip the request describes."""
+    """The delivered clip an extend or a retake starts from is missing, unreadable, or not the clip the request
+    describes."""

@@ -44,6 +44,8 @@ MAX_FRAMES = 481
 # the joined clip stays on the model's 8k+1 grid. The joined clip's own hard maximum (60 s at 24 fps).
 EXTEND_OVERLAP_FRAMES = 9
 MAX_EXTENDED_FRAMES = 1441
+# LTX-2's video VAE packs 8 video frames into one latent frame (the first latent frame holds one).
+FRAMES_PER_LATENT_FRAME = 8
 MAX_SEED = 2**32 - 1
 # The contract's hard maximum; an owner's lower limit is checked once, where a request comes in
 # (bot/intake/request.py). 4000 is also the longest text a Discord modal field takes.
@@ -154,6 +156,10 @@ class GenerationRequest(_Frozen):
         if self.source_frames is None:
             return self.frames
         return self.source_frames + self.frames - EXTEND_OVERLAP_FRAMES
+    # --- retake (docs/DESIGN.md, 'Retake') ---
+    # The region of the source clip made again, in seconds from its start; the rest of it is kept.
+    retake_start: float | None = Field(default=None, allow_inf_nan=False)
+    retake_end: float | None = Field(default=None, allow_inf_nan=False)
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -224,6 +230,26 @@ class GenerationRequest(_Frozen):
             raise ValueError(f"{self.mode} needs the LTX-2 model: LTX-Video has no {self.mode} pipeline")
         return self
 
+    @model_validator(mode="after")
+    def _retake_region(self) -> GenerationRequest:
+        region = (self.retake_start, self.retake_end)
+        if self.mode != "retake":
+            if region != (None, None):
+                raise ValueError("the retake region (retake_start, retake_end) is only for mode retake")
+            return self
+        if None in region:
+            raise ValueError("a retake needs a Start second and an End second")
+        if self.pipeline not in RETAKE_PIPELINES:
+            raise ValueError(f"a retake renders in one stage at the clip's own size: pipeline must be one of "
+                             f"{', '.join(RETAKE_PIPELINES)}, not {self.pipeline}")
+        if self.keyframed:
+            raise ValueError("a retake keeps the clip's own frames: end_image and loop are for animate")
+        assert self.retake_start is not None and self.retake_end is not None
+        problem = retake_region_problem(self.retake_start, self.retake_end, self.frames, self.fps)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     # --- lipsync (docs/DESIGN.md, 'Lip-sync') ---
     @model_validator(mode="after")
     def _lipsync_fits(self) -> GenerationRequest:
@@ -244,6 +270,34 @@ class GenerationRequest(_Frozen):
     def keyframed(self) -> bool:
         """An image is set at the last frame too (an end image, or a loop)."""
         return self.end_image is not None or self.loop
+
+
+# A retake is ltx-pipelines' RetakePipeline: one denoising stage at the clip's size, guided (the dev
+# checkpoint) or distilled; the front end picks distilled for a distilled clip, else one_stage.
+RETAKE_PIPELINES: tuple[PipelineKind, ...] = ("one_stage", "distilled")
+
+
+def retake_region_problem(start: float, end: float, frames: int, fps: int) -> str | None:
+    """Why ``[start, end)`` seconds cannot be retaken in a clip of ``frames`` at ``fps``, or None.
+
+    The model remakes whole latent frames (8 video frames each): ltx-pipelines' mask takes every
+    latent frame that overlaps the region, so a region shorter than one would still remake
+    one, more than was asked. Half a video frame of slack on both checks lets a user type the
+    rounded numbers this message shows.
+    """
+    length = frames / fps
+    slack = 0.5 / fps
+    shortest = FRAMES_PER_LATENT_FRAME / fps
+    if start < 0:
+        return f"Start second must be 0 or more; got {start:g}."
+    if end > length + slack:
+        return f"End second must be at most {length:.2f}: the clip is {length:.2f} s long; got {end:g}."
+    if start >= end:
+        return f"Start second must be before End second; got {start:g} and {end:g}."
+    if end - start < shortest - slack:
+        return (f"The region from Start second to End second must be at least {shortest:.2f} s "
+                f"({FRAMES_PER_LATENT_FRAME} frames, the smallest part the model remakes); got {end - start:.2f} s.")
+    return None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -426,9 +480,11 @@ class JobSpec(_Frozen):
         return self
 
     @model_validator(mode="after")
-    def _lipsync_has_no_draft(self) -> JobSpec:
-        if self.request.mode == "lipsync" and self.draft != "off":
-            raise ValueError("draft: a lipsync clip has no draft (the audio-to-video pipeline runs whole)")
+    def _modes_render_whole(self) -> JobSpec:
+        # Lip-sync's stages hold the user's audio, a retake is one full-size stage, an extension is
+        # joined to its clip at the end: none of them is an image-to-video stage 1 to finalize later.
+        if self.request.mode != "animate" and self.draft != "off":
+            raise ValueError(f"draft: a {self.request.mode} clip is rendered whole; it has no draft")
         return self
 
     @model_validator(mode="after")

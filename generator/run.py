@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     except DraftStateError as exc:
         return _fail(emit, "invalid_spec", f"This clip cannot be finalized: {exc}.", ExitCode.INVALID_SPEC)
     except SourceClipError as exc:
-        return _fail(emit, "invalid_spec", f"This clip cannot be extended: {exc}.", ExitCode.INVALID_SPEC)
+        what = {"extend": "extended", "retake": "retaken"}.get(spec.request.mode, "made")
+        return _fail(emit, "invalid_spec", f"This clip cannot be {what}: {exc}.", ExitCode.INVALID_SPEC)
     except Exception:
         log.exception("generation failed")
         return _fail(emit, "internal", INTERNAL_MESSAGE, ExitCode.INTERNAL)

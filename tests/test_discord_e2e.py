@@ -75,7 +75,7 @@ async def test_animate_slash_command_delivers_the_clip(make_harness: Callable[..
     assert f"<@{ALICE.id}>" in post.json["content"]
     assert [str(u) for u in post.json["allowed_mentions"]["users"]] == [ALICE.id]
     assert post.json["allowed_mentions"]["parse"] == []
-    assert custom_ids(post.json) == ["ltxbot:rerun:1", "ltxbot:tweak:1", "ltxbot:extend:1"]
+    assert custom_ids(post.json) == ["ltxbot:rerun:1", "ltxbot:tweak:1", "ltxbot:extend:1", "ltxbot:retake:1"]
 
     job = await h.wait_job(1, lambda j: j.posted_message_url is not None)
     assert job.status == JobStatus.SUCCEEDED

@@ -161,3 +161,12 @@ async def test_a_long_prompt_within_the_owners_limit_is_queued_and_renders(
     assert done is not None and done.id == job.id
     assert (done.status, done.error_code) == (JobStatus.SUCCEEDED, None), done.error_message
     assert len(done.prompt) == 1499
+
+
+@pytest.mark.parametrize("mode", ["extend", "retake", "lipsync"])
+def test_only_an_animate_clip_is_ever_a_draft(mode: str) -> None:
+    from bot.drafts import draftable
+
+    # A server that drafts by default renders these whole (the draft's finalize could not rebuild them).
+    assert draftable(GenerationRequest.model_construct(family="ltx2", pipeline="two_stage", mode="animate"))
+    assert not draftable(GenerationRequest.model_construct(family="ltx2", pipeline="two_stage", mode=mode))

@@ -223,6 +223,10 @@ def _generate(
     spec: JobSpec, device: torch.device, tracker: PhaseTracker, emit: Emit, ledger_factory: Callable[..., LtxLedger]
 ) -> DoneEvent:
     run = new_run(spec, device, tracker, emit, ledger_factory)
+    if run.spec.request.mode == "retake":
+        from generator.ltx2 import retake
+
+        return retake.render(run)
     if run.spec.request.mode == "lipsync":
         from generator.ltx2 import lipsync
 
@@ -293,18 +297,9 @@ def encode_inputs(
     when the mode picks them itself (extend: the clip's last frames), else the job's images."""
     spec, req, tracker, ledger = run.spec, run.spec.request, run.tracker, run.ledger
     device, dtype = run.device, run.dtype
-    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if run.guided else [req.prompt]
     images, condition = conditioning_images(spec) if chosen is None else chosen
     width_1, height_1 = run.stage_1_size()
-    checkpoint = main_checkpoint(spec)
-    cache = (
-        EmbeddingCache(spec.embedding_cache_dir, spec.embedding_cache_bytes)
-        if spec.embedding_cache_dir is not None and spec.embedding_cache_bytes > 0 else None
-    )
-    run.contexts = prompt_contexts(
-        prompts, ledger=ledger, tracker=tracker, device=device, dtype=dtype, progress=run.progress, cache=cache,
-        identity=lambda: model_identity(checkpoint, Path(str(spec.models.gemma_root)), dtype, device),
-    )
+    encode_prompts(run)
 
     with tracker.phase("image_encode"):
         encoder = tracker.watch(ledger.video_encoder(), "video encoder")
@@ -312,6 +307,21 @@ def encode_inputs(
         cond_2 = condition(images, req.height, req.width, encoder, dtype, device) if run.two_stages else []
         del encoder
     return cond_1, cond_2
+
+
+def encode_prompts(run: _Run) -> None:
+    """The prompt (and, guided, the negative prompt) into ``run.contexts``, from the embedding cache if it has them."""
+    spec, req, device, dtype = run.spec, run.spec.request, run.device, run.dtype
+    prompts = [req.prompt, req.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if run.guided else [req.prompt]
+    checkpoint = main_checkpoint(spec)
+    cache = (
+        EmbeddingCache(spec.embedding_cache_dir, spec.embedding_cache_bytes)
+        if spec.embedding_cache_dir is not None and spec.embedding_cache_bytes > 0 else None
+    )
+    run.contexts = prompt_contexts(
+        prompts, ledger=run.ledger, tracker=run.tracker, device=device, dtype=dtype, progress=run.progress,
+        cache=cache, identity=lambda: model_identity(checkpoint, Path(str(spec.models.gemma_root)), dtype, device),
+    )
 
 
 def preparer(spec: JobSpec) -> Callable[[Any], Any]:
