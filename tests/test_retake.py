@@ -11,6 +11,7 @@ fail: another region, and the audio noised before the video.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,11 @@ def retake_spec(tmp_path: Path, tiny_models: Path, source: Path, **request: Any)
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("pipeline", ["one_stage", "distilled"])
+# The distilled case (about 8 minutes on two cores) is opt-in, LTXBOT_FULL_FIDELITY=1: with it the suite
+# would pass CI's 90 minutes. It runs the same composition with the distilled sigmas and no guidance;
+# run it whenever generator/ltx2/retake.py changes.
+@pytest.mark.parametrize("pipeline", ["one_stage", pytest.param("distilled", marks=pytest.mark.skipif(
+    not os.environ.get("LTXBOT_FULL_FIDELITY"), reason="set LTXBOT_FULL_FIDELITY=1 for the distilled retake"))])
 def test_retake_is_the_stock_retake_pipeline_bit_for_bit(tmp_path: Path, tiny_models: Path, pipeline: str) -> None:
     source = write_source_clip(tmp_path / "source.mp4")
     spec = retake_spec(tmp_path, tiny_models, source, pipeline=pipeline)
