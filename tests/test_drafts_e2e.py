@@ -73,7 +73,7 @@ async def test_a_draft_is_finalized_into_the_full_clip_even_after_a_restart(make
     # Posted as a reply to the draft, mentioning Alice, with the buttons of a finished clip.
     assert str(final_post.json["message_reference"]["message_id"]) == draft_post.message_id
     assert f"<@{ALICE.id}>" in final_post.json["content"] and "finalized from job 1" in final_post.json["content"]
-    assert custom_ids(final_post.json) == ["ltxbot:rerun:2", "ltxbot:tweak:2", "ltxbot:retake:2"]
+    assert custom_ids(final_post.json) == ["ltxbot:rerun:2", "ltxbot:tweak:2", "ltxbot:extend:2", "ltxbot:retake:2"]
     final = await h.wait_job(2, lambda j: j.posted_message_id is not None)
     assert final.draft == "finalize" and final.draft_of == 1 and final.params == draft.params
     phases = _phase_names(final)
