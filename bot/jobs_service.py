@@ -580,8 +580,9 @@ class JobService:
         params = source.model_dump(mode="json") | {
             "prompt": prompt, "seed": secrets.randbelow(2**32), "frames": frames, "mode": "extend",
             "source_job": job.id, "source_frames": source.total_frames,
-            # The clip's last frames condition the segment; the first clip's end image or loop does not.
-            "end_image": None, "loop": False,
+            # The clip's last frames condition the segment; the first clip's end image or loop does not,
+            # nor another mode's own inputs (a lip-sync track, a retake's region).
+            "end_image": None, "loop": False, "audio_file": None, "retake_start": None, "retake_end": None,
         }
         try:
             admit = await self._admit(interaction.user, interaction.guild_id)

@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from bot.db.models import DraftStep, JobStatus
-from generator.protocol import FAMILY_NAMES, GenerationRequest
+from generator.protocol import EXTEND_OVERLAP_FRAMES, FAMILY_NAMES, GenerationRequest
 
 if TYPE_CHECKING:
     from bot.db.models import Job
@@ -22,8 +22,15 @@ KEPT_FROM_SOURCE = ("negative_prompt", "family", "width", "height", "frames", "f
 PENDING_SOURCE = "0" * 64 + ".mp4"
 
 
+def clip_frames(params: dict[str, Any]) -> int:
+    """Frames of the clip a job made: an extension's ``frames`` is only its new segment."""
+    if params.get("mode") == "extend" and params.get("source_frames"):
+        return int(params["source_frames"]) + int(params["frames"]) - EXTEND_OVERLAP_FRAMES
+    return int(params["frames"])
+
+
 def clip_seconds(params: dict[str, Any]) -> float:
-    return float(params["frames"]) / float(params["fps"])
+    return clip_frames(params) / float(params["fps"])
 
 
 def retake_refusal(job: Job) -> str | None:
@@ -65,7 +72,7 @@ def retake_request(
     # Only what describes the clip carries over: another mode's own fields (an extend's, say) would not fit.
     data = {key: params[key] for key in KEPT_FROM_SOURCE if key in params} | {
         "mode": "retake", "prompt": prompt, "seed": seed, "source_video": source_video, "source_job": source_job,
-        "retake_start": start, "retake_end": end,
+        "retake_start": start, "retake_end": end, "frames": clip_frames(params),
         "pipeline": "distilled" if params.get("pipeline") == "distilled" else "one_stage",
     }
     return GenerationRequest.model_validate(data)

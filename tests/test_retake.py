@@ -269,3 +269,14 @@ def test_the_gpu_check_expects_a_retakes_own_phases() -> None:
     assert check_run("ltx2", "one_stage", True, 0, events(MODE_PHASES["retake"]), clip, "retake") == []
     animate = ["text_encode", "embeddings", "image_encode", "stage_1", "audio_decode", "video_decode", "finalize"]
     assert check_run("ltx2", "one_stage", True, 0, events(animate), clip, "retake")
+
+
+def test_a_retake_of_an_extended_clip_covers_the_whole_joined_clip() -> None:
+    from bot.retake import clip_seconds, retake_request
+
+    extended = {"prompt": "on", "width": 128, "height": 64, "frames": 25, "fps": 24, "seed": 1, "mode": "extend",
+                "pipeline": "two_stage", "source_video": "a" * 64 + ".mp4", "source_job": 1, "source_frames": 17}
+    assert clip_seconds(extended) == (17 + 25 - 9) / 24
+    request = retake_request(extended, prompt="again", start=0.5, end=1.2, seed=2, source_video="b" * 64 + ".mp4",
+                             source_job=2)
+    assert request.frames == 33 and request.mode == "retake" and request.source_frames is None

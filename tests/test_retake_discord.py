@@ -68,7 +68,7 @@ async def test_retake_under_a_delivered_clip_posts_a_retaken_clip_only_for_its_o
     assert decode_mp4(retaken.files[0].data) == decode_mp4(clip.files[0].data) == (9, 64, 64)
     # Posted as a reply to the clip it retakes, with the buttons of any delivered clip.
     assert str(retaken.json["message_reference"]["message_id"]) == clip.message_id
-    assert custom_ids(retaken.json) == ["ltxbot:rerun:2", "ltxbot:tweak:2", "ltxbot:retake:2"]
+    assert custom_ids(retaken.json) == ["ltxbot:rerun:2", "ltxbot:tweak:2", "ltxbot:extend:2", "ltxbot:retake:2"]
     assert "retake of job 1, 0.05–0.375 s" in retaken.json["content"]
     job = await h.job(2)
     params = job.params
