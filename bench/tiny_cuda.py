@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ SIZE = {"ltx2": (256, 192), "ltxv": (160, 96)}
 FRAMES = 25
 FPS = 24
 EXTEND_SOURCE = "two_stage-True.mp4"
+# Modes that read an earlier run's clip (EXTEND_SOURCE, RETAKE_SOURCE).
+SOURCED = {"extend", "retake"}
 
 
 def expected_frames(mode: Mode) -> int:
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tiny_cuda", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--family", choices=sorted(RUNS), default="ltx2")
+    parser.add_argument("--jobs", type=int, default=4, help="generator processes at once (default 4)")
     args = parser.parse_args(argv)
     out: Path = args.out
     work = out / f"work-{args.family}"
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                               "family": args.family, "runs": []}
-    for pipeline, fp8, audio, mode in RUNS[args.family]:
+
+    def run(pipeline: str, fp8: bool, audio: bool, mode: Mode) -> dict[str, Any]:
         name = f"{pipeline}-{fp8}" + (f"-{mode}" if mode else "")
         request, extra = mode_fields(mode, image, end_image, lora)
         spec = JobSpec.model_validate({
@@ -191,9 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         }
         if failures:
             entry["stderr_tail"] = proc.stderr[-3000:]
-        report["runs"].append(entry)
         print(pipeline, mode or "-", f"fp8={fp8}", f"exit={proc.returncode}", f"{wall:.1f}s",
               "passed" if not failures else f"FAILED: {failures}", flush=True)
+        return entry
+
+    # Each run is its own generator process (most of its time is imports), so the runs share the
+    # GPU --jobs at a time; an extension and a retake read an earlier run's clip, so they go after.
+    runs = RUNS[args.family]
+    entries: dict[int, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for wave in ([i for i, r in enumerate(runs) if r[3] not in SOURCED],
+                     [i for i, r in enumerate(runs) if r[3] in SOURCED]):
+            for i, entry in zip(wave, pool.map(lambda i: run(*runs[i]), wave), strict=True):
+                entries[i] = entry
+    report["runs"] = [entries[i] for i in range(len(runs))]
     name = "tiny_cuda.json" if args.family == "ltx2" else f"tiny_cuda-{args.family}.json"
     (out / name).write_text(json.dumps(report, indent=2))
     return 0 if all(not run["failed_checks"] for run in report["runs"]) else 1
