@@ -80,10 +80,14 @@ class RandomLoader:
                 # Value operations (the fp8 downcast) apply; renames do not: ``key`` is already the
                 # model's own name, while ops like the vocoder's prefix strip expect checkpoint names.
                 pairs = [(key, pairs[0][1])]
+            # One key may feed two (Gemma's tied lm_head takes embed_tokens' tensor): move it once, or the
+            # host-built model gets two copies and streaming puts both on the GPU.
+            moved: dict[int, torch.Tensor] = {}
             for new_key, new_value in pairs:
-                new_value = new_value.to(device)
-                sd[new_key] = new_value
-                size += new_value.nbytes
+                if id(new_value) not in moved:
+                    moved[id(new_value)] = new_value.to(device)
+                    size += new_value.nbytes
+                sd[new_key] = moved[id(new_value)]
                 dtypes.add(new_value.dtype)
         del model
         return StateDict(sd=sd, device=device, size=size, dtype=dtypes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import subprocess
@@ -33,6 +34,7 @@ ROWS: list[tuple[Config, float | None]] = [
     *((Config("fp8 1024x768x97", 1024, 768, 97, True), b) for b in (None, 8.0, 12.0, 16.0, 24.0)),
     *((Config("fp8 2048x1536x97", 2048, 1536, 97, True), b) for b in (24.0, 12.0, 16.0, None)),
 ]
+GIB_BYTES = 2**30
 TINY_ROWS: list[tuple[Config, float | None]] = [
     (Config("tiny 128x64x9", 128, 64, 9, False), b) for b in (None, 0.0002, 0.0001)
 ]
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--rows", type=int, help="run only the first N rows")
     parser.add_argument("--select", help="run only the rows whose case name contains this, e.g. 2048x1536")
+    parser.add_argument("--budgets", nargs="+", type=lambda v: None if v == "none" else float(v),
+                        help="run only the rows of these budgets in GiB ('none': unconstrained)")
     parser.add_argument("--report-only", action="store_true", help="redo the comparison and table from --out")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -182,14 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = TINY_ROWS if args.tiny else ROWS
     tiling = TINY_TILING if args.tiny else DEFAULT_TILING
     with GpuSampler() if cuda else contextlib.nullcontext() as sampler:
-        for config, budget in [r for r in rows if args.select is None or args.select in r[0].name][: args.rows]:
+        chosen = [r for r in rows if (args.select is None or args.select in r[0].name)
+                  and (args.budgets is None or r[1] in args.budgets)]
+        for config, budget in chosen[: args.rows]:
             print(f"running {config.name} budget {budget}", file=sys.stderr, flush=True)
             if cuda:  # the planner sets the cap per budget; an unconstrained row starts uncapped
                 torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
             hashes: dict[str, str] = {}
+            held = torch.cuda.memory_allocated(device) / GIB_BYTES if cuda else 0.0  # what an earlier row left
             with hashed_outputs(hashes):
                 entry = run_config(config, models, work, tiling, args.steps, args.device, vram_budget_gib=budget)
             entry["hashes"] = hashes
+            entry["allocated_at_start_gib"] = round(held, 4)
             predicted = predict.predict("ltx2", "two_stage", config.width, config.height, config.frames, True,
                                         budget)
             entry["predicted"] = None if predicted is None else {
@@ -204,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["process_peak_gib"] = max(found, default=None)
             results["configs"].append(entry)
             (out / "results.json").write_text(json.dumps(results, indent=2))
+            gc.collect()  # a failed row's traceback may hold GPU tensors in a cycle; the next row starts clean
             release = getattr(torch.cuda, "empty_cache", None)
             if cuda and release:
                 release()

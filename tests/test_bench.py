@@ -145,3 +145,46 @@ def test_tiny_cuda_checks_catch_what_the_cpu_tests_catch() -> None:
         assert check_run("ltx2", "two_stage", True, exit_code, events, read_back), (exit_code, read_back)
     missing_peak = phases[0].model_copy(update={"peak_allocated_gib": None})
     assert check_run("ltx2", "two_stage", True, 0, [started, missing_peak, *phases[1:], done()], clip)
+
+
+TIED_ON_HOST = """
+import json, sys
+from pathlib import Path
+import torch
+from bench.random_weights import RandomLedger, write_header_models
+from generator.checks import safetensors_metadata
+from generator.ltx2.tiny import write_tiny_models
+root = Path(sys.argv[1])
+tiny = write_tiny_models(root / "tiny")
+configs = {"checkpoint": json.loads(safetensors_metadata(tiny.checkpoint)["config"]),
+           "upsampler": json.loads(safetensors_metadata(tiny.spatial_upsampler)["config"]),
+           "gemma": json.loads((tiny.gemma_root / "config.json").read_text())}
+models = write_header_models(root / "models", tiny.gemma_root, tiny=configs)
+# On a GPU machine the loader makes its random values on the GPU and moves them to the host for
+# a streamed build; a move across devices makes a new tensor. Make the loader's moves do that here.
+from bench.random_weights import RandomLoader
+real_to, real_load = torch.Tensor.to, RandomLoader.load
+def crossing(self, *args, **kwargs):
+    out = real_to(self, *args, **kwargs)
+    return out.clone() if out is self else out
+def load(self, *args, **kwargs):
+    torch.Tensor.to = crossing
+    try:
+        return real_load(self, *args, **kwargs)
+    finally:
+        torch.Tensor.to = real_to
+RandomLoader.load = load
+ledger = RandomLedger(dtype=torch.bfloat16, device=torch.device("cpu"), checkpoint_path=str(models["checkpoint"]),
+                      gemma_root_path=str(models["gemma_root"]),
+                      spatial_upsampler_path=str(models["spatial_upsampler"]))
+encoder = ledger.text_encoder()
+language = encoder.model
+embed = language.get_input_embeddings().weight
+head = language.get_output_embeddings().weight
+print(json.dumps({"tied": head.data_ptr() == embed.data_ptr()}))
+"""
+
+
+def test_random_weights_keep_gemmas_tied_embedding_one_tensor_when_moved_to_the_host(tmp_path: Path) -> None:
+    # Two copies put the 1.9 GiB embedding twice on the GPU in a streamed encode (bench/results/h200-vram-budget).
+    assert json.loads(run_python(TIED_ON_HOST, str(tmp_path)).splitlines()[-1]) == {"tied": True}
