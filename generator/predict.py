@@ -67,6 +67,20 @@ def tokens(basis: str, pipeline: str, width: int, height: int, frames: int) -> f
     return 0.0
 
 
+# A streamed plan fills the budget to within a block, so what the fit does not see must fit in
+# what it leaves: cuDNN and cuBLAS workspaces, allocator rounding. Measured on the H200
+# (bench/results/h200-vram-budget-2): transients 0.1-0.3 GiB over the predicted peak ran out
+# of memory (2048x1536x97 at 16 GiB, the 8 GiB embeddings), and an upsample planned to 0.04 GiB
+# under the cap gave other stage-2 bits than the unconstrained run, most likely cuDNN falling
+# back to a convolution algorithm with a smaller workspace.
+STREAM_HEADROOM_GIB = 0.5
+
+
+def stream_headroom_gib(budget_gib: float) -> float:
+    """GiB a streamed plan leaves free under ``budget_gib`` (a tenth of small budgets: the tests' tiny ones)."""
+    return min(STREAM_HEADROOM_GIB, budget_gib / 10)
+
+
 def plan_phase(model: PhaseModel, activation_gib: float, budget_gib: float | None) -> PhasePlan:
     """How many blocks stay resident under ``budget_gib`` (allocator GiB), and the peak that gives.
 
@@ -77,6 +91,7 @@ def plan_phase(model: PhaseModel, activation_gib: float, budget_gib: float | Non
     full = model.fixed_gib + model.blocks * model.block_gib + activation_gib
     if budget_gib is None or model.blocks == 0 or full <= budget_gib:
         return PhasePlan(model.blocks, 0, full)
+    budget_gib -= stream_headroom_gib(budget_gib)
     # Two slots let the next block's copy overlap this one's compute; a budget below that floor
     # gets one slot (each copy then waits for the block before it).
     slots = min(model.slots, model.blocks)

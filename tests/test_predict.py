@@ -52,6 +52,13 @@ def test_a_budget_streams_blocks_and_lowers_the_peak_to_it() -> None:
         found = predict.predict("ltx2", "two_stage", 1024, 768, 97, True, budget)
         assert found is not None and found.fits(budget)
         assert found.plans["stage_1"].streamed > 0 and found.plans["text_encode"].streamed > 0
+        # A streamed plan leaves its headroom free (rows planned to the last MiB ran out of memory).
+        limit = predict.allocator_budget(budget)
+        assert limit is not None
+        assert predict.stream_headroom_gib(limit) == predict.STREAM_HEADROOM_GIB
+        for name, plan in found.plans.items():
+            if plan.streamed:
+                assert found.phases[name] <= limit - predict.stream_headroom_gib(limit) + 1e-6, (budget, name)
         # One transformer for stage 1, the upsample and stage 2: one plan.
         assert found.plans["stage_1"] == found.plans["stage_2"] or (
             found.plans["stage_1"].resident == found.plans["stage_2"].resident)
