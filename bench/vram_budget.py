@@ -106,7 +106,7 @@ def h2d_bandwidth(device: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def hashed_outputs(found: dict[str, str]) -> Iterator[None]:
-    """Hash the final (stage-2 or last) latents and every decoded frame and audio sample of a run."""
+    """Hash each stage's final latents, the upsampled latent, and every decoded frame and audio sample of a run."""
     from generator.ltx2 import pipeline
 
     def latents(stage: str, video: Any, audio: Any) -> None:
@@ -115,6 +115,13 @@ def hashed_outputs(found: dict[str, str]) -> Iterator[None]:
         found[f"latents_{stage}"] = digest.hexdigest()[:16]
 
     original = getattr(pipeline, "stream_clip")  # noqa: B009  (patched below: the module's own name)
+    upsample = getattr(pipeline, "upsample_video")  # noqa: B009
+
+    def hashed_upsample(**kwargs: Any) -> Any:
+        # Stage 1's latents and stage 2's can differ for two reasons: the upsampler's convolutions or stage 2 itself.
+        upscaled = upsample(**kwargs)
+        found["upsampled"] = hashlib.sha256(upscaled.float().cpu().numpy().tobytes()).hexdigest()[:16]
+        return upscaled
 
     def teeing(spec: Any, tracker: Any, frames: Any, progress: Any, audio: Any) -> Any:
         digest = hashlib.sha256()
@@ -131,11 +138,13 @@ def hashed_outputs(found: dict[str, str]) -> Iterator[None]:
 
     pipeline.DENOISE_OBSERVERS.append(latents)
     setattr(pipeline, "stream_clip", teeing)  # noqa: B010
+    setattr(pipeline, "upsample_video", hashed_upsample)  # noqa: B010
     try:
         yield
     finally:
         pipeline.DENOISE_OBSERVERS.remove(latents)
         setattr(pipeline, "stream_clip", original)  # noqa: B010
+        setattr(pipeline, "upsample_video", upsample)  # noqa: B010
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,9 +238,17 @@ def report(out: Path, results: dict[str, Any]) -> None:
     for entry in results["configs"]:
         base = reference.get(entry["name"].split(" budget")[0])
         entry["hashes_equal_reference"] = None if not base else entry.get("hashes") == base
+        mine = entry.get("hashes") or {}
+        entry["hashes_differing"] = None if not base else sorted(k for k in base.keys() | mine.keys()
+                                                               if base.get(k) != mine.get(k))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "table.md").write_text(table(results))
     print((out / "table.md").read_text(), file=sys.stderr)
+
+
+def _equal(entry: dict[str, Any]) -> str:
+    differing = entry.get("hashes_differing")
+    return str(entry.get("hashes_equal_reference")) + (f" ({', '.join(differing)} differ)" if differing else "")
 
 
 def table(results: dict[str, Any]) -> str:
@@ -258,7 +275,7 @@ def table(results: dict[str, Any]) -> str:
             f"| {c['name']} | {c.get('process_peak_gib') or '-'} | {_fmt(top['peak_allocated_gib'])} / "
             f"{_fmt(top['peak_reserved_gib'])} ({top['name']}) | {predicted if predicted is not None else '-'} | "
             f"{c['wall_seconds']} | {sec('stage_1')} | {sec('stage_2')} | {sec('text_encode')} | "
-            f"{copied / 1e9:.1f} | {rss:.2f} | {c.get('hashes_equal_reference')} |")
+            f"{copied / 1e9:.1f} | {rss:.2f} | {_equal(c)} |")
     return "\n".join(lines) + "\n"
 
 
