@@ -132,3 +132,80 @@ def test_benchmark_measures_the_prepared_cache_and_staging(tmp_path: Path) -> No
     assert build("all", stage_1)["weights"]["staged_bytes"] == runs["prepare"]["written_bytes"]
     table = (out / "table.md").read_text()
     assert "spec to first denoise step" in table and "all warm" in table
+
+
+GEMMA_LAYOUT = """
+import json, math, sys
+from pathlib import Path
+from safetensors import safe_open
+from ltx_core.text_encoders.gemma.config import GEMMA3_CONFIG_FOR_LTX
+from bench.load import GEMMA_SHARD_BYTES, gemma_layout, shard_layout
+from generator.ltx2.tiny import TINY_GEMMA
+with safe_open(str(Path(sys.argv[1]) / "gemma" / "model-00001-of-00001.safetensors"), "pt") as f:
+    official = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+full = gemma_layout(GEMMA3_CONFIG_FOR_LTX.to_dict())
+shards = shard_layout(full, GEMMA_SHARD_BYTES)
+nbytes = lambda layout: sum(math.prod(s) * 2 for s in layout.values())
+print(json.dumps({
+    "tiny_as_written": {k: list(s) for k, s in gemma_layout(TINY_GEMMA).items()} == official,
+    "full_gb": nbytes(full) / 1e9,
+    "text_gb": nbytes({k: s for k, s in full.items() if k.startswith("language_model.model.")}) / 1e9,
+    "shard_gb": [nbytes(s) / 1e9 for s in shards],
+    "each_key_once": sorted(k for s in shards for k in s) == sorted(full),
+    "in_name_order": all(list(s) == sorted(s) for s in shards),
+    "lm_head": [k for k in full if "lm_head" in k],
+}))
+"""
+
+
+def test_gemma_files_have_the_released_names_shapes_and_shards(tiny_models: Path) -> None:
+    result = json.loads(run_python(GEMMA_LAYOUT, str(tiny_models)))
+    # The names and shapes write_tiny_gemma writes (the released files' names), no tied lm_head.
+    assert result["tiny_as_written"] and result["lm_head"] == []
+    # Full size: google/gemma-3-12b-it's 24.4 GB in 5 shards of at most 5 GB, 23.5 GB of it the language model.
+    assert 24.3 < result["full_gb"] < 24.45 and 23.45 < result["text_gb"] < 23.6
+    assert len(result["shard_gb"]) == 5 and all(4.0 < s <= 5.0 for s in result["shard_gb"][:-1])
+    assert result["each_key_once"] and result["in_name_order"]
+
+
+def test_gemma_only_refuses_a_whole_job_variant(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--gemma-only", "--tiny", "--out", str(tmp_path), "--variants", "both"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "both: not a variant of --gemma-only" in proc.stderr
+
+
+@pytest.mark.timeout(600)
+def test_gemma_only_builds_the_text_encoder_from_its_shards_warm_and_staged(tmp_path: Path) -> None:
+    """Only a Gemma root is written; the text encoder is built from its shards, then from the staged copy."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--gemma-only", "--tiny", "--device", "cpu", "--no-cold", "--out",
+         str(out), "--work", str(work), "--budget-s", "3000", "--skip-imports"],
+        cwd=ROOT, capture_output=True, text=True, timeout=580,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    files = results["files"]
+    assert results["mode"] == "gemma_only" and set(files) == {"gemma_root", "gemma", "write_s"}
+    gemma = files["gemma"]
+    assert len(gemma["shards"]) > 1 and gemma["text_tensor_bytes"] > 0
+    runs = {r["variant"]: r for r in results["runs"]}
+    assert set(runs) == {"gemma", "gemma_staged"} and results["skipped"] == []
+    assert all(r["mode"] == "warm" and "error" not in r for r in runs.values())
+    [build] = runs["gemma"]["builds"]
+    # The language model's tensors from each shard that holds some, nothing of the vision tower.
+    assert build["model"] == "Gemma text encoder"
+    assert build["bytes"] == build["weights"]["checkpoint_bytes"] == gemma["text_tensor_bytes"]
+    assert build["bytes_by_file"] == {Path(s["path"]).name: s["text_tensor_bytes"] for s in gemma["shards"]
+                                      if s["text_tensor_bytes"]}
+    # Staged: the last gemma run's reads, in host memory before any CUDA use; the build reads no file.
+    staged = runs["gemma_staged"]
+    [staged_build] = staged["builds"]
+    assert staged["staging"]["bytes"] == gemma["text_tensor_bytes"] and not staged["staging"]["cuda_initialized"]
+    assert staged_build["bytes"] == 0 and staged_build["weights"]["staged_bytes"] == gemma["text_tensor_bytes"]
+    table = (out / "table.md").read_text()
+    assert "## Gemma 3 12B text encoder" in table and "| **Gemma text encoder build, s** |" in table
+    assert "gemma warm" in table and "gemma_staged warm" in table
+    assert not (work / "models").exists()  # the files are removed after the run

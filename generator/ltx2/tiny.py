@@ -349,6 +349,17 @@ def _tiny_lora(transformer_state: dict[str, torch.Tensor], generator: torch.Gene
     return lora
 
 
+def official_gemma_key(key: str) -> str:
+    """A ``Gemma3ForConditionalGeneration`` state-dict key as google/gemma-3-12b-it's safetensors name it
+    (transformers now nests the submodules under ``model.``; the released files keep the older names,
+    which its ``_checkpoint_conversion_mapping`` renames on load)."""
+    return (
+        key.replace("model.language_model.", "language_model.model.", 1)
+        .replace("model.vision_tower.", "vision_tower.", 1)
+        .replace("model.multi_modal_projector.", "multi_modal_projector.", 1)
+    )
+
+
 def write_tiny_gemma(root: Path, generator: torch.Generator) -> Path:
     """A Gemma 3 root as Hugging Face ships it: config, tokenizer, processor config, weights."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor
@@ -366,13 +377,7 @@ def write_tiny_gemma(root: Path, generator: torch.Generator) -> Path:
     for key, value in random_state(model, generator).items():
         if key.startswith("lm_head."):
             continue  # tied to embed_tokens; the official files do not carry it
-        # Official key names (the layout of google/gemma-3-12b-it's safetensors).
-        official = (
-            key.replace("model.language_model.", "language_model.model.", 1)
-            .replace("model.vision_tower.", "vision_tower.", 1)
-            .replace("model.multi_modal_projector.", "multi_modal_projector.", 1)
-        )
-        weights[official] = value
+        weights[official_gemma_key(key)] = value
     save_file(weights, str(root / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
     return root
 
