@@ -125,6 +125,12 @@ class PhaseTracker:
 
     def _end(self, name: str, start: float, *, failed: bool) -> None:
         self.current = None
+        # The plan's figures are read, and its references dropped, before the release: a streamer's
+        # counters close over the streamer, whose device slots would otherwise live on (held by a
+        # hook cycle) until the next phase's release, inside that phase's peak (0.84 GiB of Gemma's
+        # slots in the embeddings phase on the H200, enough to run an 8 GiB budget out of memory).
+        plan = {k: v() if callable(v) else v for k, v in self._plan.items()} or None
+        self._plan = {}
         if not failed:
             release_memory(self.device)
         seconds = time.perf_counter() - start
@@ -140,11 +146,10 @@ class PhaseTracker:
             peak_reserved_gib=None if reserved is None else round(reserved, 4),
             peak_rss_gib=round(_rss_peak_bytes() / GIB, 4),
             failed=failed,
-            plan={k: v() if callable(v) else v for k, v in self._plan.items()} or None,
+            plan=plan,
             weights=None if self.loads is None or self._loads_at_start is None
             else self.loads.since(self._loads_at_start),
         )
-        self._plan = {}
         self.phases.append(event)
         self.emit(event)
 
