@@ -202,3 +202,38 @@ def test_moving_a_model_keeps_tied_weights_one_tensor() -> None:
     # The H200 run before this fix put a second copy of Gemma's 1.9 GiB embedding on the GPU.
     out = json.loads(run_python(TIED))
     assert out == {"tied": True, "counted": 160}
+
+
+TWO_PARTS = """
+import json
+from types import SimpleNamespace
+import torch
+from generator import predict
+from generator.ltx2.plan import BudgetedLedger
+
+class Part(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.transformer_1d_blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+model = torch.nn.Module()
+model.head = torch.nn.Linear(4, 4)
+model.video, model.audio = Part(), Part()
+planner = SimpleNamespace(
+    budget_gib=1.0, device=torch.device("meta"), allowance=None,
+    resident_blocks=lambda *a: predict.PhasePlan(resident=2, streamed=4, peak_gib=0.0, slots=1),
+    tracker=SimpleNamespace(note_plan=lambda **kw: None))
+parts = [(c, c.transformer_1d_blocks, name + ".") for name, c in (("video", model.video), ("audio", model.audio))]
+BudgetedLedger(None, planner)._streamed(model, "embeddings", parts, ("embeddings",), pin=False)
+print(json.dumps({name: sorted({p.device.type for p in block.parameters()})
+                  for part in ("video", "audio") for i, block in enumerate(getattr(model, part).transformer_1d_blocks)
+                  for name in [f"{part}{i}"]} | {"head": [model.head.weight.device.type]}))
+"""
+
+
+def test_a_model_of_two_streamed_parts_keeps_both_parts_streamed_blocks_on_the_host() -> None:
+    # The embeddings processor streams two connectors: moving the rest of the model for one part
+    # uploaded the other's streamed blocks (H200, 8 GiB budget: out of memory in the embeddings phase).
+    out = json.loads(run_python(TWO_PARTS))
+    assert out == {"video0": ["meta"], "video1": ["meta"], "video2": ["cpu"],
+                   "audio0": ["cpu"], "audio1": ["cpu"], "audio2": ["cpu"], "head": ["meta"]}

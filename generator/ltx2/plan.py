@@ -120,7 +120,10 @@ class Planner:
             return predict.PhasePlan(len(blocks), 0, 0.0)
         block_gib = max(block_bytes(b) for b in blocks) / GIB
         fitted = self.models.get(phase)
-        scale = block_gib / fitted.block_gib if fitted is not None and fitted.block_gib else 1.0
+        # The fit's block size is the mean (the embeddings processor's video connector blocks are 1.6x
+        # its audio ones): scaling by the largest would swell a full-size model's activations too.
+        mean_gib = sum(block_bytes(b) for b in blocks) / len(blocks) / GIB
+        scale = mean_gib / fitted.block_gib if fitted is not None and fitted.block_gib else 1.0
         activation = max(self._activation(p) + self._constant(p) for p in activation_phases) * scale
         model = predict.PhaseModel(fixed_gib=other_bytes / GIB, block_gib=block_gib, blocks=len(blocks))
         return predict.plan_phase(model, activation, self.budget_gib)
@@ -205,13 +208,18 @@ class BudgetedLedger:
         chosen = planner.resident_blocks(phase, all_blocks, _other_bytes(model, all_blocks), activation_phases)
         share = chosen.resident
         plan: dict[str, Any] = {"budget_bytes": int((planner.budget_gib or 0.0) * GIB), "blocks": len(all_blocks)}
-        resident_total = 0
-        for root, blocks, prefix in parts:
-            # The resident share goes to the parts in order (one list for most models).
-            resident = min(len(blocks), share - resident_total)
-            resident_total += resident
+        # The resident share goes to the parts in order (one list for most models).
+        residents: list[int] = []
+        for _, blocks, _ in parts:
+            residents.append(min(len(blocks), share - sum(residents)))
+        resident_total = sum(residents)
+        # Each part's move to the device skips every part's streamed blocks: moving the rest of the
+        # model for the first connector would otherwise upload the second's streamed blocks (and
+        # the second's move, the first's), 2-3 GiB the plan does not count (H200, an 8 GiB budget).
+        streamed = [b for (_, blocks, _), kept in zip(parts, residents, strict=True) for b in list(blocks)[kept:]]
+        for (root, blocks, prefix), resident in zip(parts, residents, strict=True):
             stream(model, root, blocks, planner.device, resident=resident, allowance=planner.allowance,
-                   prefix=prefix, slots=chosen.slots, pin=pin)
+                   prefix=prefix, slots=chosen.slots, pin=pin, others_streamed=streamed)
         streamers = streamers_of(model)
         plan.update(resident=resident_total, streamed=len(all_blocks) - resident_total, slots=chosen.slots,
                     block_bytes=max((block_bytes(b) for b in all_blocks), default=0))

@@ -334,17 +334,20 @@ def stream(
     slots: int = 2,
     prefix: str = "",
     pin: bool = True,
+    others_streamed: Sequence[torch.nn.Module] = (),
 ) -> BlockStreamer:
     """Stream ``blocks`` of a host-built ``model``: the first ``resident`` stay on ``device``, the rest stream.
 
     Everything outside the streamed blocks is moved to ``device``. The streamer is kept on
     ``model`` (attribute ``_ltxbot_streamers``) so it lives and dies with it. ``pin: False``
     keeps the host copies pageable (for a model that runs once or twice a job).
+    ``others_streamed``: the streamed blocks of the model's other parts (the embeddings
+    processor streams two connectors), which must stay on the host as well.
     """
     named = [(f"{prefix}{i}", b) for i, b in enumerate(blocks)]
     keep = range(min(max(resident, 0), len(named)))
     streamed = [b for i, (_, b) in enumerate(named) if i not in keep]
-    place(model, device, streamed)
+    place(model, device, [*streamed, *others_streamed])
     streamer = BlockStreamer(root, named, device, resident=keep, slots=slots, allowance=allowance, pin=pin)
     streamers: list[BlockStreamer] = getattr(model, "_ltxbot_streamers", [])
     streamers.append(streamer)
