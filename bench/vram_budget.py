@@ -147,6 +147,38 @@ def hashed_outputs(found: dict[str, str]) -> Iterator[None]:
         setattr(pipeline, "upsample_video", upsample)  # noqa: B010
 
 
+def record_memory_history(recorded: str, out: Path) -> None:
+    """Where a phase's memory goes: every allocation of ``phase`` with its Python stack, saved when it ends."""
+    import gzip
+    import pickle
+
+    import torch
+
+    from generator import phases
+
+    original = phases.PhaseTracker.phase
+    count = [0]
+
+    @contextlib.contextmanager
+    def phase(self: Any, name: str) -> Iterator[None]:
+        if name != recorded:
+            with original(self, name):
+                yield
+            return
+        torch.cuda.memory._record_memory_history(max_entries=50_000, stacks="python")
+        count[0] += 1
+        path = out / f"memory-{name}-{count[0]}.pickle.gz"
+        try:
+            with original(self, name):
+                yield
+        finally:
+            with gzip.open(path, "wb") as f:
+                pickle.dump(torch.cuda.memory._snapshot(), f)
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+    phases.PhaseTracker.phase = phase  # type: ignore[method-assign,assignment]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.vram_budget", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -158,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=lambda v: None if v == "none" else float(v),
                         help="run only the rows of these budgets in GiB ('none': unconstrained)")
     parser.add_argument("--report-only", action="store_true", help="redo the comparison and table from --out")
+    parser.add_argument("--memory-history", metavar="PHASE",
+                        help="record CUDA allocations through PHASE; write OUT/memory-PHASE-N.pickle.gz at its end "
+                             "or failure (torch.cuda.memory._snapshot, for torch.cuda._memory_viz)")
     args = parser.parse_args(argv)
     if args.report_only:
         report(args.out, json.loads((args.out / "results.json").read_text()))
@@ -192,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.init()  # type: ignore[no-untyped-call]
         results["h2d"] = h2d_bandwidth(device)
         results["total_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 2)
+    if cuda and args.memory_history:
+        record_memory_history(args.memory_history, out)
     rows = TINY_ROWS if args.tiny else ROWS
     tiling = TINY_TILING if args.tiny else DEFAULT_TILING
     with GpuSampler() if cuda else contextlib.nullcontext() as sampler:
