@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import shutil
 import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from bot.db.models import DraftStep, JobStatus
@@ -16,7 +17,7 @@ from bot.intake.audio import AudioLimits, NormalisedAudio, normalise_audio
 from bot.intake.image import DecodeLimits, NormalisedImage, TargetSize, normalise_image, read_local_image
 from bot.intake.request import RequestOptions, SizedRequest, fixed_size, least_vram, with_audio_track, with_end_image
 from bot.terminal import StageProgress, make_console, phase_table, weights_table
-from bot.worker import Worker, draft_state_path
+from bot.worker import Worker, draft_state_path, live_after
 from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     print(f"Job {job.id}: {kind}{FAMILY_NAMES[request.family]} {request.pipeline}, "
           f"{request.width}x{request.height}, {request.frames} frames, "
           f"seed {request.seed}", file=sys.stderr)
+    if args.no_worker and not await store.capabilities(live_after(settings, datetime.now(UTC))):
+        print("No worker is running: the clip waits in the queue until one starts (`ltxbot worker`).",
+              file=sys.stderr)
     code = await _render(worker, store, job, out=args.out, here=not args.no_worker)
     if code == 0 and args.draft:
         print(f"Draft done: `ltxbot finalize {job.id}` renders the full clip from it.", file=sys.stderr)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bot.access import Refusal, check_usage
 from bot.config import Limits, Settings
@@ -14,6 +16,7 @@ from bot.db.models import EndCode, JobStatus, WorkerState
 from bot.db.store import ClaimingWorker, JobStore, NewJob, WorkerInfo, clip_key, input_key
 from bot.shared_files import SharedFiles
 from bot.worker import Worker
+from tests.conftest import ROOT, clean_env, image_bytes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -275,3 +278,70 @@ async def test_a_delivered_clip_becomes_an_upload_another_host_can_fetch(
     clip.unlink()
     front.enabled = False
     assert await front.clip_as_upload(job) is None
+
+
+class TerminalAnimate:
+    """``ltxbot animate --no-worker`` in its own process and data dir, as an owner runs it on any host."""
+
+    def __init__(self, root: Path, db_url: str, **config: object) -> None:
+        root.mkdir(parents=True)
+        (root / "photo.png").write_bytes(image_bytes())
+        (root / "config.yaml").write_text(yaml.safe_dump({"data_dir": str(root / "data"), "database_url": db_url,
+                                                          **config}))
+        self.root = root
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr: list[str] = []
+
+    async def start(self, *extra: str) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "animate", "photo.png", "waves roll in", "--width", "128",
+            "--height", "128", "--frames", "9", "--no-worker", *extra, cwd=self.root,
+            env={**clean_env(), "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+
+    async def line_with(self, text: str) -> str:
+        """Read stderr until a line holds ``text``; that line."""
+        assert self.proc is not None and self.proc.stderr is not None
+        while True:
+            raw = await asyncio.wait_for(self.proc.stderr.readline(), 60)
+            assert raw, f"ltxbot animate ended before saying {text!r}: {''.join(self.stderr)}"
+            self.stderr.append(raw.decode())
+            if text in self.stderr[-1]:
+                return self.stderr[-1]
+
+    async def end(self) -> tuple[int, str, str]:
+        """Its exit status, stdout and the rest of stderr."""
+        assert self.proc is not None
+        out, err = await asyncio.wait_for(self.proc.communicate(), 60)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, out.decode(), "".join(self.stderr) + err.decode()
+
+
+async def test_animate_no_worker_notes_only_when_no_worker_is_live(tmp_path: Path, db_url: str,
+                                                                   store: JobStore) -> None:
+    """Only a worker refuses what no worker can render: with none live, the clip would wait unseen."""
+    await store.register_worker(WorkerInfo(id="w1", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))
+    await store.worker_heartbeat("w1", WorkerState.STOPPED)
+    alone = TerminalAnimate(tmp_path / "alone", db_url)
+    await alone.start()
+    note = await alone.line_with("No worker is running")
+    assert "waits in the queue" in note and "ltxbot worker" in note
+    assert (await store.get(1)).status == JobStatus.QUEUED  # type: ignore[union-attr]  # still queued, waiting
+    assert alone.proc is not None
+    alone.proc.kill()
+    await alone.end()
+
+    await store.register_worker(WorkerInfo(id="w1", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))  # it restarts
+    served = TerminalAnimate(tmp_path / "served", db_url)
+    await served.start()
+    await served.line_with("Job 2:")
+    claimed = None
+    while claimed is None:  # the worker takes it, then its job ends
+        claimed = await store.claim_next(only_id=2, worker=worker("w1"))
+        await asyncio.sleep(0.1)
+    assert await store.mark_cancelled(claimed.id, claimed.attempts)
+    code, _, err = await served.end()
+    assert code == 1 and "Job 2 cancelled" in err and "No worker is running" not in err
