@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -345,3 +346,45 @@ async def test_animate_no_worker_notes_only_when_no_worker_is_live(tmp_path: Pat
     assert await store.mark_cancelled(claimed.id, claimed.attempts)
     code, _, err = await served.end()
     assert code == 1 and "Job 2 cancelled" in err and "No worker is running" not in err
+
+
+async def test_animate_no_worker_says_none_runs_and_ctrl_c_cancels_the_queued_job(
+    tmp_path: Path, db_url: str, store: JobStore
+) -> None:
+    """No worker runs, so the clip would wait unseen; Ctrl-C must not leave it for a worker that starts later."""
+    await store.register_worker(WorkerInfo(id="gone", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))
+    await store.worker_heartbeat("gone", WorkerState.STOPPED)  # registered once, stopped since
+    terminal = TerminalAnimate(tmp_path / "terminal", db_url)
+    await terminal.start()
+    assert "Job 1:" in await terminal.line_with("Job 1:")
+    note = await terminal.line_with("No worker is running")
+    assert "waits in the queue" in note and "ltxbot worker" in note
+    assert terminal.proc is not None
+    terminal.proc.send_signal(signal.SIGINT)
+    code, out, err = await terminal.end()
+    assert code == 130 and out == "" and "Traceback" not in err
+    assert "Job 1 cancelled before it started." in err
+    job = await store.get(1)
+    assert job is not None and job.status == JobStatus.CANCELLED and job.attempts == 0
+
+
+async def test_animate_no_worker_is_quiet_with_a_live_worker_and_ctrl_c_stops_its_render(
+    tmp_path: Path, db_url: str, store: JobStore
+) -> None:
+    """A live worker has the job: Ctrl-C asks it to stop, the cancel a Discord user's /cancel gets."""
+    await store.register_worker(WorkerInfo(id="w1", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))
+    terminal = TerminalAnimate(tmp_path / "terminal", db_url)
+    await terminal.start()
+    await terminal.line_with("Job 1:")
+    claimed = None
+    while claimed is None:
+        claimed = await store.claim_next(worker=worker("w1"))
+        await asyncio.sleep(0.1)
+    assert terminal.proc is not None
+    terminal.proc.send_signal(signal.SIGINT)
+    code, _, err = await terminal.end()
+    assert code == 130 and "No worker is running" not in err
+    assert "Job 1 cancelled: its worker stops the render." in err
+    assert await store.cancel_requested(claimed.id)
