@@ -168,6 +168,8 @@ async def _render(worker: Worker, store: JobStore, job: Job, *, out: Path | None
     if out is not None:
         shutil.copyfile(output, out)
         output = str(out)
+    # The clip is on this host now, as a posted clip is in Discord: the copy kept for other hosts goes.
+    await worker.files.forget_clip(final.id)
     print(output)
     return 0
 

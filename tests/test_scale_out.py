@@ -388,3 +388,28 @@ async def test_animate_no_worker_is_quiet_with_a_live_worker_and_ctrl_c_stops_it
     assert code == 130 and "No worker is running" not in err
     assert "Job 1 cancelled: its worker stops the render." in err
     assert await store.cancel_requested(claimed.id)
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"])  # where clips travel through the database
+async def test_a_terminal_jobs_clip_leaves_the_database_once_written_out(
+    tmp_path: Path, db_url: str, store: JobStore
+) -> None:
+    """The front end drops a clip's shared copy once posted; a terminal job is never posted, so the
+    terminal drops it once the clip is in ``--out``."""
+    terminal = TerminalAnimate(tmp_path / "terminal", db_url, share_files="database")
+    await terminal.start("--out", "clip.mp4")
+    await terminal.line_with("Job 1:")
+    far = Settings(data_dir=tmp_path / "far", database_url=db_url, share_files="database")
+    job = None
+    while job is None:  # this test is the worker on another host
+        job = await store.claim_next(worker=worker("far"))
+        await asyncio.sleep(0.1)
+    clip = far.jobs_dir / str(job.id) / "clip.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"rendered far away")
+    await SharedFiles(far, store).publish_clip(job.id, clip)
+    assert await store.finish(job.id, job.attempts, output_path=str(clip), output_bytes=17, phases=[])
+    code, out, err = await terminal.end()
+    assert code == 0, err
+    assert out == "clip.mp4\n" and (terminal.root / "clip.mp4").read_bytes() == b"rendered far away"
+    assert not await store.has_blob(clip_key(job.id))
