@@ -1,4 +1,5 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
+# `make install` builds only the environment, for a worker or front-end host that runs `ltxbot` itself.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,13 +7,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchaudio==2.11.0
 STAMP := $(VENV)/.installed
 # The LTX-Video family's own interpreter: ltx-video pins transformers<4.52, which ltx-core cannot use.
-# `make run` builds it only when config.yaml enables ltxv; `make test` always does (the tests use it).
+# `make run` and `make install` build it only when config.yaml enables ltxv; `make test` always does (the tests use it).
 LTXV_VENV := .venv-ltxv
 LTXV_STAMP := $(LTXV_VENV)/.installed
 LTXV_SPEC ?= $(firstword $(TORCH_SPEC)) ltx-video[inference]==0.1.2 diffusers==0.39.0 transformers==4.51.3 \
 	huggingface-hub==0.36.2 pydantic>=2.7,<3 sentencepiece
 
-.PHONY: run test lint clean ltxv
+.PHONY: install run test lint clean ltxv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +32,10 @@ $(LTXV_STAMP): pyproject.toml Makefile
 
 ltxv: $(LTXV_STAMP)
 
-run: $(STAMP)
+install: $(STAMP)
 	@if $(BIN)/ltxbot config needs-ltxv-venv 2>/dev/null; then $(MAKE) --no-print-directory ltxv; fi
+
+run: install
 	@$(BIN)/ltxbot run
 
 test: $(STAMP) $(LTXV_STAMP)

@@ -6,17 +6,18 @@ import argparse
 import asyncio
 import shutil
 import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from bot.db.models import DraftStep, JobStatus
-from bot.db.store import NewJob
+from bot.db.store import CancelOutcome, NewJob
 from bot.drafts import NOT_DRAFTABLE, draftable
 from bot.intake import IntakeError
 from bot.intake.audio import AudioLimits, NormalisedAudio, normalise_audio
 from bot.intake.image import DecodeLimits, NormalisedImage, TargetSize, normalise_image, read_local_image
 from bot.intake.request import RequestOptions, SizedRequest, fixed_size, least_vram, with_audio_track, with_end_image
 from bot.terminal import StageProgress, make_console, phase_table, weights_table
-from bot.worker import Worker, draft_state_path
+from bot.worker import Worker, draft_state_path, live_after
 from generator.protocol import FAMILY_NAMES
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from bot.db.store import JobStore
 
 LOCAL_USER = "local"
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
 
 
 async def animate(settings: Settings, store: JobStore, args: argparse.Namespace) -> int:
@@ -82,10 +84,35 @@ async def animate(settings: Settings, store: JobStore, args: argparse.Namespace)
     print(f"Job {job.id}: {kind}{FAMILY_NAMES[request.family]} {request.pipeline}, "
           f"{request.width}x{request.height}, {request.frames} frames, "
           f"seed {request.seed}", file=sys.stderr)
-    code = await _render(worker, store, job, out=args.out, here=not args.no_worker)
+    if args.no_worker:
+        try:
+            if not await store.capabilities(live_after(settings, datetime.now(UTC))):
+                print("No worker is running: the clip waits in the queue until one starts (`ltxbot worker`).",
+                      file=sys.stderr)
+            code = await _render(worker, store, job, out=args.out, here=False)
+        except asyncio.CancelledError:
+            # asyncio.run cancels this task on Ctrl-C. Left queued, the job would be rendered later for nobody.
+            return await _cancel_interrupted(store, job)
+    else:
+        code = await _render(worker, store, job, out=args.out)
     if code == 0 and args.draft:
         print(f"Draft done: `ltxbot finalize {job.id}` renders the full clip from it.", file=sys.stderr)
     return code
+
+
+async def _cancel_interrupted(store: JobStore, job: Job) -> int:
+    """Ctrl-C while other workers have the job: cancel it as /cancel does, say so in one line, exit 130."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()  # the interrupt is handled here; the cancel's own database writes must still run
+    outcome = await store.cancel(job.id, None)
+    if outcome == CancelOutcome.CANCELLED:
+        print(f"Job {job.id} cancelled before it started.", file=sys.stderr)
+    elif outcome == CancelOutcome.STOPPING:
+        print(f"Job {job.id} cancelled: its worker stops the render.", file=sys.stderr)
+    else:
+        print(f"Job {job.id} had already ended; nothing to cancel.", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 async def finalize(settings: Settings, store: JobStore, args: argparse.Namespace) -> int:
@@ -141,6 +168,8 @@ async def _render(worker: Worker, store: JobStore, job: Job, *, out: Path | None
     if out is not None:
         shutil.copyfile(output, out)
         output = str(out)
+    # The clip is on this host now, as a posted clip is in Discord: the copy kept for other hosts goes.
+    await worker.files.forget_clip(final.id)
     print(output)
     return 0
 

@@ -168,6 +168,10 @@ class SharedFiles:
         await asyncio.to_thread(_write_atomically, local, blob[0])
         return local
 
+    async def forget_clip(self, job_id: int) -> None:
+        """The clip reached its owner (``ltxbot animate`` wrote it out): no other host needs it any more."""
+        await self.store.delete_blobs([clip_key(job_id)])
+
     async def clip_as_upload(self, job: Job) -> str | None:
         """A delivered clip copied into the uploads folder by content (``<sha256>.mp4``), for extend and retake.
 

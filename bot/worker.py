@@ -305,6 +305,11 @@ class BoundedLog:
         return list(self.recent)
 
 
+def live_after(settings: Settings, now: datetime) -> datetime:
+    """Workers heard from since then count as live: two leases, so one late heartbeat is not taken for a death."""
+    return now - timedelta(seconds=2 * settings.worker.lease_seconds)
+
+
 def worker_name(settings: Settings) -> str:
     gpu = settings.worker.gpu
     return settings.worker.name or (host_name() + (f":gpu{gpu}" if gpu is not None else ""))
@@ -537,7 +542,7 @@ class Worker:
         waiting = await self.store.queued_since(now - grace)
         if not waiting:
             return
-        served = await self.store.capabilities(now - timedelta(seconds=2 * self.settings.worker.lease_seconds))
+        served = await self.store.capabilities(live_after(self.settings, now))
         for family in self.claiming.families:  # this worker, registered or not
             add_capability(served, family, self.claiming.vram_budget_gib)
         for job in waiting:

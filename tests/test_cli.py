@@ -99,6 +99,15 @@ def test_make_run_builds_the_ltxv_venv_only_when_the_config_enables_it(tmp_path:
     assert "needs-ltxv-venv" in (ROOT / "Makefile").read_text()
 
 
+def test_make_install_builds_the_venv_and_runs_nothing(tmp_path: Path) -> None:
+    """A worker host has no Discord token: its install step must not start the bot."""
+    planned = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, env=clean_env(),
+                             capture_output=True, text=True, timeout=60)
+    assert planned.returncode == 0, planned.stderr
+    assert "pip install" in planned.stdout and "needs-ltxv-venv" in planned.stdout
+    assert "ltxbot run" not in planned.stdout
+
+
 # The smallest valid arguments of each subcommand (parsing only; nothing runs).
 SUBCOMMAND_ARGS: dict[str, list[str]] = {
     "run": [], "db": ["upgrade"], "jobs": [], "job": ["1"], "config": ["check"], "intake": ["photo.png"],

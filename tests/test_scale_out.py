@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bot.access import Refusal, check_usage
 from bot.config import Limits, Settings
@@ -14,6 +17,7 @@ from bot.db.models import EndCode, JobStatus, WorkerState
 from bot.db.store import ClaimingWorker, JobStore, NewJob, WorkerInfo, clip_key, input_key
 from bot.shared_files import SharedFiles
 from bot.worker import Worker
+from tests.conftest import ROOT, clean_env, image_bytes
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -275,3 +279,137 @@ async def test_a_delivered_clip_becomes_an_upload_another_host_can_fetch(
     clip.unlink()
     front.enabled = False
     assert await front.clip_as_upload(job) is None
+
+
+class TerminalAnimate:
+    """``ltxbot animate --no-worker`` in its own process and data dir, as an owner runs it on any host."""
+
+    def __init__(self, root: Path, db_url: str, **config: object) -> None:
+        root.mkdir(parents=True)
+        (root / "photo.png").write_bytes(image_bytes())
+        (root / "config.yaml").write_text(yaml.safe_dump({"data_dir": str(root / "data"), "database_url": db_url,
+                                                          **config}))
+        self.root = root
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr: list[str] = []
+
+    async def start(self, *extra: str) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "animate", "photo.png", "waves roll in", "--width", "128",
+            "--height", "128", "--frames", "9", "--no-worker", *extra, cwd=self.root,
+            env={**clean_env(), "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+
+    async def line_with(self, text: str) -> str:
+        """Read stderr until a line holds ``text``; that line."""
+        assert self.proc is not None and self.proc.stderr is not None
+        while True:
+            raw = await asyncio.wait_for(self.proc.stderr.readline(), 60)
+            assert raw, f"ltxbot animate ended before saying {text!r}: {''.join(self.stderr)}"
+            self.stderr.append(raw.decode())
+            if text in self.stderr[-1]:
+                return self.stderr[-1]
+
+    async def end(self) -> tuple[int, str, str]:
+        """Its exit status, stdout and the rest of stderr."""
+        assert self.proc is not None
+        out, err = await asyncio.wait_for(self.proc.communicate(), 60)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, out.decode(), "".join(self.stderr) + err.decode()
+
+
+async def test_animate_no_worker_notes_only_when_no_worker_is_live(tmp_path: Path, db_url: str,
+                                                                   store: JobStore) -> None:
+    """Only a worker refuses what no worker can render: with none live, the clip would wait unseen."""
+    await store.register_worker(WorkerInfo(id="w1", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))
+    await store.worker_heartbeat("w1", WorkerState.STOPPED)
+    alone = TerminalAnimate(tmp_path / "alone", db_url)
+    await alone.start()
+    note = await alone.line_with("No worker is running")
+    assert "waits in the queue" in note and "ltxbot worker" in note
+    assert (await store.get(1)).status == JobStatus.QUEUED  # type: ignore[union-attr]  # still queued, waiting
+    assert alone.proc is not None
+    alone.proc.kill()
+    await alone.end()
+
+    await store.register_worker(WorkerInfo(id="w1", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))  # it restarts
+    served = TerminalAnimate(tmp_path / "served", db_url)
+    await served.start()
+    await served.line_with("Job 2:")
+    claimed = None
+    while claimed is None:  # the worker takes it, then its job ends
+        claimed = await store.claim_next(only_id=2, worker=worker("w1"))
+        await asyncio.sleep(0.1)
+    assert await store.mark_cancelled(claimed.id, claimed.attempts)
+    code, _, err = await served.end()
+    assert code == 1 and "Job 2 cancelled" in err and "No worker is running" not in err
+
+
+async def test_animate_no_worker_says_none_runs_and_ctrl_c_cancels_the_queued_job(
+    tmp_path: Path, db_url: str, store: JobStore
+) -> None:
+    """No worker runs, so the clip would wait unseen; Ctrl-C must not leave it for a worker that starts later."""
+    await store.register_worker(WorkerInfo(id="gone", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))
+    await store.worker_heartbeat("gone", WorkerState.STOPPED)  # registered once, stopped since
+    terminal = TerminalAnimate(tmp_path / "terminal", db_url)
+    await terminal.start()
+    assert "Job 1:" in await terminal.line_with("Job 1:")
+    note = await terminal.line_with("No worker is running")
+    assert "waits in the queue" in note and "ltxbot worker" in note
+    assert terminal.proc is not None
+    terminal.proc.send_signal(signal.SIGINT)
+    code, out, err = await terminal.end()
+    assert code == 130 and out == "" and "Traceback" not in err
+    assert "Job 1 cancelled before it started." in err
+    job = await store.get(1)
+    assert job is not None and job.status == JobStatus.CANCELLED and job.attempts == 0
+
+
+async def test_animate_no_worker_is_quiet_with_a_live_worker_and_ctrl_c_stops_its_render(
+    tmp_path: Path, db_url: str, store: JobStore
+) -> None:
+    """A live worker has the job: Ctrl-C asks it to stop, the cancel a Discord user's /cancel gets."""
+    await store.register_worker(WorkerInfo(id="w1", name="box:gpu0", host="box", pid=1, gpu=0, gpu_name=None,
+                                           vram_budget_gib=None, families=["ltx2"], libraries={}))
+    terminal = TerminalAnimate(tmp_path / "terminal", db_url)
+    await terminal.start()
+    await terminal.line_with("Job 1:")
+    claimed = None
+    while claimed is None:
+        claimed = await store.claim_next(worker=worker("w1"))
+        await asyncio.sleep(0.1)
+    assert terminal.proc is not None
+    terminal.proc.send_signal(signal.SIGINT)
+    code, _, err = await terminal.end()
+    assert code == 130 and "No worker is running" not in err
+    assert "Job 1 cancelled: its worker stops the render." in err
+    assert await store.cancel_requested(claimed.id)
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"])  # where clips travel through the database
+async def test_a_terminal_jobs_clip_leaves_the_database_once_written_out(
+    tmp_path: Path, db_url: str, store: JobStore
+) -> None:
+    """The front end drops a clip's shared copy once posted; a terminal job is never posted, so the
+    terminal drops it once the clip is in ``--out``."""
+    terminal = TerminalAnimate(tmp_path / "terminal", db_url, share_files="database")
+    await terminal.start("--out", "clip.mp4")
+    await terminal.line_with("Job 1:")
+    far = Settings(data_dir=tmp_path / "far", database_url=db_url, share_files="database")
+    job = None
+    while job is None:  # this test is the worker on another host
+        job = await store.claim_next(worker=worker("far"))
+        await asyncio.sleep(0.1)
+    clip = far.jobs_dir / str(job.id) / "clip.mp4"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"rendered far away")
+    await SharedFiles(far, store).publish_clip(job.id, clip)
+    assert await store.finish(job.id, job.attempts, output_path=str(clip), output_bytes=17, phases=[])
+    code, out, err = await terminal.end()
+    assert code == 0, err
+    assert out == "clip.mp4\n" and (terminal.root / "clip.mp4").read_bytes() == b"rendered far away"
+    assert not await store.has_blob(clip_key(job.id))
