@@ -69,6 +69,8 @@ class StatusCards:
         self.previews: dict[int, Path] = {}
         self._showing_preview: set[int] = set()
         self._dirty: set[int] = set()
+        # Asked for an edit before their card's message id was stored: edited once it is.
+        self._awaiting_card: set[int] = set()
         self._flushers: dict[int, asyncio.Task[None]] = {}
         self._last_edit: dict[int, float] = {}
 
@@ -83,14 +85,20 @@ class StatusCards:
         embed = cards.status_embed(job, await self.queue_view(job))
         card = await interaction.followup.send(embed=embed, view=cancel_view(job.id), wait=True)
         self._remember(job.id, CardRef(card.id, interaction))
-        await self.store.set_status_message(job.id, str(card.id))
+        await self._card_stored(job.id, str(card.id))
 
     async def post_reply(self, message: discord.Message, job: Job) -> None:
         """The card of a job asked for by a mention: a reply that only the bot token edits."""
         card = await message.reply(embed=cards.status_embed(job, await self.queue_view(job)),
                                    view=cancel_view(job.id), mention_author=False,
                                    allowed_mentions=discord.AllowedMentions.none())
-        await self.store.set_status_message(job.id, str(card.id))
+        await self._card_stored(job.id, str(card.id))
+
+    async def _card_stored(self, job_id: int, message_id: str) -> None:
+        await self.store.set_status_message(job_id, message_id)
+        if job_id in self._awaiting_card:  # e.g. a replayed mention, while its first card was being posted
+            self._awaiting_card.discard(job_id)
+            await self.refresh(job_id)
 
     async def queue_view(self, job: Job) -> cards.QueueView:
         queued = await self.store.queued_ids()
@@ -125,7 +133,10 @@ class StatusCards:
                     await self._sleep(wait)
                 self._dirty.discard(job_id)
                 job = await self.store.get(job_id)
-                if job is None or job.status_message_id is None:
+                if job is None:
+                    return
+                if job.status_message_id is None:
+                    self._awaiting_card.add(job_id)
                     return
                 try:
                     await self.edit(job)
@@ -200,6 +211,7 @@ class StatusCards:
     def forget(self, job_id: int) -> None:
         """A job's card has shown its last state: nothing about it is kept in memory any more."""
         self.cards.pop(job_id, None)
+        self._awaiting_card.discard(job_id)
         self._last_edit.pop(job_id, None)
         self.live.pop(job_id, None)
         self.previews.pop(job_id, None)

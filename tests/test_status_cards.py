@@ -179,6 +179,20 @@ async def test_card_edits_are_coalesced_to_one_per_interval(service: Any, store:
 
 
 
+async def test_an_edit_asked_for_before_the_card_is_stored_happens_once_it_is(service: Any, store: JobStore) -> None:
+    """A replayed mention can ask for its card's refresh while the first card is still being posted."""
+    job = await store.create(NewJob(user_id="1", prompt="p", input_path="/x.png", input_sha256="0" * 64,
+                                    channel_id="5", guild_id="6",
+                                    params={"width": 64, "height": 64, "frames": 9, "fps": 24, "seed": 1}))
+    await service.refresh(job.id)
+    await asyncio.gather(*service._flushers.values())
+    assert service.channel_log.edits == []  # no message to edit yet
+    message = SimpleNamespace(reply=lambda **kw: asyncio.sleep(0, SimpleNamespace(id=42)))
+    await service.post_reply(message, job)
+    await asyncio.gather(*service._flushers.values())
+    assert service.channel_log.edits == [42]
+
+
 async def test_cards_and_captions_name_the_model_family(store: JobStore) -> None:
     params = {"width": 768, "height": 512, "frames": 97, "fps": 24, "seed": 5, "pipeline": "distilled",
               "audio": False, "family": "ltxv"}
