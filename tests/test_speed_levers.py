@@ -108,3 +108,65 @@ def test_compiled_blocks_give_the_eager_latents(tmp_path: Path, tiny_models: Pat
     # per call (no reuse across blocks and steps) would be hundreds. The cache sits where it was told.
     assert result["graphs"] <= 4 < result["calls"] // 100, result
     assert (tmp_path / "compile" / "inductor").is_dir(), "the compile cache is not under compile_cache_dir"
+
+
+def test_each_block_sees_its_own_perturbations_without_its_index() -> None:
+    from ltx_core.guidance.perturbations import (
+        BatchedPerturbationConfig,
+        Perturbation,
+        PerturbationConfig,
+        PerturbationType,
+    )
+
+    from generator.ltx2.compiled import block_perturbations
+
+    stg = PerturbationConfig([Perturbation(PerturbationType.SKIP_VIDEO_SELF_ATTN, [29]),
+                              Perturbation(PerturbationType.SKIP_AUDIO_SELF_ATTN, [3, 29])])
+    isolated = PerturbationConfig([Perturbation(PerturbationType.SKIP_A2V_CROSS_ATTN, None),
+                                   Perturbation(PerturbationType.SKIP_V2A_CROSS_ATTN, None)])
+    batch = BatchedPerturbationConfig([PerturbationConfig.empty(), PerturbationConfig(None), stg, isolated])
+    assert block_perturbations(None, 7) is None
+    seen = set()
+    for idx in range(48):
+        local = block_perturbations(batch, idx)
+        assert local is not None
+        for kind in PerturbationType:
+            for mine, theirs in zip(local.perturbations, batch.perturbations, strict=True):
+                assert mine.is_perturbed(kind, idx) == theirs.is_perturbed(kind, idx), (idx, kind)
+                assert mine.is_perturbed(kind, idx) == mine.is_perturbed(kind, idx + 1000)  # no index inside
+        seen.add(repr(local))
+    assert len(seen) == 3  # blocks 3 and 29 differ from the other 46: three graphs, not 48
+
+
+GRAPHS = """
+import json, sys
+from pathlib import Path
+import generator.ltx2.tiny as tiny
+tiny.TINY_TRANSFORMER["num_layers"] = 6
+root = Path(sys.argv[1])
+tiny.write_tiny_models(root / "models")
+from torch._dynamo.utils import counters
+import generator.ltx2.compiled as compiled
+import generator.ltx2.pipeline as pipeline
+from tests.test_generator import make_spec
+compiled.BACKEND = "eager"  # dynamo's graphs only: what is counted here is the tracing, not the kernels
+spec = make_spec(root, root / "models", pipeline="one_stage", width=64, height=64, frames=9, steps=1)
+spec = spec.model_copy(update={"dtype": "float32", "compile_blocks": True, "guidance_batch": int(sys.argv[2]),
+                               "compile_cache_dir": root / "compile"})
+pipeline.generate(spec, lambda event: None)
+print(json.dumps({"graphs": int(counters["stats"]["unique_graphs"])}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_blocks_share_their_compiled_graphs(tmp_path: Path, batch: int) -> None:
+    # Measured with six blocks before the fix: one graph per block (6 at batch 4, 10 at batch 1 with
+    # eight blocks); a 48-block transformer then traced 48+ graphs per job and ran past the compiler's limit.
+    proc = subprocess.run([sys.executable, "-c", GRAPHS, str(tmp_path), str(batch)], cwd=ROOT,
+                          capture_output=True, text=True, env=clean_env(), timeout=850)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    graphs = json.loads(proc.stdout.strip().splitlines()[-1])["graphs"]
+    # Batch 1: the plain, self-attention-skipped and modality-isolated passes; batch 4: one batched pass.
+    assert graphs == (3 if batch == 1 else 1), graphs

@@ -18,13 +18,19 @@ kernels instead of compiling again (docs/DESIGN.md, 'Compiled blocks').
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from ltx_core.guidance.perturbations import (
+    BatchedPerturbationConfig,
+    Perturbation,
+    PerturbationConfig,
+    PerturbationType,
+)
+from ltx_core.model.transformer import attention as ltx_attention
 from ltx_core.model.transformer.transformer import BasicAVTransformerBlock
 
 from generator.ltx2.scaled_mm import FP8, use_scaled_mm
@@ -56,6 +62,34 @@ def _run_block(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(block).forward(block, *args, **kwargs)
 
 
+def block_perturbations(
+    perturbations: BatchedPerturbationConfig | None, idx: int
+) -> BatchedPerturbationConfig | None:
+    """``perturbations`` as block ``idx`` sees them, written so that no answer depends on the index.
+
+    A block asks the config "is sample i perturbed in block ``self.idx``?" and branches on the
+    answer, so the compiler guards on the index and traces every block apart (48 graphs for a
+    guided step, past the compiler's limit). Each sample's perturbations that apply to this
+    block, with ``blocks=None`` (every block), give the block the same answers, and blocks with
+    the same answers share one graph.
+    """
+    if perturbations is None:
+        return None
+    return BatchedPerturbationConfig([
+        PerturbationConfig([Perturbation(kind, None) for kind in PerturbationType if sample.is_perturbed(kind, idx)])
+        for sample in perturbations.perturbations
+    ])
+
+
+def _block_forward(compiled: Any, block: torch.nn.Module) -> Any:
+    idx = int(block.idx)  # type: ignore[arg-type]
+
+    def forward(video: Any, audio: Any, perturbations: BatchedPerturbationConfig | None = None) -> Any:
+        return compiled(block, video, audio, block_perturbations(perturbations, idx))
+
+    return forward
+
+
 def compiled_block_function() -> Any:
     """The one compiled function every block runs through (made once per process)."""
     global _COMPILED
@@ -63,8 +97,31 @@ def compiled_block_function() -> Any:
         # Each block is the same code on other parameters: without this, 48 blocks pass the
         # default limit of 8 graphs per function and the rest silently run eagerly.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # torch 2.11 guards on ``block.idx`` when it is read, even where no answer depends on it
+        # (``block_perturbations``): 28 recompiles, one per block, on the H200. Unspecialised, it is
+        # an input like the parameters.
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
         _COMPILED = torch.compile(_run_block, dynamic=True, backend=BACKEND)
     return _COMPILED
+
+
+def resolved_attention(function: Any) -> Any:
+    """The callable ``AttentionFunction`` member ``function`` dispatches to (itself if not a member).
+
+    torch 2.11's compiler cannot trace a call on an Enum member, so every attention broke
+    the block's graph in pieces (68 breaks and 61 recompiles before stage 1's first step on
+    the H200); the class it dispatches to is plain code and traces, with the same kernel.
+    """
+    members = ltx_attention.AttentionFunction
+    if not isinstance(function, members):
+        return function
+    if function is members.XFORMERS or (
+        function is members.DEFAULT and ltx_attention.memory_efficient_attention is not None
+    ):
+        return ltx_attention.XFormersAttention()
+    if function is members.FLASH_ATTENTION_3:
+        return ltx_attention.FlashAttention3()
+    return ltx_attention.PytorchAttention()
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -80,12 +137,15 @@ def compile_transformer_blocks(model: torch.nn.Module, cache_dir: Path | None = 
             module.__dict__.pop("forward", None)
             module.__dict__.pop("original_forward", None)
             module.__class__ = Fp8CastLinear
+    for module in model.modules():
+        if isinstance(module, ltx_attention.Attention):
+            module.attention_function = resolved_attention(module.attention_function)
     compiled = compiled_block_function()
     blocks = _blocks(model)
     for block in blocks:
         if getattr(block, "_ltxbot_compiled", False):
             continue
-        block.forward = functools.partial(compiled, block)
+        block.forward = _block_forward(compiled, block)
         block._ltxbot_compiled = True  # type: ignore[assignment]
     log.info("compiled transformer blocks: %d through one function", len(blocks))
     return len(blocks)
