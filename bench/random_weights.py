@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ltx_core.model.transformer import LTXModelConfigurator
 from ltx_core.model.upsampler import LatentUpsamplerConfigurator
 from ltx_core.model.video_vae import VideoDecoderConfigurator, VideoEncoderConfigurator
 from ltx_core.text_encoders.gemma.config import GEMMA3_CONFIG_FOR_LTX
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from generator.ltx2.models import EmbeddingsProcessorForGemma, GemmaFromConfigJson, LtxLedger
@@ -135,7 +135,20 @@ def full_configs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     return checkpoint, upsampler, GEMMA3_CONFIG_FOR_LTX.to_dict()
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Leave a file as it is when it already holds ``data``: the embedding cache keys on the
+    model files' modification times, and every benchmark job writes these files again."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.write_bytes(data)
+
+
 def _header_file(path: Path, metadata: dict[str, str]) -> None:
+    # Compared as parsed metadata: safetensors writes a header's keys in no fixed order.
+    if path.is_file():
+        with safe_open(str(path), "pt") as existing:
+            if existing.metadata() == metadata:
+                return
     save_file({"header_only": torch.zeros(1)}, str(path), metadata=metadata)
 
 
@@ -159,8 +172,8 @@ def write_header_models(root: Path, tokenizer_from: Path, *, tiny: dict[str, Any
     gemma.mkdir(exist_ok=True)
     for item in tokenizer_from.iterdir():
         if item.suffix != ".safetensors" and item.name != "config.json" and item.is_file():
-            shutil.copyfile(item, gemma / item.name)
-    (gemma / "config.json").write_text(json.dumps(gemma_config))
+            _write_if_changed(gemma / item.name, item.read_bytes())
+    _write_if_changed(gemma / "config.json", json.dumps(gemma_config).encode())
     _header_file(gemma / "model-00001-of-00001.safetensors", {})
     return {"checkpoint": checkpoint, "distilled_checkpoint": checkpoint, "distilled_lora": lora,
             "spatial_upsampler": upsampler, "gemma_root": gemma}

@@ -188,3 +188,31 @@ print(json.dumps({"tied": head.data_ptr() == embed.data_ptr()}))
 def test_random_weights_keep_gemmas_tied_embedding_one_tensor_when_moved_to_the_host(tmp_path: Path) -> None:
     # Two copies put the 1.9 GiB embedding twice on the GPU in a streamed encode (bench/results/h200-vram-budget).
     assert json.loads(run_python(TIED_ON_HOST, str(tmp_path)).splitlines()[-1]) == {"tied": True}
+
+
+REWRITTEN = """
+import json, sys, time
+from pathlib import Path
+import torch
+from bench.random_weights import write_header_models
+from generator.ltx2.embed_cache import model_identity
+from generator.ltx2.tiny import write_tiny_models
+root = Path(sys.argv[1])
+tiny = write_tiny_models(root / "tiny")
+def identity():
+    models = write_header_models(root / "models", tiny.gemma_root)
+    return model_identity(models["checkpoint"], models["gemma_root"], torch.float32, torch.device("cpu"))
+first = identity()
+time.sleep(0.05)
+second = identity()
+(root / "models" / "gemma-3-12b-it" / "config.json").write_text("{}")
+third = identity()
+print(json.dumps({"same": first == second, "changed_seen": third != second}))
+"""
+
+
+def test_benchmark_jobs_rewriting_the_models_keep_the_embedding_cache_key(tmp_path: Path) -> None:
+    # Every bench.speed job writes the model files again; their new modification times made each
+    # job miss the embedding cache, so the cached rows on the H200 still ran the text encoder.
+    out = json.loads(run_python(REWRITTEN, str(tmp_path)).splitlines()[-1])
+    assert out == {"same": True, "changed_seen": True}

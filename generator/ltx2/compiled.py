@@ -1,8 +1,9 @@
 """``generator.compile_blocks``: the transformer blocks through one ``torch.compile``d function.
 
 All 48 blocks have the same code and shapes, so one compiled function serves them all:
-``torch.compile`` treats a module's parameters as inputs (inline_inbuilt_nn_modules), and
-the token count is dynamic, so stage 1, stage 2 and every size share the graph. The
+``torch.compile`` treats a module's parameters as inputs (inline_inbuilt_nn_modules). The
+first graph is static; once the token count or batch changes (stage 2) the compiler makes
+those dimensions dynamic, so stage 2 and every later size share that graph. The
 fp8-cast upcast (``weight.to(bf16)`` in every Linear) is traced into the graph, where
 inductor fuses it into the matmul's operand load instead of writing a bf16 copy of every
 weight per call. ltx-core's fp8-cast puts a closure on each Linear instance; the compiler
@@ -101,7 +102,14 @@ def compiled_block_function() -> Any:
         # (``block_perturbations``): 28 recompiles, one per block, on the H200. Unspecialised, it is
         # an input like the parameters.
         torch._dynamo.config.allow_unspec_int_on_nn_module = True
-        _COMPILED = torch.compile(_run_block, dynamic=True, backend=BACKEND)
+        # The block's float constants are the same every call; traced as symbols, torch 2.11 gave
+        # up on them after the compile and traced each graph a second time (H200 log, 2026-12-03).
+        torch._dynamo.config.specialize_float = True
+        # Static first, then dynamic in the dimensions seen to change (automatic dynamic: the token
+        # counts and the batch between stage 1 and stage 2). ``dynamic=True`` also made the hidden
+        # sizes and head counts symbols: tracing one block took 26 s on the H200 and 50 s against
+        # 4.8 s here on the CPU, and a warm job spent 109 s in its first step.
+        _COMPILED = torch.compile(_run_block, dynamic=None, backend=BACKEND)
     return _COMPILED
 
 
