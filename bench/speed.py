@@ -61,12 +61,19 @@ def jobs(tiny: bool) -> list[dict[str, Any]]:
          "batch": 4, "numerics_vs": eager4, **levers, "estimate_s": 40},
         {"label": "all + fp8_scaled_mm", "size": small, "fp8": fp8, "batch": 4, "quantization": "fp8_scaled_mm",
          "probe": True, **levers, "estimate_s": 90},
+        {"label": "all + fp8_scaled_mm, warm compile", "size": small, "fp8": fp8, "batch": 4,
+         "quantization": "fp8_scaled_mm", **levers, "estimate_s": 40},
         {"label": "compile+cache+overlap, batch 1", "size": small, "fp8": fp8, "batch": 1,
          "numerics_vs": "today", **levers, "estimate_s": 90},
         {"label": "large today", "size": large, "fp8": fp8, "batch": 1, "estimate_s": 90},
         {"label": "large all, default numerics", "size": large, "fp8": fp8, "batch": 4, **levers, "estimate_s": 70},
         {"label": "large all + fp8_scaled_mm", "size": large, "fp8": fp8, "batch": 4,
          "quantization": "fp8_scaled_mm", **levers, "estimate_s": 70},
+        # Card classes: the same levers under the budget a 48 GB and a 24 GB card would set (README).
+        {"label": "all, default numerics, budget 47.5 GiB", "size": small, "fp8": fp8, "batch": 4, "budget": 47.5,
+         **levers, "estimate_s": 40},
+        {"label": "all, default numerics, budget 23.5 GiB", "size": small, "fp8": fp8, "batch": 4, "budget": 23.5,
+         **levers, "estimate_s": 40},
         {"label": "eager + fp8_scaled_mm, batch 4, cache, overlap", "size": small, "fp8": fp8, "batch": 4,
          "quantization": "fp8_scaled_mm", "probe": True, "cache": True, "overlap": True, "estimate_s": 35},
         {"label": "large eager + fp8_scaled_mm, batch 4, cache, overlap", "size": large, "fp8": fp8, "batch": 4,
@@ -161,7 +168,8 @@ def run_job(job: dict[str, Any], tiny: bool, device: str, steps: int, work_dir: 
     if job.get("probe"):
         _install_probe(probe, device)
     entry = run_config(config, models, work, TINY_TILING if tiny else DEFAULT_TILING, steps, device,
-                       guidance_batch=job["batch"], extra=extra, label=job["label"])
+                       guidance_batch=job["batch"], vram_budget_gib=job.get("budget"), extra=extra,
+                       label=job["label"])
     if kept:
         torch.save(kept[:2], latents_path)
     entry["job"] = {k: v for k, v in job.items() if k != "estimate_s"}

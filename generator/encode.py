@@ -40,6 +40,10 @@ AUDIO_BITRATE = 128_000
 OVERLAP = True
 # RGB -> YUV conversions of one chunk run on this many threads (swscale releases the GIL).
 CONVERT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+# libx264 threads by frame: 1.51 vs 2.01 s (SLICE, PyAV's default) for 97 frames at 1024x768 and
+# 3.91 vs 5.14 s for 121 at 1536x1024 on the H200 machine's 16 cores, files 1.3-1.6% smaller
+# (bench/encode_threads.py; bench/results/h200-speed-3/).
+X264_THREAD_TYPE = "FRAME"
 
 
 class ClipTooLargeError(Exception):
@@ -153,6 +157,7 @@ class ClipWriter:
         self.video.height = height
         self.video.pix_fmt = "yuv420p"
         self.video.options = {"crf": str(crf), "preset": "medium"}
+        self.video.codec_context.thread_type = X264_THREAD_TYPE
         self.audio: Any = None
 
     def write_audio(self, waveform: np.ndarray, sampling_rate: int) -> None:
@@ -296,6 +301,7 @@ def _reencode(source: Path, target: Path, bitrate: int, fps: int) -> None:
         video.pix_fmt = "yuv420p"
         video.bit_rate = bitrate
         video.options = {"maxrate": str(bitrate), "bufsize": str(bitrate * 2), "preset": "medium"}
+        video.codec_context.thread_type = X264_THREAD_TYPE
         audio = out.add_stream_from_template(inp.streams.audio[0]) if inp.streams.audio else None
         if audio is not None:
             for packet in inp.demux(inp.streams.audio[0]):

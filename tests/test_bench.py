@@ -216,3 +216,31 @@ def test_benchmark_jobs_rewriting_the_models_keep_the_embedding_cache_key(tmp_pa
     # job miss the embedding cache, so the cached rows on the H200 still ran the text encoder.
     out = json.loads(run_python(REWRITTEN, str(tmp_path)).splitlines()[-1])
     assert out == {"same": True, "changed_seen": True}
+
+
+def test_encode_threads_benchmark_writes_both_threadings(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.encode_threads", "--out", str(tmp_path), "--small"], cwd=ROOT,
+                          capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "encode_threads.json").read_text())
+    assert row["frames"] == [17, 17]
+    assert row["SLICE_bytes"] > 0 and row["FRAME_bytes"] > 0
+
+
+def test_speed_benchmarks_second_cached_job_skips_gemma(tmp_path: Path) -> None:
+    label = "batch 4 + cache + overlap (eager)"
+
+    def run() -> dict:
+        proc = subprocess.run([sys.executable, "-m", "bench.speed", "--tiny", "--device", "cpu", "--out", str(tmp_path),
+                               "--steps", "1", "--only", label], cwd=ROOT, capture_output=True, text=True,
+                              env=clean_env(), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (job,) = json.loads((tmp_path / "results.json").read_text())["jobs"]
+        assert job["first_steps_excess_seconds"] is not None
+        return job
+
+    def phases(job: dict) -> set[str]:
+        return {p["name"] for p in job["phases"]}
+
+    assert {"text_encode", "embeddings"} <= phases(run())
+    assert not {"text_encode", "embeddings"} & phases(run())

@@ -170,3 +170,20 @@ def test_blocks_share_their_compiled_graphs(tmp_path: Path, batch: int) -> None:
     graphs = json.loads(proc.stdout.strip().splitlines()[-1])["graphs"]
     # Batch 1: the plain, self-attention-skipped and modality-isolated passes; batch 4: one batched pass.
     assert graphs == (3 if batch == 1 else 1), graphs
+
+
+def test_compiled_blocks_all_read_one_index_and_keep_their_own() -> None:
+    # torch 2.11 specialises on the first block's index and traces a graph for block 0 alone
+    # (the H200's logs; reproduced on the CPU with torch 2.11): every compiled block reads one value.
+    from ltx_core.model.transformer import LTXModelConfigurator
+
+    from generator.ltx2 import compiled
+    from generator.ltx2.tiny import _meta, tiny_checkpoint_config
+
+    model = _meta(LTXModelConfigurator, tiny_checkpoint_config())
+    blocks = compiled._blocks(model)
+    before = [int(b.idx) for b in blocks]
+    assert len(set(before)) == len(blocks) > 1
+    assert compiled.compile_transformer_blocks(model) == len(blocks)
+    assert {b.idx for b in blocks} == {compiled.COMPILED_BLOCK_INDEX}
+    assert [b._ltxbot_idx for b in blocks] == before

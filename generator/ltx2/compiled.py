@@ -82,8 +82,18 @@ def block_perturbations(
     ])
 
 
+# What every compiled block's ``idx`` reads. The block asks for its index only to look up its
+# perturbations, which ``block_perturbations`` has already resolved for every block; one value
+# for all spares the graph torch 2.11 traces for block 0 alone (it specialises on an int the
+# first time, ``block.idx == 0``, then recompiles with it unspecialised: a fourth graph per job on
+# the H200, reproduced on the CPU with torch 2.11).
+COMPILED_BLOCK_INDEX = 0
+
+
 def _block_forward(compiled: Any, block: torch.nn.Module) -> Any:
     idx = int(block.idx)  # type: ignore[arg-type]
+    block._ltxbot_idx = idx  # type: ignore[assignment]
+    block.idx = COMPILED_BLOCK_INDEX  # type: ignore[assignment]
 
     def forward(video: Any, audio: Any, perturbations: BatchedPerturbationConfig | None = None) -> Any:
         return compiled(block, video, audio, block_perturbations(perturbations, idx))
@@ -99,8 +109,8 @@ def compiled_block_function() -> Any:
         # default limit of 8 graphs per function and the rest silently run eagerly.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # torch 2.11 guards on ``block.idx`` when it is read, even where no answer depends on it
-        # (``block_perturbations``): 28 recompiles, one per block, on the H200. Unspecialised, it is
-        # an input like the parameters.
+        # (``block_perturbations``): 28 recompiles, one per block, on the H200. Every compiled
+        # block reads ``COMPILED_BLOCK_INDEX``; unspecialised besides, in case a block is not ours.
         torch._dynamo.config.allow_unspec_int_on_nn_module = True
         # The block's float constants are the same every call; traced as symbols, torch 2.11 gave
         # up on them after the compile and traced each graph a second time (H200 log, 2026-12-03).
