@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
+
 from tests.conftest import ROOT, clean_env, run_python
 
 COUNTS = """
@@ -244,3 +246,16 @@ def test_speed_benchmarks_second_cached_job_skips_gemma(tmp_path: Path) -> None:
 
     assert {"text_encode", "embeddings"} <= phases(run())
     assert not {"text_encode", "embeddings"} & phases(run())
+
+
+def test_speed_benchmarks_decode_alone_row_decodes_every_frame_without_an_encoder(tmp_path: Path) -> None:
+    label = "decode alone (no mp4), batch 4 + cache (eager)"
+    proc = subprocess.run([sys.executable, "-m", "bench.speed", "--tiny", "--device", "cpu", "--out", str(tmp_path),
+                           "--steps", "1", "--only", label], cwd=ROOT, capture_output=True, text=True,
+                          env=clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = json.loads((tmp_path / "results.json").read_text())["jobs"]
+    assert not job.get("error"), job
+    assert "video_decode" in {p["name"] for p in job["phases"]}
+    with av.open(str(next((tmp_path / "work").rglob("*.mp4")))) as clip:
+        assert not any(stream.frames for stream in clip.streams.video)  # nothing was encoded
