@@ -156,6 +156,11 @@ def run_job(job: dict[str, Any], tiny: bool, device: str, steps: int, work_dir: 
     extra: dict[str, Any] = {}
     if job.get("compile_blocks"):
         extra |= {"compile_blocks": True, "compile_cache_dir": str(cache / "compile")}
+        # As a worker's standby does before its job arrives (not timed; before 2026-12-03's
+        # second half these imports fell inside the first step).
+        from generator.ltx2.compiled import warm_imports
+
+        warm_imports()
     if job.get("cache"):
         extra |= {"embedding_cache_dir": str(cache / "embeddings"), "embedding_cache_bytes": 2**30}
     if job.get("quantization"):

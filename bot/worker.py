@@ -35,6 +35,7 @@ from generator.protocol import (
     FAMILY_NAMES,
     STAGING_ENV,
     UPLOAD_FIELDS,
+    WARM_COMPILER_ENV,
     DoneEvent,
     ErrorEvent,
     GenerationRequest,
@@ -247,6 +248,8 @@ def child_env(settings: Settings) -> dict[str, str]:
         # What a standby may stage before its job (generator/ltx2/staging.py).
         env[STAGING_ENV] = json.dumps({"dir": str(settings.prepared_dir),
                                        "budget_gib": settings.generator.host_ram_budget_gib})
+    if settings.generator.compile_blocks:
+        env[WARM_COMPILER_ENV] = "1"
     return env
 
 

@@ -503,6 +503,8 @@ class ReadyEvent(_Frozen):
     event: Literal["ready"] = "ready"
     pid: int
     import_seconds: float
+    # The compiler's imports were done too (``WARM_COMPILER_ENV``), inside ``import_seconds``.
+    compiler_warmed: bool = False
 
 
 class StartedEvent(_Frozen):
@@ -519,6 +521,9 @@ class StartedEvent(_Frozen):
 # The worker hands a standby generator its staging settings in this environment variable,
 # JSON {"dir": prepared dir, "budget_gib": host RAM budget} (generator/ltx2/staging.py).
 STAGING_ENV = "LTXBOT_STAGING"
+# Set ("1") when the worker's jobs compile their transformer blocks: a standby then imports the
+# compiler too (generator/ltx2/compiled.py, ``warm_imports``).
+WARM_COMPILER_ENV = "LTXBOT_WARM_COMPILER"
 
 
 class WeightReads(_Frozen):

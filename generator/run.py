@@ -36,6 +36,7 @@ from generator.lifeline import watch_supervisor_pipe
 from generator.protocol import (
     FAMILY_NAMES,
     MODEL_FAMILIES,
+    WARM_COMPILER_ENV,
     DoneEvent,
     ErrorCode,
     ErrorEvent,
@@ -91,6 +92,16 @@ def backend(family: ModelFamily) -> Callable[[JobSpec, EventWriter], DoneEvent]:
     return pipeline.generate
 
 
+def _warm_compiler(family: ModelFamily) -> bool:
+    """A standby's compiler imports, when the worker's jobs compile (``WARM_COMPILER_ENV``)."""
+    if family != "ltx2" or os.environ.get(WARM_COMPILER_ENV) != "1":
+        return False
+    from generator.ltx2.compiled import warm_imports
+
+    warm_imports()
+    return True
+
+
 def _stager(family: ModelFamily) -> Any:
     """The standby's staging of weights (LTX-2; docs/DESIGN.md, 'Prepared weights and staging'), or None."""
     if family != "ltx2":
@@ -132,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         watch_supervisor_pipe()
     if waiting_family is not None:
         backend(waiting_family)  # the slow imports, done before the job exists
+        warmed = _warm_compiler(waiting_family)
         imported_at = time.perf_counter()
         stager = _stager(waiting_family)  # reads the next job's weights into host memory meanwhile
-        emit(ReadyEvent(pid=os.getpid(), import_seconds=round(imported_at - started, 3)))
+        emit(ReadyEvent(pid=os.getpid(), import_seconds=round(imported_at - started, 3), compiler_warmed=warmed))
         line = sys.stdin.readline().strip()
         if stager is not None:
             stager.hand_over()

@@ -378,3 +378,32 @@ def test_the_generator_log_is_on_disk_line_by_line_and_keeps_its_head_and_tail(t
     assert text.endswith("line 1999 of the generator's stderr\n") and "lines dropped ..." in text
     assert log.close()[-1] == "line 1999 of the generator's stderr\n"
     assert path.read_text() == text
+
+
+def test_a_compiling_workers_standby_imports_the_compiler_without_touching_cuda(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from bot.worker import child_env
+    from generator.protocol import WARM_COMPILER_ENV
+
+    assert WARM_COMPILER_ENV not in child_env(settings)
+    compiling = settings.model_copy(
+        update={"generator": settings.generator.model_copy(update={"compile_blocks": True})})
+    env = child_env(compiling)
+    assert env[WARM_COMPILER_ENV] == "1"
+    probe = (
+        "import json, sys, torch\n"
+        "from generator import run\n"
+        "sys.argv = ['generator', '--standby']\n"
+        "sys.stdin = open(__import__('os').devnull)\n"  # no job comes: the standby exits after ready
+        "code = run.main()\n"
+        "print('PROBE ' + json.dumps({'compiler': 'torch._inductor.compile_fx' in sys.modules,"
+        " 'cuda': torch.cuda.is_initialized(), 'code': code}), file=sys.stderr)\n"
+    )
+    for extra, warmed in (({WARM_COMPILER_ENV: "1"}, True), ({}, False)):
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=clean_env() | extra,
+                              capture_output=True, text=True, timeout=300)
+        ready = json.loads(proc.stdout.splitlines()[0])
+        seen = json.loads(next(line for line in proc.stderr.splitlines() if line.startswith("PROBE "))[6:])
+        assert ready["event"] == "ready" and ready["compiler_warmed"] is warmed, (ready, proc.stderr[-2000:])
+        assert seen["compiler"] is warmed and not seen["cuda"], seen

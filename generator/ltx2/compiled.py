@@ -52,6 +52,13 @@ class Fp8CastLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
 
+def warm_imports() -> None:
+    """Import what the first compile would (about 1.1 s on a CPU core, 39 MiB): a standby does it
+    while it waits, so a compiled job does not. Nothing here touches CUDA."""
+    import torch._dynamo
+    import torch._inductor.compile_fx  # noqa: F401
+
+
 def use_cache_dir(cache_dir: Path) -> None:
     """Point inductor's and triton's caches under ``cache_dir`` (before anything compiles)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
