@@ -61,21 +61,49 @@ def jobs(tiny: bool) -> list[dict[str, Any]]:
         # next job on (its profile is in the cache) stage 1 is traced dynamic in them too.
         {"label": "all, default numerics (fp8_cast, batch 4), warm compile, third job", "size": small, "fp8": fp8,
          "batch": 4, "numerics_vs": eager4, **levers, "estimate_s": 40},
+        # CUDA graphs compile the same graphs with other inductor options: the first such job misses
+        # the compile cache's graphs but finds the kernels. Replays start at the third step of a
+        # stage (warm-up, record, replay): run them with --steps 5 or more.
+        {"label": "all + cuda graphs", "size": small, "fp8": fp8, "batch": 4, "cuda_graphs": True,
+         "numerics_vs": "all, default numerics (fp8_cast, batch 4), warm compile", **levers, "estimate_s": 60},
+        {"label": "all + cuda graphs, warm compile", "size": small, "fp8": fp8, "batch": 4, "cuda_graphs": True,
+         "numerics_vs": "all, default numerics (fp8_cast, batch 4), warm compile", **levers, "estimate_s": 40},
         {"label": "all + fp8_scaled_mm", "size": small, "fp8": fp8, "batch": 4, "quantization": "fp8_scaled_mm",
          "probe": True, **levers, "estimate_s": 90},
         {"label": "all + fp8_scaled_mm, warm compile", "size": small, "fp8": fp8, "batch": 4,
          "quantization": "fp8_scaled_mm", **levers, "estimate_s": 40},
+        {"label": "all + fp8_scaled_mm + cuda graphs", "size": small, "fp8": fp8, "batch": 4,
+         "quantization": "fp8_scaled_mm", "cuda_graphs": True, **levers, "estimate_s": 60},
         {"label": "compile+cache+overlap, batch 1", "size": small, "fp8": fp8, "batch": 1,
          "numerics_vs": "today", **levers, "estimate_s": 90},
         {"label": "large today", "size": large, "fp8": fp8, "batch": 1, "estimate_s": 90},
         {"label": "large all, default numerics", "size": large, "fp8": fp8, "batch": 4, **levers, "estimate_s": 70},
         {"label": "large all + fp8_scaled_mm", "size": large, "fp8": fp8, "batch": 4,
          "quantization": "fp8_scaled_mm", **levers, "estimate_s": 70},
+        {"label": "large all + fp8_scaled_mm + cuda graphs", "size": large, "fp8": fp8, "batch": 4,
+         "quantization": "fp8_scaled_mm", "cuda_graphs": True, **levers, "estimate_s": 70},
         # Card classes: the same levers under the budget a 48 GB and a 24 GB card would set (README).
         {"label": "all, default numerics, budget 47.5 GiB", "size": small, "fp8": fp8, "batch": 4, "budget": 47.5,
          **levers, "estimate_s": 40},
         {"label": "all, default numerics, budget 23.5 GiB", "size": small, "fp8": fp8, "batch": 4, "budget": 23.5,
          **levers, "estimate_s": 40},
+        # The defaults (eager) under the same budgets: what an owner who changes nothing gets.
+        {"label": "today, budget 47.5 GiB", "size": small, "fp8": fp8, "batch": 1, "budget": 47.5, "estimate_s": 60},
+        {"label": "today, budget 23.5 GiB", "size": small, "fp8": fp8, "batch": 1, "budget": 23.5, "estimate_s": 60},
+        {"label": "batch 4 + cache + overlap (eager), budget 23.5 GiB", "size": small, "fp8": fp8, "batch": 4,
+         "budget": 23.5, "cache": True, "overlap": True, "estimate_s": 35},
+        {"label": "batch 4 + cache + overlap (eager), budget 47.5 GiB", "size": small, "fp8": fp8, "batch": 4,
+         "budget": 47.5, "cache": True, "overlap": True, "estimate_s": 35},
+        # The large clip as a 24 GB card would run it (the plan: every transformer block resident, a
+        # few of Gemma's layers streamed); at 47.5 GiB nothing streams, the plan is the unbudgeted one.
+        {"label": "large today, budget 23.5 GiB", "size": large, "fp8": fp8, "batch": 1, "budget": 23.5,
+         "estimate_s": 90},
+        {"label": "large batch 4 + cache + overlap (eager)", "size": large, "fp8": fp8, "batch": 4, "cache": True,
+         "overlap": True, "estimate_s": 50},
+        {"label": "large batch 4 + cache + overlap (eager), budget 23.5 GiB", "size": large, "fp8": fp8, "batch": 4,
+         "budget": 23.5, "cache": True, "overlap": True, "estimate_s": 50},
+        {"label": "large all, default numerics, budget 23.5 GiB", "size": large, "fp8": fp8, "batch": 4,
+         "budget": 23.5, **levers, "estimate_s": 60},
         {"label": "eager + fp8_scaled_mm, batch 4, cache, overlap", "size": small, "fp8": fp8, "batch": 4,
          "quantization": "fp8_scaled_mm", "probe": True, "cache": True, "overlap": True, "estimate_s": 35},
         {"label": "large eager + fp8_scaled_mm, batch 4, cache, overlap", "size": large, "fp8": fp8, "batch": 4,
@@ -161,6 +189,8 @@ def run_job(job: dict[str, Any], tiny: bool, device: str, steps: int, work_dir: 
         from generator.ltx2.compiled import warm_imports
 
         warm_imports()
+        if job.get("cuda_graphs"):
+            extra["cuda_graphs"] = True
     if job.get("cache"):
         extra |= {"embedding_cache_dir": str(cache / "embeddings"), "embedding_cache_bytes": 2**30}
     if job.get("quantization"):
@@ -186,6 +216,12 @@ def run_job(job: dict[str, Any], tiny: bool, device: str, steps: int, work_dir: 
     entry["first_steps_excess_seconds"] = first_steps_excess(entry)
     if probe:
         entry["block_probe"] = probe
+    if job.get("compile_blocks"):
+        from torch._dynamo.utils import counters
+
+        # Graphs traced, and every reason inductor gave for running a graph without CUDA graphs.
+        entry["compile_counters"] = {name: dict(counters[name]) for name in ("stats", "inductor")
+                                     if name in counters}
     return entry
 
 

@@ -155,9 +155,17 @@ class GeneratorSettings(_Section):
     quantization: Quantization | None = None
     # The transformer blocks through torch.compile, its cache under the data dir (off until measured).
     compile_blocks: bool = False
+    # The compiled blocks replayed as CUDA graphs (needs compile_blocks and an NVIDIA GPU; off until measured).
+    cuda_graphs: bool = False
 
     @model_validator(mode="after")
     def _quantization_agrees(self) -> GeneratorSettings:
+        if self.cuda_graphs and not self.compile_blocks:
+            raise ValueError("generator.cuda_graphs replays the compiled blocks, but generator.compile_blocks "
+                             "is false; set compile_blocks: true as well, or cuda_graphs: false")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("generator.cuda_graphs needs an NVIDIA GPU, but generator.device is cpu; "
+                             "set cuda_graphs: false")
         if self.quantization == "fp8_scaled_mm" and self.device == "cpu":
             raise ValueError("generator.quantization fp8_scaled_mm needs an NVIDIA GPU with fp8 tensor cores "
                              "(compute capability 8.9 or newer), but generator.device is cpu; use fp8_cast or bf16")

@@ -200,6 +200,7 @@ def build_spec(
         embedding_cache_bytes=int(settings.generator.embedding_cache_gib * 2**30),
         quantization=settings.generator.quantization,
         compile_blocks=settings.generator.compile_blocks,
+        cuda_graphs=settings.generator.cuda_graphs,
         compile_cache_dir=settings.compile_cache_dir,
         prepared_dir=settings.prepared_dir,
         prepared_cache_gib=settings.generator.prepared_cache_gib,

@@ -416,6 +416,8 @@ class JobSpec(_Frozen):
     # The blocks through one torch.compile'd function (generator/ltx2/compiled.py), its cache here.
     compile_blocks: bool = False
     compile_cache_dir: Path | None = None
+    # The compiled blocks replayed as CUDA graphs once a job's shapes repeat (needs compile_blocks, CUDA).
+    cuda_graphs: bool = False
     # Prepared weights (fp8-cast transformer) are kept here, at most this many GiB; None: no cache.
     # What the standby may stage in host memory; pinned (page-locked) once the job has CUDA.
     # (docs/DESIGN.md, 'Prepared weights and staging')
@@ -445,6 +447,12 @@ class JobSpec(_Frozen):
     def weights(self) -> Quantization:
         """The quantization this job runs: ``quantization``, or what the older ``fp8_cast`` switch says."""
         return self.quantization or ("fp8_cast" if self.fp8_cast else "bf16")
+
+    @model_validator(mode="after")
+    def _cuda_graphs_compiled(self) -> JobSpec:
+        if self.cuda_graphs and not self.compile_blocks:
+            raise ValueError("cuda_graphs replays the compiled blocks: it needs compile_blocks")
+        return self
 
     @model_validator(mode="after")
     def _loras_resolved(self) -> JobSpec:

@@ -42,6 +42,9 @@ def test_every_key_of_the_example_has_a_comment() -> None:
         ("generator:\n  device: cpu\n  quantization: fp8_scaled_mm\n", "generator.quantization", "8.9"),
         ("generator:\n  fp8_cast: false\n  quantization: fp8_cast\n", "generator.fp8_cast", "bf16"),
         ("generator:\n  quantization: int4\n", "generator.quantization", "fp8_scaled_mm"),
+        ("generator:\n  cuda_graphs: true\n", "generator.cuda_graphs", "compile_blocks: true"),
+        ("generator:\n  device: cpu\n  compile_blocks: true\n  cuda_graphs: true\n", "generator.cuda_graphs",
+         "NVIDIA GPU"),
     ],
 )
 def test_bad_values_name_the_key_and_the_reason(tmp_path: Path, yaml_text: str, key: str, reason: str) -> None:

@@ -58,6 +58,49 @@ def test_fp8_scaled_mm_is_refused_on_the_cpu_before_any_model_loads(tmp_path: Pa
     assert not [e for e in events if getattr(e, "event", "") == "phase"]
 
 
+def test_cuda_graphs_are_refused_on_the_cpu_and_without_compiled_blocks(tmp_path: Path, tiny_models: Path) -> None:
+    from pydantic import ValidationError
+
+    from generator.protocol import JobSpec
+
+    spec = make_spec(tmp_path, tiny_models, pipeline="one_stage", width=64, height=64, frames=9)
+    with pytest.raises(ValidationError, match="cuda_graphs replays the compiled blocks: it needs compile_blocks"):
+        JobSpec.model_validate(spec.model_dump() | {"cuda_graphs": True})
+    code, events = run_generator(tmp_path, spec.model_copy(update={"compile_blocks": True, "cuda_graphs": True}))
+    assert code == ExitCode.INVALID_SPEC
+    error = events[-1]
+    assert isinstance(error, ErrorEvent) and error.code == "invalid_spec"
+    assert "generator.cuda_graphs needs an NVIDIA GPU" in error.message
+    assert not [e for e in events if getattr(e, "event", "") == "phase"]
+
+
+def test_cuda_graphs_compile_the_blocks_with_inductors_graphs_and_start_a_step_per_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+    from ltx_core.model.transformer import LTXModelConfigurator
+
+    from generator.ltx2 import compiled
+    from generator.ltx2.tiny import _meta, tiny_checkpoint_config
+
+    asked: list[dict[str, Any]] = []
+    steps: list[int] = []
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: asked.append(kwargs) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model = _meta(LTXModelConfigurator, tiny_checkpoint_config())
+    compiled.compile_transformer_blocks(model, cuda_graphs=True)
+    compiled.compile_transformer_blocks(model, cuda_graphs=True)  # stage 2 prepares the kept transformer again
+    assert asked == [{"dynamic": None, "backend": compiled.BACKEND, "options": {"triton.cudagraphs": True}}]
+    # Each forward is a new step of the CUDA-graph tree, exactly once however often the model is prepared.
+    for hook in model._forward_pre_hooks.values():
+        hook(model, ())
+    assert steps == [1]
+    plain = _meta(LTXModelConfigurator, tiny_checkpoint_config())
+    compiled.compile_transformer_blocks(plain)
+    assert asked[1]["options"] is None and not plain._forward_pre_hooks
+
+
 COMPILED = """
 import json, sys
 import torch

@@ -10,6 +10,14 @@ weight per call. ltx-core's fp8-cast puts a closure on each Linear instance; the
 would guard on each closure and recompile per layer, so the compiled path swaps those
 Linears for :class:`Fp8CastLinear`, a class with the same arithmetic.
 
+With ``generator.cuda_graphs`` the same function is compiled with inductor's CUDA graphs
+(``triton.cudagraphs``, the "reduce-overhead" mode): each block's kernels are recorded once its
+shapes have been seen and replayed as one launch after that. All blocks share the function, so
+each block is its own node of the CUDA-graph tree, keyed by its weights' addresses (fixed:
+resident weights stay where they are, streamed ones always land in the same slot); every
+transformer forward starts a new step of the tree (``cudagraph_mark_step_begin``), so the
+previous forward's outputs may be overwritten, and nothing outside the forward keeps them.
+
 The wrapper replaces ``block.forward`` only: ``block(...)`` still runs the module's hooks
 first, so a hook-based wrapper such as VRAM streaming's (moving a block's weights in before
 it runs) composes with it. The compile cache lives under the data dir
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +43,12 @@ from ltx_core.guidance.perturbations import (
 from ltx_core.model.transformer import attention as ltx_attention
 from ltx_core.model.transformer.transformer import BasicAVTransformerBlock
 
+from generator.checks import UnsupportedOnDeviceError
 from generator.ltx2.scaled_mm import FP8, use_scaled_mm
 
 log = logging.getLogger(__name__)
 
-_COMPILED: Any = None
+_COMPILED: dict[bool, Any] = {}  # by cuda_graphs
 # torch.compile's backend; the CPU test traces with aot_eager (inductor's C++ build of a
 # whole block takes longer than the test suite may spend).
 BACKEND = "inductor"
@@ -50,6 +60,18 @@ class Fp8CastLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+class CudaGraphsUnsupportedError(UnsupportedOnDeviceError):
+    """CUDA graphs asked for where there is no CUDA device."""
+
+
+def check_cuda_graphs(device: torch.device) -> None:
+    """Refuse, naming the setting, where the compiled blocks cannot be replayed as CUDA graphs."""
+    if device.type != "cuda":
+        raise CudaGraphsUnsupportedError(
+            "generator.cuda_graphs needs an NVIDIA GPU; this job runs on the CPU. Set cuda_graphs: false."
+        )
 
 
 def warm_imports() -> None:
@@ -108,10 +130,9 @@ def _block_forward(compiled: Any, block: torch.nn.Module) -> Any:
     return forward
 
 
-def compiled_block_function() -> Any:
-    """The one compiled function every block runs through (made once per process)."""
-    global _COMPILED
-    if _COMPILED is None:
+def compiled_block_function(cuda_graphs: bool = False) -> Any:
+    """The one compiled function every block runs through (made once per process and ``cuda_graphs``)."""
+    if cuda_graphs not in _COMPILED:
         # Each block is the same code on other parameters: without this, 48 blocks pass the
         # default limit of 8 graphs per function and the rest silently run eagerly.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -126,8 +147,15 @@ def compiled_block_function() -> Any:
         # counts and the batch between stage 1 and stage 2). ``dynamic=True`` also made the hidden
         # sizes and head counts symbols: tracing one block took 26 s on the H200 and 50 s against
         # 4.8 s here on the CPU, and a warm job spent 109 s in its first step.
-        _COMPILED = torch.compile(_run_block, dynamic=None, backend=BACKEND)
-    return _COMPILED
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+            {"triton.cudagraphs": True} if cuda_graphs else None
+        )
+        _COMPILED[cuda_graphs] = torch.compile(_run_block, dynamic=None, backend=BACKEND, options=options)
+    return _COMPILED[cuda_graphs]
+
+
+def _new_cuda_graph_step(module: torch.nn.Module, args: Any) -> None:
+    torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
 
 
 def resolved_attention(function: Any) -> Any:
@@ -153,7 +181,9 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, BasicAVTransformerBlock)]
 
 
-def compile_transformer_blocks(model: torch.nn.Module, cache_dir: Path | None = None) -> int:
+def compile_transformer_blocks(
+    model: torch.nn.Module, cache_dir: Path | None = None, *, cuda_graphs: bool = False
+) -> int:
     """Route every transformer block of ``model`` through the compiled function; how many blocks."""
     if cache_dir is not None:
         use_cache_dir(cache_dir)
@@ -165,23 +195,28 @@ def compile_transformer_blocks(model: torch.nn.Module, cache_dir: Path | None = 
     for module in model.modules():
         if isinstance(module, ltx_attention.Attention):
             module.attention_function = resolved_attention(module.attention_function)
-    compiled = compiled_block_function()
+    compiled = compiled_block_function(cuda_graphs)
     blocks = _blocks(model)
     for block in blocks:
         if getattr(block, "_ltxbot_compiled", False):
             continue
         block.forward = _block_forward(compiled, block)
         block._ltxbot_compiled = True  # type: ignore[assignment]
-    log.info("compiled transformer blocks: %d through one function", len(blocks))
+    if cuda_graphs and not getattr(model, "_ltxbot_graph_steps", False):
+        model.register_forward_pre_hook(_new_cuda_graph_step)
+        model._ltxbot_graph_steps = True  # type: ignore[assignment]
+    log.info("compiled transformer blocks: %d through one function%s", len(blocks),
+             ", replayed as CUDA graphs" if cuda_graphs else "")
     return len(blocks)
 
 
 def prepare_transformer(
-    transformer: Any, *, scaled_mm: bool = False, compile_blocks: bool = False, cache_dir: Path | None = None
+    transformer: Any, *, scaled_mm: bool = False, compile_blocks: bool = False, cache_dir: Path | None = None,
+    cuda_graphs: bool = False,
 ) -> Any:
     """A freshly built transformer with the job's speed settings applied (fp8 matmul, then compile)."""
     if scaled_mm:
         log.info("fp8 scaled-mm Linears: %d", use_scaled_mm(transformer))
     if compile_blocks:
-        compile_transformer_blocks(transformer, cache_dir)
+        compile_transformer_blocks(transformer, cache_dir, cuda_graphs=cuda_graphs)
     return transformer

@@ -48,7 +48,7 @@ from ltx_pipelines.utils.types import PipelineComponents
 
 from generator.checks import main_checkpoint
 from generator.encode import stream_clip
-from generator.ltx2.compiled import prepare_transformer
+from generator.ltx2.compiled import check_cuda_graphs, prepare_transformer
 from generator.ltx2.embed_cache import EmbeddingCache, model_identity, prompt_contexts
 from generator.ltx2.guidance import batched_guider_denoising_func
 from generator.ltx2.hq import hq_stages
@@ -257,6 +257,8 @@ def new_run(
     checkpoint = main_checkpoint(spec)
     if spec.weights == "fp8_scaled_mm":
         check_device(device)  # before any model is read
+    if spec.cuda_graphs:
+        check_cuda_graphs(device)
     # The VRAM budget's plan: it may lower the guidance batch or the decode tiles, and streams big models.
     # A host RAM budget bounds what streaming pins too; without one, streamed blocks are all pinned.
     pin_limit = int(spec.host_ram_budget_gib * 2**30) if spec.host_ram_budget_gib > 0 else None
@@ -328,7 +330,7 @@ def preparer(spec: JobSpec) -> Callable[[Any], Any]:
     """What a built transformer goes through before it runs: scaled-mm Linears, compiled blocks (both optional)."""
     return functools.partial(
         prepare_transformer, scaled_mm=spec.weights == "fp8_scaled_mm", compile_blocks=spec.compile_blocks,
-        cache_dir=spec.compile_cache_dir,
+        cache_dir=spec.compile_cache_dir, cuda_graphs=spec.cuda_graphs,
     )
 
 
