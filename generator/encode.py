@@ -44,6 +44,18 @@ CONVERT_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 # 3.91 vs 5.14 s for 121 at 1536x1024 on the H200 machine's 16 cores, files 1.3-1.6% smaller
 # (bench/encode_threads.py; bench/results/h200-speed-3/).
 X264_THREAD_TYPE = "FRAME"
+# Reading a clip back decodes with frame threads as well: a frame-threaded file has one slice per
+# frame, so the decoder's default (slice threads) ran on one core, and the probe of every finished
+# clip took 4.0 s at 1024x768x97 and 10.2 s at 1536x1024x121 in the H200 jobs (0.6-0.9 s before
+# the encoder threaded by frame; bench/results/h200-speed-4/).
+DECODE_THREAD_TYPE = "AUTO"
+
+
+def decoding(container: Any) -> Any:
+    """The container's first video stream, set to decode on every core."""
+    stream = container.streams.video[0]
+    stream.thread_type = DECODE_THREAD_TYPE
+    return stream
 
 
 class ClipTooLargeError(Exception):
@@ -254,8 +266,8 @@ class OverlappedWriter:
 def probe(path: Path) -> dict[str, Any]:
     """Frames, size, fps, duration and audio presence, read back from the file."""
     with av.open(str(path)) as container:
-        video = container.streams.video[0]
-        frames = sum(1 for _ in container.decode(video=0))
+        video = decoding(container)
+        frames = sum(1 for _ in container.decode(video))
         has_audio = bool(container.streams.audio)
         return {
             "frames": frames,
@@ -294,7 +306,7 @@ def fit_to_size(source: Path, target: Path, max_bytes: int, *, fps: int) -> bool
 
 def _reencode(source: Path, target: Path, bitrate: int, fps: int) -> None:
     with av.open(str(source)) as inp, av.open(str(target), mode="w", format="mp4", options=MP4_OPTIONS) as out:
-        in_video = inp.streams.video[0]
+        in_video = decoding(inp)
         video = out.add_stream("libx264", rate=fps)
         video.width = in_video.codec_context.width
         video.height = in_video.codec_context.height

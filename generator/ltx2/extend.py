@@ -26,6 +26,7 @@ from ltx_pipelines.utils.helpers import combined_image_conditionings
 from PIL import Image
 
 from generator.checks import SourceClipError
+from generator.encode import decoding
 from generator.ltx2.hq import hq_stages
 from generator.protocol import EXTEND_OVERLAP_FRAMES
 
@@ -58,7 +59,7 @@ def read_source(spec: JobSpec) -> SourceClip:
     count = 0
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
+            stream = decoding(container)
             size, rate = (stream.codec_context.width, stream.codec_context.height), stream.average_rate
             for frame in container.decode(stream):
                 tail.append(frame.to_ndarray(format="rgb24"))
@@ -130,7 +131,7 @@ def join_segment(
 def source_frames(path: Path) -> Iterator[np.ndarray]:
     with av.open(str(path)) as container:
         chunk: list[np.ndarray] = []
-        for frame in container.decode(video=0):
+        for frame in container.decode(decoding(container)):
             chunk.append(frame.to_ndarray(format="rgb24"))
             if len(chunk) == SOURCE_CHUNK:
                 yield np.stack(chunk)
