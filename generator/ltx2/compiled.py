@@ -13,8 +13,9 @@ Linears for :class:`Fp8CastLinear`, a class with the same arithmetic.
 With ``generator.cuda_graphs`` the same function is compiled with inductor's CUDA graphs
 (``triton.cudagraphs``, the "reduce-overhead" mode): each block's kernels are recorded once its
 shapes have been seen and replayed as one launch after that. All blocks share the function, so
-each block is its own node of the CUDA-graph tree, keyed by its weights' addresses (fixed:
-resident weights stay where they are, streamed ones always land in the same slot); every
+each block is its own node of the CUDA-graph tree, keyed by its weights' addresses (resident
+weights stay where they are; a streamed block lands in one of a few slots, so it is recorded at
+most once per slot; not measured under a budget); every
 transformer forward starts a new step of the tree (``cudagraph_mark_step_begin``), so the
 previous forward's outputs may be overwritten, and nothing outside the forward keeps them.
 
