@@ -608,7 +608,9 @@ class Worker:
         if not self._recovered:
             await self.recover()
         await self.refuse_unservable()
-        job = await self.store.claim_next(only_id=only_job, supervisor=self.me, worker=self.claiming)
+        # `ltxbot animate` names its job and renders it paused or not; the queue's claims stop while paused.
+        job = await self.store.claim_next(only_id=only_job, supervisor=self.me, worker=self.claiming,
+                                          unless_paused=only_job is None)
         if job is None:
             return None
         await self.heartbeat(WorkerState.RENDERING, job.id)

@@ -147,8 +147,15 @@ async def test_queue_position_and_pause(store: JobStore) -> None:
     assert not await store.is_paused()
     await store.set_paused(True)
     assert await store.is_paused()
+    # The pause holds inside the claim itself (a worker's check before it claims can be stale):
+    # the queue's claims take nothing, a named job (`ltxbot animate`) still runs.
+    d = await store.create(new_job("carol"))
+    assert await store.claim_next(unless_paused=True) is None
+    assert await store.queued_ids() == [d.id, b.id]
+    assert (await store.claim_next(only_id=b.id)).id == b.id  # type: ignore[union-attr]
     await store.set_paused(False)
     assert not await store.is_paused()
+    assert (await store.claim_next(unless_paused=True)).id == d.id  # type: ignore[union-attr]
 
 
 async def test_replayed_interaction_creates_no_second_job(store: JobStore) -> None:

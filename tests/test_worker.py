@@ -407,3 +407,21 @@ def test_a_compiling_workers_standby_imports_the_compiler_without_touching_cuda(
         seen = json.loads(next(line for line in proc.stderr.splitlines() if line.startswith("PROBE "))[6:])
         assert ready["event"] == "ready" and ready["compiler_warmed"] is warmed, (ready, proc.stderr[-2000:])
         assert seen["compiler"] is warmed and not seen["cuda"], seen
+
+
+async def test_a_stale_pause_check_takes_nothing_from_the_paused_queue(
+    settings: Settings, store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Discord end-to-end run caught it: the loop read "not paused", an admin paused, a Rerun was
+    # queued, and the claim that followed took the Rerun from the paused queue.
+    job_id = await queue_job(settings, store)
+    await store.set_paused(True)
+
+    async def read_before_the_pause() -> bool:
+        return False
+
+    monkeypatch.setattr(store, "is_paused", read_before_the_pause)
+    worker = Worker(settings, store)
+    assert await worker.step() is None
+    job = await store.get(job_id)
+    assert job is not None and job.status == JobStatus.QUEUED and job.attempts == 0

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import BigInteger, bindparam, delete, func, or_, select, update
+from sqlalchemy import BigInteger, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bot.db.claims import fair_order, next_queued_id
@@ -315,6 +315,7 @@ class JobStore:
 
     async def claim_next(
         self, only_id: int | None = None, *, supervisor: ProcessId | None = None, worker: ClaimingWorker | None = None,
+        unless_paused: bool = False,
     ) -> Job | None:
         """Atomically move the next queued job (fair across users) to running and count the attempt.
 
@@ -323,15 +324,22 @@ class JobStore:
         process (``supervisor``, by default this one) is recorded: recovery leaves the job
         alone while that process lives. A ``worker`` claims only what it can run (its families,
         its VRAM budget) and holds the job for its lease, renewed by its heartbeat.
+
+        ``unless_paused``: nothing is claimed while the queue is paused, decided in the same
+        statement. A worker's own check before it claims leaves a window in which an admin can
+        pause and a job be queued, and the claim then took that job from the paused queue.
         """
         owner = supervisor or ProcessId.current()
         families = worker.families if worker is not None else None
         budget = worker.vram_budget_gib if worker is not None else None
         next_id = next_queued_id(self.engine.dialect.name, only_id, families=families, vram_budget_gib=budget)
         lease_until = utcnow() + timedelta(seconds=worker.lease_seconds) if worker is not None else None
+        claimable = [Job.id == next_id, Job.status == JobStatus.QUEUED]
+        if unless_paused:
+            claimable.append(~exists().where(Setting.key == PAUSED_KEY, Setting.value == "1"))
         statement = (
             update(Job)
-            .where(Job.id == next_id, Job.status == JobStatus.QUEUED)
+            .where(*claimable)
             .values(
                 status=JobStatus.RUNNING,
                 attempts=Job.attempts + 1,
